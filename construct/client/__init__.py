@@ -1,0 +1,1 @@
+"""Reference client for Construct."""

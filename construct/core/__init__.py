@@ -1,0 +1,1 @@
+"""The transport-agnostic core: accounts, keys, messaging and live delivery."""

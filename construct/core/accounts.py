@@ -1,0 +1,160 @@
+"""Accounts and sessions: register, login, resume, logout, change password."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import bcrypt
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from construct.core.keys import validate_bundle
+from construct.core.validation import check_password_strength, normalize_username
+from construct.errors import ConstructError
+from construct.storage.accounts import AccountStore, User
+
+SESSION_TTL_SECONDS = 30 * 24 * 3600
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def invalid_credentials() -> ConstructError:
+    return ConstructError("INVALID_CREDENTIALS", "Invalid credentials", 401)
+
+
+def invalid_token() -> ConstructError:
+    return ConstructError("INVALID_TOKEN", "Session token is invalid or expired", 401)
+
+
+def session_expired() -> ConstructError:
+    return ConstructError("SESSION_EXPIRED", "The session has expired; log in again", 401)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a connection or request is authenticated as, and by which session."""
+
+    user_id: str
+    username: str
+    token_hash: str
+
+
+@dataclass(frozen=True)
+class IssuedSession:
+    identity: Identity
+    token: str
+    expires: int
+
+
+class PasswordHasher:
+    """bcrypt, always on a thread: `run_blocking(fn, *args)` returns a Deferred."""
+
+    def __init__(self, cost: int, run_blocking: Callable[..., Deferred]) -> None:
+        self._cost = cost
+        self._run_blocking = run_blocking
+        self._dummy_hash: bytes | None = None
+
+    async def hash(self, password: str) -> str:
+        hashed = await self._run_blocking(bcrypt.hashpw, password.encode("utf-8"), bcrypt.gensalt(self._cost))
+        return hashed.decode("ascii")
+
+    async def verify(self, password: str, hashed: str | None) -> bool:
+        """Check a password; with no hash, burn the same time so unknown users look like wrong passwords."""
+        encoded = password.encode("utf-8")
+        # bcrypt refuses more than 72 bytes, and no stored password is longer.
+        if hashed is None or len(encoded) > 72:
+            if self._dummy_hash is None:
+                self._dummy_hash = (await self.hash("Unused-dummy-password-0")).encode("ascii")
+            await self._run_blocking(bcrypt.checkpw, encoded[:72], self._dummy_hash)
+            return False
+        return await self._run_blocking(bcrypt.checkpw, encoded, hashed.encode("ascii"))
+
+
+class AccountService:
+    def __init__(
+        self,
+        store: AccountStore,
+        hasher: PasswordHasher,
+        clock: IReactorTime,
+        on_sessions_revoked: Callable[[str, list[str]], None],
+        session_ttl: float = SESSION_TTL_SECONDS,
+    ) -> None:
+        self._store = store
+        self._hasher = hasher
+        self._clock = clock
+        self._on_sessions_revoked = on_sessions_revoked
+        self._session_ttl = session_ttl
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    def _new_token(self) -> tuple[str, int]:
+        return secrets.token_urlsafe(32), self._now_ms() + int(self._session_ttl * 1000)
+
+    async def register(self, username: Any, password: Any, raw_bundle: Any) -> IssuedSession:
+        username = normalize_username(username)
+        if not isinstance(password, str):
+            raise ConstructError("INVALID_FORMAT", "'password' is required and must be a str")
+        check_password_strength(password)
+        bundle = validate_bundle(raw_bundle, None)
+        user = User(str(uuid.uuid4()), username, await self._hasher.hash(password))
+        token, expires_ms = self._new_token()
+        await self._store.create_account(user, bundle, token_hash(token), self._now_ms(), expires_ms)
+        return IssuedSession(Identity(user.id, user.username, token_hash(token)), token, expires_ms // 1000)
+
+    async def login(self, username: Any, password: Any) -> IssuedSession:
+        if not isinstance(username, str) or not isinstance(password, str) or len(password) > 1024:
+            raise invalid_credentials()
+        user = await self._store.get_user_by_name(username.lower())
+        # Verify even for unknown users, against a dummy hash, so timing does not reveal them.
+        password_ok = await self._hasher.verify(password, user.password_hash if user else None)
+        if user is None or not password_ok:
+            raise invalid_credentials()
+        token, expires_ms = self._new_token()
+        await self._store.create_session(token_hash(token), user.id, self._now_ms(), expires_ms)
+        return IssuedSession(Identity(user.id, user.username, token_hash(token)), token, expires_ms // 1000)
+
+    async def authenticate(self, token: Any) -> Identity:
+        """The identity behind a session token; SESSION_EXPIRED or INVALID_TOKEN otherwise."""
+        if not isinstance(token, str) or not 0 < len(token) <= 256:
+            raise invalid_token()
+        hashed = token_hash(token)
+        record = await self._store.get_session(hashed)
+        if record is None:
+            raise invalid_token()
+        if record.expires_at_ms <= self._now_ms():
+            await self._store.delete_session(hashed)
+            raise session_expired()
+        return Identity(record.user_id, record.username, hashed)
+
+    async def logout(self, identity: Identity) -> None:
+        await self._store.delete_session(identity.token_hash)
+        self._on_sessions_revoked(identity.user_id, [identity.token_hash])
+
+    async def change_password(self, identity: Identity, old: Any, new: Any, confirm: Any) -> None:
+        """Change the password and revoke every other session of the user."""
+        for name, value in (("oldPassword", old), ("newPassword", new), ("newPasswordConfirm", confirm)):
+            if not isinstance(value, str):
+                raise ConstructError("INVALID_FORMAT", f"'{name}' is required and must be a str")
+        if new != confirm:
+            raise ConstructError("PASSWORD_MISMATCH", "New passwords do not match")
+        if new == old:
+            raise ConstructError("SAME_PASSWORD", "New password must be different from old password")
+        check_password_strength(new)
+        user = await self._store.get_user(identity.user_id)
+        if user is None:
+            raise invalid_token()
+        if not await self._hasher.verify(old, user.password_hash):
+            raise ConstructError("INVALID_PASSWORD", "Old password is incorrect", 401)
+        revoked = await self._store.change_password(user.id, await self._hasher.hash(new), identity.token_hash)
+        if revoked:
+            self._on_sessions_revoked(user.id, revoked)
+
+    async def delete_expired_sessions(self) -> int:
+        return await self._store.delete_expired_sessions(self._now_ms())

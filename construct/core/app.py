@@ -1,0 +1,20 @@
+"""The core's services, assembled once by the composition root and shared by every transport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from construct.core.accounts import AccountService
+from construct.core.delivery import DeliveryHub
+from construct.core.keys import KeyService
+from construct.core.messaging import MessageService
+from construct.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Core:
+    accounts: AccountService
+    keys: KeyService
+    messaging: MessageService
+    hub: DeliveryHub
+    metrics: Metrics

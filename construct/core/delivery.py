@@ -1,0 +1,160 @@
+"""Live delivery: this process's connections, each fed from the recipient's inbox in order.
+
+A connection never receives a message straight from a sender. Every push is read back from
+the durable inbox after a cursor (the last seq pushed on that connection), so live delivery and
+the drain after a (re)connect are one mechanism: FIFO holds, and a message is pushed once per
+connection until it is acknowledged or the connection authenticates again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from construct.core.messaging import decode_envelope
+
+FETCH_BATCH = 100
+RETRY_DELAY_SECONDS = 2.0
+
+
+class LiveConnection(Protocol):
+    """What the hub needs from a transport connection."""
+
+    def push_message(self, message: dict) -> None: ...
+
+    def session_revoked(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _Cursor:
+    connection: LiveConnection
+    user_id: str
+    token_hash: str
+    after_seq: int = 0
+    running: bool = False
+    again: bool = False
+    attached: bool = True
+    drained_once: bool = False
+    retry_call: Any = None
+
+
+class DeliveryHub:
+    log = Logger()
+
+    def __init__(self, inbox: Any, clock: IReactorTime, metrics: Any) -> None:
+        self._inbox = inbox
+        self._clock = clock
+        self._metrics = metrics
+        self._by_user: dict[str, dict[LiveConnection, _Cursor]] = {}
+        self._user_of: dict[LiveConnection, str] = {}
+        self._waiters: dict[str, list[Deferred]] = {}
+
+    def attach(self, connection: LiveConnection, user_id: str, token_hash: str) -> None:
+        """Bind a connection to a user and push everything still unacknowledged, in order."""
+        self.detach(connection)
+        cursor = _Cursor(connection, user_id, token_hash)
+        self._by_user.setdefault(user_id, {})[connection] = cursor
+        self._user_of[connection] = user_id
+        self._pump(cursor)
+
+    def detach(self, connection: LiveConnection) -> None:
+        user_id = self._user_of.pop(connection, None)
+        if user_id is None:
+            return
+        cursors = self._by_user[user_id]
+        cursor = cursors.pop(connection)
+        cursor.attached = False
+        if cursor.retry_call is not None and cursor.retry_call.active():
+            cursor.retry_call.cancel()
+        if not cursors:
+            del self._by_user[user_id]
+
+    async def is_online(self, user_id: str) -> bool:
+        return bool(self._by_user.get(user_id))
+
+    def online_users(self) -> list[str]:
+        return list(self._by_user)
+
+    def connection_count(self) -> int:
+        return sum(len(cursors) for cursors in self._by_user.values())
+
+    def on_pending(self, user_id: str) -> None:
+        """The user's inbox has new messages: feed every connection of theirs, wake long-polls."""
+        for cursor in list(self._by_user.get(user_id, {}).values()):
+            self._pump(cursor)
+        for waiter in self._waiters.pop(user_id, []):
+            if not waiter.called:
+                waiter.callback(True)
+
+    def on_sessions_revoked(self, user_id: str, token_hashes: list[str]) -> None:
+        revoked = set(token_hashes)
+        for connection, cursor in list(self._by_user.get(user_id, {}).items()):
+            if cursor.token_hash in revoked:
+                self.detach(connection)
+                connection.session_revoked()
+
+    def redeliver(self, user_id: str) -> None:
+        """Push again, from the start, what the user's connections have not acknowledged."""
+        for cursor in list(self._by_user.get(user_id, {}).values()):
+            cursor.after_seq = 0
+            self._pump(cursor)
+
+    def wait_for_pending(self, user_id: str, timeout: float) -> Deferred:
+        """A Deferred that fires True when the user's inbox gets a message, False on timeout."""
+        waiter: Deferred = Deferred()
+        self._waiters.setdefault(user_id, []).append(waiter)
+
+        def timed_out() -> None:
+            if not waiter.called:
+                waiters = self._waiters.get(user_id, [])
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                    if not waiters:
+                        del self._waiters[user_id]
+                waiter.callback(False)
+
+        call = self._clock.callLater(timeout, timed_out)
+        waiter.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+        return waiter
+
+    def _pump(self, cursor: _Cursor) -> None:
+        if cursor.running:
+            cursor.again = True
+            return
+        cursor.running = True
+        ensureDeferred(self._drain(cursor))
+
+    async def _drain(self, cursor: _Cursor) -> None:
+        try:
+            while cursor.attached:
+                cursor.again = False
+                entries = await self._inbox.fetch(
+                    cursor.user_id, cursor.after_seq, FETCH_BATCH, int(self._clock.seconds() * 1000)
+                )
+                if not cursor.attached:
+                    return
+                path = "live" if cursor.drained_once else "inbox"
+                for entry in entries:
+                    cursor.after_seq = entry.seq
+                    cursor.connection.push_message(decode_envelope(entry.envelope))
+                    self._metrics.delivered(path)
+                if len(entries) < FETCH_BATCH:
+                    cursor.drained_once = True
+                    if not cursor.again:
+                        return
+        except Exception:
+            # The inbox is unreachable: try again later; the messages stay stored meanwhile.
+            self.log.failure("delivery to a connection failed; retrying in {delay}s", delay=RETRY_DELAY_SECONDS)
+            if cursor.attached:
+                cursor.retry_call = self._clock.callLater(RETRY_DELAY_SECONDS, self._retry, cursor)
+        finally:
+            cursor.running = False
+
+    def _retry(self, cursor: _Cursor) -> None:
+        cursor.retry_call = None
+        if cursor.attached:
+            self._pump(cursor)

@@ -1,0 +1,110 @@
+"""Key bundles: the seed's UploadableKeyBundle, verified before it is stored."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+from twisted.internet.interfaces import IReactorTime
+
+from construct.core.validation import canonical_uuid, decode_base64
+from construct.errors import ConstructError
+from construct.storage.keys import KeyStore, PublishedBundle, StoredBundle
+
+MAX_BUNDLE_DATA_BYTES = 16384
+MAX_SUITES = 8
+MAX_BUNDLE_ONE_TIME_PREKEYS = 100
+SUPPORTED_SUITES = (1,)
+
+
+def _bad(message: str) -> ConstructError:
+    return ConstructError("INVALID_KEY_BUNDLE", message)
+
+
+def validate_bundle(raw: Any, account_id: str | None) -> StoredBundle:
+    """Check an UploadableKeyBundle and its Ed25519 signature; return it unchanged.
+
+    `account_id` is None at registration, where `userId` inside bundleData must be empty;
+    afterwards it must name the account.
+    """
+    if not isinstance(raw, dict):
+        raise _bad("The key bundle must be an object with masterIdentityKey, bundleData and signature")
+    master = decode_base64(raw.get("masterIdentityKey"), "masterIdentityKey", "INVALID_KEY_BUNDLE", 32)
+    signature = decode_base64(raw.get("signature"), "signature", "INVALID_KEY_BUNDLE", 64)
+    bundle_data = raw.get("bundleData")
+    if isinstance(bundle_data, str) and len(bundle_data) > MAX_BUNDLE_DATA_BYTES:
+        raise _bad("'bundleData' is too large")
+    data = decode_base64(bundle_data, "bundleData", "INVALID_KEY_BUNDLE")
+    try:
+        VerifyKey(master).verify(data, signature)
+    except (BadSignatureError, ValueError):
+        raise _bad("The signature does not verify against masterIdentityKey") from None
+    _check_bundle_data(data, account_id)
+    return StoredBundle(raw["masterIdentityKey"], bundle_data, raw["signature"])
+
+
+def _check_bundle_data(data: bytes, account_id: str | None) -> None:
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _bad("'bundleData' is not base64 of UTF-8 JSON") from None
+    if not isinstance(parsed, dict):
+        raise _bad("'bundleData' must hold a JSON object")
+    user_id = parsed.get("userId")
+    if not isinstance(user_id, str):
+        raise _bad("BundleData 'userId' must be a string")
+    if account_id is None:
+        if user_id:
+            raise _bad("BundleData 'userId' must be empty at registration")
+    elif canonical_uuid(user_id, "userId", "INVALID_KEY_BUNDLE") != account_id:
+        raise _bad("BundleData 'userId' must be the account's id")
+    if not isinstance(parsed.get("timestamp"), str):
+        raise _bad("BundleData 'timestamp' must be an RFC 3339 string")
+    suites = parsed.get("supportedSuites")
+    if not isinstance(suites, list) or not 1 <= len(suites) <= MAX_SUITES:
+        raise _bad(f"BundleData 'supportedSuites' must list 1 to {MAX_SUITES} suites")
+    for suite in suites:
+        _check_suite(suite)
+
+
+def _check_suite(suite: Any) -> None:
+    if not isinstance(suite, dict):
+        raise _bad("Each suite must be an object")
+    if suite.get("suiteId") not in SUPPORTED_SUITES or isinstance(suite.get("suiteId"), bool):
+        raise _bad(f"Unsupported suiteId {suite.get('suiteId')!r}")
+    decode_base64(suite.get("identityKey"), "identityKey", "INVALID_KEY_BUNDLE", 32)
+    decode_base64(suite.get("signedPrekey"), "signedPrekey", "INVALID_KEY_BUNDLE", 32)
+    prekeys = suite.get("oneTimePrekeys", [])
+    if not isinstance(prekeys, list) or len(prekeys) > MAX_BUNDLE_ONE_TIME_PREKEYS:
+        raise _bad(f"'oneTimePrekeys' must be a list of at most {MAX_BUNDLE_ONE_TIME_PREKEYS} keys")
+    for prekey in prekeys:
+        decode_base64(prekey, "oneTimePrekeys[]", "INVALID_KEY_BUNDLE", 32)
+
+
+def first_suite_keys(bundle: StoredBundle) -> tuple[str, str]:
+    """(identityKey, signedPrekey) of the first suite of a bundle that was validated on upload."""
+    suite = json.loads(base64.b64decode(bundle.bundle_data))["supportedSuites"][0]
+    return suite["identityKey"], suite["signedPrekey"]
+
+
+class KeyService:
+    def __init__(self, store: KeyStore, clock: IReactorTime) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def rotate(self, user_id: str, raw_bundle: Any) -> None:
+        """Replace the user's own bundle; the identity key itself never changes."""
+        bundle = validate_bundle(raw_bundle, user_id)
+        current = await self._store.get_bundle(user_id)
+        if current is not None and current.bundle.master_identity_key != bundle.master_identity_key:
+            raise _bad("masterIdentityKey cannot change; register a new account for a new identity")
+        await self._store.put_bundle(user_id, bundle, int(self._clock.seconds() * 1000))
+
+    async def get(self, user_id: str) -> PublishedBundle:
+        published = await self._store.get_bundle(user_id)
+        if published is None:
+            raise ConstructError("USER_NOT_FOUND", "User not found", 404)
+        return published

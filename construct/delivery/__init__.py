@@ -1,0 +1,1 @@
+"""Delivery backends: the inbox records and the event bus that wakes connection holders."""

@@ -1,0 +1,23 @@
+"""Records shared by every inbox backend (SQL and Redis)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The outcome of storing a message: what the sender's `ack` says."""
+
+    status: str
+    expires_at_ms: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    """One pending message; `seq` orders a recipient's inbox (FIFO)."""
+
+    seq: int
+    message_id: str
+    envelope: str

@@ -1,0 +1,26 @@
+"""The one error type the core raises; every transport maps it to its own framing."""
+
+
+class ConstructError(Exception):
+    """A failure a client may see: a stable `code`, a human `message` and an HTTP status."""
+
+    http_status = 400
+
+    def __init__(self, code: str, message: str, http_status: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        if http_status is not None:
+            self.http_status = http_status
+
+
+def invalid_format(message: str) -> ConstructError:
+    return ConstructError("INVALID_FORMAT", message, 400)
+
+
+def auth_required() -> ConstructError:
+    return ConstructError("AUTH_REQUIRED", "Authentication is required", 401)
+
+
+def service_unavailable(what: str) -> ConstructError:
+    return ConstructError("SERVICE_UNAVAILABLE", f"{what} is unavailable, try again later", 503)

@@ -1,0 +1,1 @@
+"""HTTP: the /v1 API, the site that also upgrades WebSockets, and health and metrics."""

@@ -1,0 +1,182 @@
+"""The HTTP API under /v1: the protocol's operations as JSON requests, same core, same errors.
+
+Request and response bodies are the payloads of the matching protocol messages without the
+{type, payload} wrapper; errors are an HTTP status with {"code", "message"}.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from construct.core.accounts import Identity
+from construct.core.app import Core
+from construct.core.messaging import decode_envelope
+from construct.errors import ConstructError, invalid_format
+from construct.protocol import codec, operations
+
+MAX_WAIT_SECONDS = 60
+MAX_PENDING_BATCH = 100
+
+
+class HttpClient:
+    """An HTTP request as an operation's client: authenticated by its bearer token, never live."""
+
+    def __init__(self, identity: Identity | None) -> None:
+        self.identity = identity
+
+    def bind(self, identity: Identity) -> None:
+        self.identity = identity
+
+    def unbind(self) -> None:
+        self.identity = None
+
+
+def _shielded(coroutine: Any) -> Deferred:
+    """Run to completion even if the client disconnects (Klein cancels the route's Deferred),
+    so a committed send still wakes its recipient."""
+    inner = ensureDeferred(coroutine)
+    outer: Deferred = Deferred(lambda _: None)
+
+    def forward(result: Any) -> None:
+        if not outer.called:
+            outer.callback(result)
+
+    inner.addBoth(forward)
+    return outer
+
+
+class HttpApi:
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self._openapi = (resources.files("construct.http") / "openapi.json").read_bytes()
+
+    # Plumbing
+
+    async def _identity(self, request: Any) -> Identity:
+        header = (request.getHeader("authorization") or "").strip()
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ConstructError("AUTH_REQUIRED", "Send 'Authorization: Bearer <sessionToken>'", 401)
+        return await self._core.accounts.authenticate(token.strip())
+
+    @staticmethod
+    def _body(request: Any) -> dict:
+        try:
+            body = json.loads(request.content.read().decode("utf-8"))
+        except Exception:
+            raise invalid_format("The request body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise invalid_format("The request body must be a JSON object")
+        return body
+
+    @staticmethod
+    def _json(request: Any, status: int, payload: Any) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader("content-type", "application/json")
+        return json.dumps(codec.to_json_value(payload), separators=(",", ":")).encode("utf-8")
+
+    async def _run(self, request: Any, message_type: str, payload: dict, authenticated: bool, status: int = 200) -> bytes:
+        client = HttpClient(await self._identity(request) if authenticated else None)
+        reply = await operations.run(self._core, client, message_type, payload)
+        if reply is None or reply.payload is None:
+            request.setResponseCode(204)
+            return b""
+        return self._json(request, status, reply.payload)
+
+    def _call(self, request: Any, message_type: str, payload_of: Any, authenticated: bool, status: int = 200) -> Deferred:
+        async def call() -> bytes:
+            return await self._run(request, message_type, payload_of(), authenticated, status)
+
+        return _shielded(call())
+
+    # Routes
+
+    @app.route("/accounts", methods=["POST"])
+    def register(self, request: Any) -> Deferred:
+        return self._call(request, "register", lambda: self._body(request), False, 201)
+
+    @app.route("/sessions", methods=["POST"])
+    def login(self, request: Any) -> Deferred:
+        return self._call(request, "login", lambda: self._body(request), False)
+
+    @app.route("/sessions/current", methods=["DELETE"])
+    def logout(self, request: Any) -> Deferred:
+        return self._call(request, "logout", dict, True)
+
+    @app.route("/keys", methods=["PUT"])
+    def rotate_keys(self, request: Any) -> Deferred:
+        return self._call(request, "rotatePrekey", lambda: self._body(request), True)
+
+    @app.route("/keys/<string:user_id>", methods=["GET"])
+    def get_keys(self, request: Any, user_id: str) -> Deferred:
+        return self._call(request, "getPublicKey", lambda: {"userId": user_id}, True)
+
+    @app.route("/messages", methods=["POST"])
+    def send_message(self, request: Any) -> Deferred:
+        return self._call(request, "sendMessage", lambda: self._body(request), True)
+
+    @app.route("/messages/ack", methods=["POST"])
+    def ack_messages(self, request: Any) -> Deferred:
+        return self._call(request, "ackMessage", lambda: self._body(request), True)
+
+    @app.route("/messages", methods=["GET"])
+    def pending_messages(self, request: Any) -> Deferred:
+        return _shielded(self._pending(request))
+
+    async def _pending(self, request: Any) -> bytes:
+        identity = await self._identity(request)
+        wait = self._wait_seconds(request)
+        entries = await self._core.messaging.pending(identity.user_id, MAX_PENDING_BATCH)
+        if not entries and wait > 0:
+            await self._core.hub.wait_for_pending(identity.user_id, wait)
+            entries = await self._core.messaging.pending(identity.user_id, MAX_PENDING_BATCH)
+        return self._json(request, 200, {"messages": [decode_envelope(entry.envelope) for entry in entries]})
+
+    @staticmethod
+    def _wait_seconds(request: Any) -> float:
+        raw = request.args.get(b"wait", [b"0"])[0]
+        try:
+            wait = float(raw)
+        except ValueError:
+            raise invalid_format("'wait' must be a number of seconds") from None
+        if not 0 <= wait <= MAX_WAIT_SECONDS:
+            raise invalid_format(f"'wait' must be between 0 and {MAX_WAIT_SECONDS} seconds")
+        return wait
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: Any) -> bytes:
+        request.setHeader("content-type", "application/json")
+        return self._openapi
+
+    # Errors
+
+    @app.handle_errors(ConstructError)
+    def construct_error(self, request: Any, failure: Failure) -> bytes:
+        error = failure.value
+        self._core.metrics.error(error.code)
+        return self._json(request, error.http_status, {"code": error.code, "message": error.message})
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: Any, failure: Failure) -> bytes:
+        return self._json(request, 404, {"code": "NOT_FOUND", "message": "No such endpoint"})
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: Any, failure: Failure) -> bytes:
+        return self._json(request, 405, {"code": "METHOD_NOT_ALLOWED", "message": "Method not allowed here"})
+
+    @app.handle_errors(Exception)
+    def unexpected_error(self, request: Any, failure: Failure) -> bytes:
+        self.log.failure("HTTP request failed", failure=failure)
+        self._core.metrics.error("SERVER_ERROR")
+        return self._json(request, 500, {"code": "SERVER_ERROR", "message": "Internal server error"})

@@ -1,0 +1,60 @@
+"""The public site: WebSocket upgrade at / and /ws, the JSON API under /v1."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from construct.http.api import HttpApi
+
+
+class LimitedRequest(Request):
+    """Refuses bodies over the site's limit (twisted.web has none) with 413."""
+
+    _received = 0
+    _too_large = False
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self.channel.site.max_body_bytes:
+            self._too_large = True
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if self._too_large:
+            self.setResponseCode(413)
+            self.setHeader(b"content-type", b"application/json")
+            limit = self.channel.site.max_body_bytes
+            self.write(
+                json.dumps({"code": "MESSAGE_TOO_LARGE", "message": f"Bodies are limited to {limit} bytes"}).encode()
+            )
+            self.finish()
+            return
+        super().process()
+
+
+class ConstructSite(Site):
+    noisy = False
+    requestFactory = LimitedRequest
+
+    def __init__(self, resource: Resource, max_body_bytes: int) -> None:
+        super().__init__(resource)
+        self.max_body_bytes = max_body_bytes
+        self.displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        """No access log: it would record client addresses and who talks when."""
+
+
+def build_site(ws_factory: Any, api: HttpApi, max_body_bytes: int) -> ConstructSite:
+    root = Resource()
+    websocket = WebSocketResource(ws_factory)
+    root.putChild(b"", websocket)
+    root.putChild(b"ws", websocket)
+    root.putChild(b"v1", api.app.resource())
+    return ConstructSite(root, max_body_bytes)

@@ -1,0 +1,44 @@
+"""Prometheus metrics for one process, in a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.connections = Gauge(
+            "construct_connections", "Open client connections", ["transport"], registry=self.registry
+        )
+        self.messages_accepted = Counter(
+            "construct_messages_accepted", "Messages stored and acknowledged to the sender", registry=self.registry
+        )
+        self.messages_delivered = Counter(
+            "construct_messages_delivered",
+            "Messages pushed to a connection, live or from the inbox after a (re)connect",
+            ["path"],
+            registry=self.registry,
+        )
+        self.messages_acknowledged = Counter(
+            "construct_messages_acknowledged", "Messages removed by the recipient's ackMessage", registry=self.registry
+        )
+        self.messages_expired = Counter(
+            "construct_messages_expired", "Messages removed unacknowledged after their TTL", registry=self.registry
+        )
+        self.errors = Counter("construct_errors", "Error replies by code", ["code"], registry=self.registry)
+
+    def connection_opened(self, transport: str) -> None:
+        self.connections.labels(transport).inc()
+
+    def connection_closed(self, transport: str) -> None:
+        self.connections.labels(transport).dec()
+
+    def delivered(self, path: str) -> None:
+        self.messages_delivered.labels(path).inc()
+
+    def error(self, code: str) -> None:
+        self.errors.labels(code).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

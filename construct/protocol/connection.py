@@ -1,0 +1,142 @@
+"""One live client connection (WebSocket or TCP), independent of framing.
+
+The transport hands over whole frames; this object decodes them, runs them one at a time
+(so a client's sends are accepted in the order it sent them), writes the replies, and
+receives pushes from the delivery hub once the client is authenticated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+
+from construct.core.accounts import Identity
+from construct.core.app import Core
+from construct.errors import ConstructError
+from construct.protocol import codec, operations
+
+# Past this many frames waiting, stop reading the socket until the backlog shrinks.
+PAUSE_BACKLOG = 32
+RESUME_BACKLOG = 8
+
+
+class ClientConnection:
+    log = Logger()
+
+    def __init__(
+        self,
+        core: Core,
+        transport_name: str,
+        write: Callable[[bytes, str], None],
+        pause_reading: Callable[[], None],
+        resume_reading: Callable[[], None],
+        max_frame_bytes: int,
+    ) -> None:
+        self.identity: Identity | None = None
+        self._core = core
+        self._transport_name = transport_name
+        self._write = write
+        self._pause_reading = pause_reading
+        self._resume_reading = resume_reading
+        self._max_frame_bytes = max_frame_bytes
+        self._push_encoding = codec.JSON
+        self._backlog: deque[tuple[bytes, str]] = deque()
+        self._busy = False
+        self._paused = False
+        self._open = True
+        core.metrics.connection_opened(transport_name)
+
+    # Transport side
+
+    def frame_received(self, data: bytes, encoding: str) -> None:
+        if not self._open:
+            return
+        self._push_encoding = encoding
+        if len(data) > self._max_frame_bytes:
+            self._send_error(
+                ConstructError("MESSAGE_TOO_LARGE", f"Frames are limited to {self._max_frame_bytes} bytes", 413),
+                None,
+                encoding,
+            )
+            return
+        self._backlog.append((data, encoding))
+        if len(self._backlog) >= PAUSE_BACKLOG and not self._paused:
+            self._paused = True
+            self._pause_reading()
+        if not self._busy:
+            self._busy = True
+            ensureDeferred(self._process_backlog())
+
+    def frame_too_large(self, encoding: str) -> None:
+        """The transport dropped an oversize frame unread."""
+        self._send_error(
+            ConstructError("MESSAGE_TOO_LARGE", f"Frames are limited to {self._max_frame_bytes} bytes", 413),
+            None,
+            encoding,
+        )
+
+    def connection_lost(self) -> None:
+        if self._open:
+            self._open = False
+            self._backlog.clear()
+            self.unbind()
+            self._core.metrics.connection_closed(self._transport_name)
+
+    # Client protocol for operations
+
+    def bind(self, identity: Identity) -> None:
+        self.identity = identity
+        self._core.hub.attach(self, identity.user_id, identity.token_hash)
+
+    def unbind(self) -> None:
+        self.identity = None
+        self._core.hub.detach(self)
+
+    # LiveConnection protocol for the delivery hub
+
+    def push_message(self, message: dict) -> None:
+        self._send("message", message, None, self._push_encoding)
+
+    def session_revoked(self) -> None:
+        self.identity = None
+        self._send("sessionExpired", None, None, self._push_encoding)
+
+    # Internals
+
+    async def _process_backlog(self) -> None:
+        try:
+            while self._backlog and self._open:
+                data, encoding = self._backlog.popleft()
+                if self._paused and len(self._backlog) <= RESUME_BACKLOG:
+                    self._paused = False
+                    self._resume_reading()
+                await self._process(data, encoding)
+        finally:
+            self._busy = False
+
+    async def _process(self, data: bytes, encoding: str) -> None:
+        request_id = None
+        try:
+            frame = codec.decode(data, encoding)
+            request_id = frame.request_id
+            reply = await operations.run(self._core, self, frame.type, frame.payload)
+            if reply is not None:
+                self._send(reply.type, reply.payload, request_id, encoding)
+        except codec.FrameError as e:
+            self._send_error(e, e.request_id, encoding)
+        except ConstructError as e:
+            self._send_error(e, request_id, encoding)
+        except Exception:
+            self.log.failure("operation failed on a {transport} connection", transport=self._transport_name)
+            self._send_error(ConstructError("SERVER_ERROR", "Internal server error", 500), request_id, encoding)
+
+    def _send_error(self, error: ConstructError, request_id: str | None, encoding: str) -> None:
+        self._core.metrics.error(error.code)
+        self._send("error", {"code": error.code, "message": error.message}, request_id, encoding)
+
+    def _send(self, message_type: str, payload: dict | None, request_id: str | None, encoding: str) -> None:
+        if self._open:
+            self._write(codec.encode(message_type, payload, request_id, encoding), encoding)

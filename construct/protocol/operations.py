@@ -1,0 +1,173 @@
+"""The one table from message type to core call, shared by WebSocket, TCP and HTTP.
+
+Each operation takes the core, the client it runs for (a live connection or an HTTP request)
+and the payload, and returns the reply (type and payload) or None when there is none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Protocol
+
+from construct.core.accounts import Identity, IssuedSession
+from construct.core.app import Core
+from construct.core.keys import first_suite_keys
+from construct.core.validation import canonical_uuid, require
+from construct.errors import ConstructError, auth_required
+
+
+class Client(Protocol):
+    """Who an operation runs for; `bind` makes a live connection receive the user's messages."""
+
+    identity: Identity | None
+
+    def bind(self, identity: Identity) -> None: ...
+
+    def unbind(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Reply:
+    type: str
+    payload: dict | None = None
+
+
+Operation = Callable[[Core, Client, dict], Awaitable[Reply | None]]
+
+
+def _authenticated(client: Client) -> Identity:
+    if client.identity is None:
+        raise auth_required()
+    return client.identity
+
+
+def _session_payload(session: IssuedSession) -> dict:
+    return {
+        "userId": session.identity.user_id,
+        "username": session.identity.username,
+        "sessionToken": session.token,
+        "expires": session.expires,
+    }
+
+
+async def register(core: Core, client: Client, payload: dict) -> Reply:
+    session = await core.accounts.register(payload.get("username"), payload.get("password"), payload.get("publicKey"))
+    client.bind(session.identity)
+    return Reply("registerSuccess", _session_payload(session))
+
+
+async def login(core: Core, client: Client, payload: dict) -> Reply:
+    session = await core.accounts.login(payload.get("username"), payload.get("password"))
+    client.bind(session.identity)
+    return Reply("loginSuccess", _session_payload(session))
+
+
+async def connect(core: Core, client: Client, payload: dict) -> Reply:
+    try:
+        identity = await core.accounts.authenticate(require(payload, "sessionToken"))
+    except ConstructError as e:
+        if e.code != "SESSION_EXPIRED":
+            raise
+        client.unbind()
+        return Reply("sessionExpired")
+    client.bind(identity)
+    return Reply("connectSuccess", {"userId": identity.user_id, "username": identity.username})
+
+
+async def get_public_key(core: Core, client: Client, payload: dict) -> Reply:
+    _authenticated(client)
+    published = await core.keys.get(canonical_uuid(payload.get("userId"), "userId", "INVALID_USER_ID"))
+    bundle = published.bundle
+    identity_key, signed_prekey = first_suite_keys(bundle)
+    return Reply(
+        "publicKeyBundle",
+        {
+            "userId": published.user_id,
+            "username": published.username,
+            "identityPublic": identity_key,
+            "signedPrekeyPublic": signed_prekey,
+            "signature": bundle.signature,
+            "verifyingKey": bundle.master_identity_key,
+            "masterIdentityKey": bundle.master_identity_key,
+            "bundleData": bundle.bundle_data,
+        },
+    )
+
+
+async def send_message(core: Core, client: Client, payload: dict) -> Reply:
+    identity = _authenticated(client)
+    result = await core.messaging.send(identity.user_id, payload)
+    if not result.accepted.duplicate:
+        core.metrics.messages_accepted.inc()
+    return Reply(
+        "ack",
+        {
+            "messageId": result.message_id,
+            "status": result.accepted.status,
+            "expiresAt": result.accepted.expires_at_ms // 1000,
+        },
+    )
+
+
+async def ack_message(core: Core, client: Client, payload: dict) -> None:
+    identity = _authenticated(client)
+    removed = await core.messaging.ack(identity.user_id, payload.get("messageIds"))
+    core.metrics.messages_acknowledged.inc(removed)
+    return None
+
+
+async def rotate_prekey(core: Core, client: Client, payload: dict) -> Reply:
+    identity = _authenticated(client)
+    target = payload.get("userId", identity.user_id)
+    if canonical_uuid(target, "userId", "INVALID_USER_ID") != identity.user_id:
+        raise ConstructError("FORBIDDEN", "Only your own key bundle can be rotated", 403)
+    await core.keys.rotate(identity.user_id, payload.get("update"))
+    return Reply("keyRotationSuccess")
+
+
+async def change_password(core: Core, client: Client, payload: dict) -> Reply:
+    identity = await _session_identity(core, client, payload)
+    await core.accounts.change_password(
+        identity, payload.get("oldPassword"), payload.get("newPassword"), payload.get("newPasswordConfirm")
+    )
+    return Reply("changePasswordSuccess")
+
+
+async def logout(core: Core, client: Client, payload: dict) -> Reply:
+    identity = await _session_identity(core, client, payload)
+    await core.accounts.logout(identity)
+    if client.identity is not None and client.identity.token_hash == identity.token_hash:
+        client.unbind()
+    return Reply("logoutSuccess")
+
+
+async def ping(core: Core, client: Client, payload: dict) -> Reply:
+    return Reply("pong")
+
+
+async def _session_identity(core: Core, client: Client, payload: dict) -> Identity:
+    """The seed names the session by its token in the payload; without one, the client's own session."""
+    if "sessionToken" in payload:
+        return await core.accounts.authenticate(payload["sessionToken"])
+    return _authenticated(client)
+
+
+OPERATIONS: dict[str, Operation] = {
+    "register": register,
+    "login": login,
+    "connect": connect,
+    "getPublicKey": get_public_key,
+    "sendMessage": send_message,
+    "ackMessage": ack_message,
+    "rotatePrekey": rotate_prekey,
+    "changePassword": change_password,
+    "logout": logout,
+    "ping": ping,
+}
+
+
+async def run(core: Core, client: Client, message_type: str, payload: dict) -> Reply | None:
+    operation = OPERATIONS.get(message_type)
+    if operation is None:
+        raise ConstructError("UNKNOWN_TYPE", f"Unknown message type {message_type[:64]!r}")
+    return await operation(core, client, payload)

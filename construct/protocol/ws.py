@@ -1,0 +1,72 @@
+"""WebSocket adapter (Autobahn): binary frames carry MessagePack, text frames JSON."""
+
+from __future__ import annotations
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.logger import Logger
+
+from construct.core.app import Core
+from construct.protocol import codec
+from construct.protocol.connection import ClientConnection
+
+# Frames above the protocol limit but below this are read and answered with MESSAGE_TOO_LARGE;
+# past it Autobahn closes the connection (1009) instead of buffering without bound.
+HARD_FRAME_LIMIT = 1024 * 1024
+
+
+class ConstructWebSocketProtocol(WebSocketServerProtocol):
+    # Autobahn owns `log`.
+    _log = Logger()
+    _connection: ClientConnection | None = None
+
+    def onOpen(self) -> None:
+        try:
+            self._connection = ClientConnection(
+                self.factory.core,
+                "websocket",
+                self._write,
+                self.transport.pauseProducing,
+                self.transport.resumeProducing,
+                self.factory.max_frame_bytes,
+            )
+        except Exception:
+            self._log.failure("could not set up a WebSocket connection")
+            self.dropConnection(abort=True)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            if self._connection is not None:
+                self._connection.frame_received(payload, codec.MSGPACK if isBinary else codec.JSON)
+        except Exception:
+            self._log.failure("unexpected error handling a WebSocket frame")
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        try:
+            if self._connection is not None:
+                self._connection.connection_lost()
+        except Exception:
+            self._log.failure("unexpected error closing a WebSocket connection")
+
+    def _write(self, data: bytes, encoding: str) -> None:
+        self.sendMessage(data, isBinary=encoding == codec.MSGPACK)
+
+
+class ConstructWebSocketFactory(WebSocketServerFactory):
+    protocol = ConstructWebSocketProtocol
+
+    def __init__(self, core: Core, max_frame_bytes: int) -> None:
+        super().__init__(server="Construct")
+        self.noisy = False
+        self.core = core
+        self.max_frame_bytes = max_frame_bytes
+        # One call: setProtocolOptions resets allowNullOrigin unless it is passed again.
+        self.setProtocolOptions(
+            maxMessagePayloadSize=HARD_FRAME_LIMIT,
+            maxFramePayloadSize=HARD_FRAME_LIMIT,
+            autoPingInterval=30,
+            autoPingTimeout=30,
+            openHandshakeTimeout=10,
+            webStatus=False,
+            failByDrop=False,
+            allowNullOrigin=True,
+        )

@@ -1,0 +1,241 @@
+"""The SQL database: one adbapi pool, one engine object for dialect differences, migrations.
+
+Every query in the project goes through `Database.run(desc, fn_txn, ...)`; the `_txn`
+functions run on a pool thread, write `?` placeholders, and never touch the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from importlib import resources
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from twisted.enterprise import adbapi
+from twisted.logger import Logger
+
+from construct.errors import service_unavailable
+
+SCHEMA_VERSION = 1
+
+
+class Engine:
+    """What differs between SQLite and PostgreSQL, and nothing else."""
+
+    name = ""
+    module = ""
+    serial_primary_key = ""
+
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+
+    def convert(self, sql: str) -> str:
+        return sql
+
+    def connect_args(self) -> tuple[tuple, dict]:
+        raise NotImplementedError
+
+    def on_connect(self, conn: Any) -> None:
+        """Run on every new pool connection."""
+
+    def is_unavailable(self, failure_value: BaseException) -> bool:
+        """True when the error means the database cannot be reached, not that the query is wrong."""
+        return isinstance(failure_value, (self.driver.OperationalError, self.driver.InterfaceError))
+
+    def is_conflict(self, failure_value: BaseException) -> bool:
+        return isinstance(failure_value, self.driver.IntegrityError)
+
+    def lock_for_migration(self, txn: "Txn") -> None:
+        """Keep two processes starting at once from migrating together."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class SqliteEngine(Engine):
+    name = "sqlite"
+    module = "sqlite3"
+    serial_primary_key = "INTEGER PRIMARY KEY AUTOINCREMENT"
+
+    def __init__(self, path: str) -> None:
+        super().__init__(sqlite3)
+        self.path = path
+
+    def connect_args(self) -> tuple[tuple, dict]:
+        # One connection: SQLite serialises writers anyway, and a single connection keeps the
+        # per-recipient insert order equal to the commit order (FIFO).
+        return (self.path,), {
+            "check_same_thread": False,
+            "timeout": 10.0,
+            "cp_min": 1,
+            "cp_max": 1,
+        }
+
+    def on_connect(self, conn: Any) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: an acknowledged message survives power loss, not only a process crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.commit()
+
+    def describe(self) -> str:
+        return f"SQLite database {self.path}"
+
+
+class PostgresEngine(Engine):
+    name = "postgres"
+    module = "psycopg2"
+    serial_primary_key = "BIGSERIAL PRIMARY KEY"
+
+    def __init__(self, url: str, pool_size: int = 10) -> None:
+        import psycopg2
+
+        super().__init__(psycopg2)
+        self.url = url
+        self.pool_size = pool_size
+
+    def convert(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def connect_args(self) -> tuple[tuple, dict]:
+        return (self.url,), {
+            "connect_timeout": 5,
+            # A half-dead link must not pin a pool thread for minutes.
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+            "options": "-c statement_timeout=10000",
+            "cp_min": 1,
+            "cp_max": self.pool_size,
+        }
+
+    def lock_for_migration(self, txn: "Txn") -> None:
+        txn.execute("SELECT pg_advisory_xact_lock(?)", (0x636F6E73,))
+
+    def describe(self) -> str:
+        parts = urlsplit(self.url)
+        return f"PostgreSQL database {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+
+def engine_from_options(database_url: str | None, data_dir: str) -> Engine:
+    """`--database postgresql://…` selects PostgreSQL; otherwise SQLite in the data directory."""
+    if database_url:
+        scheme = urlsplit(database_url).scheme
+        if scheme not in ("postgres", "postgresql"):
+            raise ValueError(f"--database must be a postgresql:// URL, not {scheme or database_url!r}")
+        return PostgresEngine(database_url)
+    return SqliteEngine(os.path.join(data_dir, "construct.sqlite3"))
+
+
+class Txn:
+    """A cursor that takes `?` placeholders on every engine."""
+
+    def __init__(self, cursor: Any, engine: Engine) -> None:
+        self._cursor = cursor
+        self._engine = engine
+
+    def execute(self, sql: str, params: tuple | list = ()) -> "Txn":
+        self._cursor.execute(self._engine.convert(sql), tuple(params))
+        return self
+
+    def fetchone(self) -> tuple | None:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[tuple]:
+        return self._cursor.fetchall()
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+
+class Database:
+    """The one shared pool. `run` retries once on a dropped connection, then reports 503."""
+
+    log = Logger()
+
+    def __init__(self, engine: Engine, reactor: Any) -> None:
+        self.engine = engine
+        args, kwargs = engine.connect_args()
+        self.pool = adbapi.ConnectionPool(
+            engine.module,
+            *args,
+            cp_reconnect=True,
+            cp_noisy=False,
+            cp_openfun=engine.on_connect,
+            cp_reactor=reactor,
+            **kwargs,
+        )
+
+    async def run(self, desc: str, fn: Callable[..., Any], *args: Any) -> Any:
+        for attempt in (1, 2):
+            try:
+                return await self.pool.runInteraction(self._interaction, fn, *args)
+            except Exception as e:
+                if not self.engine.is_unavailable(e):
+                    raise
+                if attempt == 2:
+                    self.log.warn("database unavailable during {desc}: {error}", desc=desc, error=e)
+                    raise service_unavailable("The database") from e
+
+    def _interaction(self, cursor: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(Txn(cursor, self.engine), *args)
+
+    async def check(self) -> None:
+        """Raise unless a trivial query succeeds (for /health)."""
+        await self.run("health_check", lambda txn: txn.execute("SELECT 1").fetchone())
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _schema_scripts(engine: Engine) -> list[tuple[int, str]]:
+    folder = resources.files("construct.storage") / "schema"
+    scripts = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            lines = entry.read_text(encoding="utf-8").splitlines()
+            sql = "\n".join(line for line in lines if not line.lstrip().startswith("--"))
+            sql = sql.replace("{serial_primary_key}", engine.serial_primary_key)
+            scripts.append((version, sql))
+    return sorted(scripts)
+
+
+def prepare_database(engine: Engine) -> int:
+    """Create or upgrade the schema, synchronously, before the reactor runs.
+
+    Returns the schema version. Raises `engine.driver.Error` subclasses when the database
+    cannot be reached, which the caller turns into one clear line.
+    """
+    args, kwargs = engine.connect_args()
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("cp_")}
+    if engine.name == "sqlite":
+        os.makedirs(os.path.dirname(os.path.abspath(engine.path)), exist_ok=True)
+    conn = engine.driver.connect(*args, **kwargs)
+    try:
+        engine.on_connect(conn)
+        txn = Txn(conn.cursor(), engine)
+        engine.lock_for_migration(txn)
+        txn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = txn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        if current > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the database schema is version {current}, newer than this release ({SCHEMA_VERSION})"
+            )
+        for version, sql in _schema_scripts(engine):
+            if version <= current:
+                continue
+            for statement in sql.split(";"):
+                if statement.strip():
+                    txn.execute(statement)
+            txn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            current = version
+        conn.commit()
+        return current
+    finally:
+        conn.close()

@@ -1,0 +1,128 @@
+"""The SQL inbox: used in embedded mode (SQLite) and with PostgreSQL when no Redis is configured."""
+
+from __future__ import annotations
+
+from construct.delivery.types import Accepted, InboxEntry
+from construct.errors import ConstructError
+from construct.storage.database import Database, Txn
+
+
+def duplicate_id_error() -> ConstructError:
+    return ConstructError("DUPLICATE_MESSAGE", "That message id is already used by another sender", 409)
+
+
+def inbox_full_error(quota: int) -> ConstructError:
+    return ConstructError("INBOX_FULL", f"The recipient's inbox is full ({quota} messages pending)", 507)
+
+
+def user_not_found_error() -> ConstructError:
+    return ConstructError("USER_NOT_FOUND", "User not found", 404)
+
+
+class SqlInbox:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def put(
+        self,
+        sender_id: str,
+        recipient_id: str,
+        message_id: str,
+        envelope: str,
+        status: str,
+        now_ms: int,
+        ttl_ms: int,
+        quota: int,
+    ) -> Accepted:
+        """Store a message once (idempotent on its id) or say why not."""
+        args = (sender_id, recipient_id, message_id, envelope, status, now_ms, ttl_ms, quota)
+        try:
+            return await self._db.run("inbox_put", self._put_txn, *args)
+        except Exception as e:
+            # Two first sends of one id to different recipients raced on sent_messages'
+            # key; the retry sees the winner's row and answers as for any duplicate.
+            if not self._db.engine.is_conflict(e):
+                raise
+            return await self._db.run("inbox_put_retry", self._put_txn, *args)
+
+    def _put_txn(
+        self,
+        txn: Txn,
+        sender_id: str,
+        recipient_id: str,
+        message_id: str,
+        envelope: str,
+        status: str,
+        now_ms: int,
+        ttl_ms: int,
+        quota: int,
+    ) -> Accepted:
+        # Locking the recipient's row serialises its inserts, so seq order is commit order.
+        lock = " FOR UPDATE" if self._db.engine.name == "postgres" else ""
+        if txn.execute(f"SELECT id FROM users WHERE id = ?{lock}", (recipient_id,)).fetchone() is None:
+            raise user_not_found_error()
+        row = txn.execute(
+            "SELECT sender_id, status, expires_at FROM sent_messages WHERE message_id = ?", (message_id,)
+        ).fetchone()
+        if row is not None and row[2] > now_ms:
+            if row[0] != sender_id:
+                raise duplicate_id_error()
+            return Accepted(row[1], row[2], duplicate=True)
+        if row is not None:
+            txn.execute("DELETE FROM sent_messages WHERE message_id = ?", (message_id,))
+        pending = txn.execute(
+            "SELECT COUNT(*) FROM inbox WHERE recipient_id = ? AND expires_at > ?", (recipient_id, now_ms)
+        ).fetchone()[0]
+        if pending >= quota:
+            raise inbox_full_error(quota)
+        expires_ms = now_ms + ttl_ms
+        txn.execute(
+            "INSERT INTO sent_messages (message_id, sender_id, status, expires_at) VALUES (?, ?, ?, ?)",
+            (message_id, sender_id, status, expires_ms),
+        )
+        txn.execute(
+            "INSERT INTO inbox (recipient_id, message_id, envelope, accepted_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+            (recipient_id, message_id, envelope, now_ms, expires_ms),
+        )
+        return Accepted(status, expires_ms, duplicate=False)
+
+    async def fetch(self, recipient_id: str, after_seq: int, limit: int, now_ms: int) -> list[InboxEntry]:
+        """Unexpired messages after `after_seq`, oldest first."""
+        return await self._db.run("inbox_fetch", self._fetch_txn, recipient_id, after_seq, limit, now_ms)
+
+    def _fetch_txn(self, txn: Txn, recipient_id: str, after_seq: int, limit: int, now_ms: int) -> list[InboxEntry]:
+        rows = txn.execute(
+            "SELECT seq, message_id, envelope FROM inbox WHERE recipient_id = ? AND seq > ? AND expires_at > ?"
+            " ORDER BY seq LIMIT ?",
+            (recipient_id, after_seq, now_ms, limit),
+        ).fetchall()
+        return [InboxEntry(*row) for row in rows]
+
+    async def ack(self, recipient_id: str, message_ids: list[str]) -> int:
+        """Delete acknowledged messages; unknown ids are ignored (a repeated ack is harmless)."""
+        return await self._db.run("inbox_ack", self._ack_txn, recipient_id, message_ids)
+
+    def _ack_txn(self, txn: Txn, recipient_id: str, message_ids: list[str]) -> int:
+        if not message_ids:
+            return 0
+        placeholders = ", ".join("?" for _ in message_ids)
+        return txn.execute(
+            f"DELETE FROM inbox WHERE recipient_id = ? AND message_id IN ({placeholders})",
+            (recipient_id, *message_ids),
+        ).rowcount
+
+    async def depth(self, recipient_id: str, now_ms: int) -> int:
+        return await self._db.run("inbox_depth", self._depth_txn, recipient_id, now_ms)
+
+    def _depth_txn(self, txn: Txn, recipient_id: str, now_ms: int) -> int:
+        return txn.execute(
+            "SELECT COUNT(*) FROM inbox WHERE recipient_id = ? AND expires_at > ?", (recipient_id, now_ms)
+        ).fetchone()[0]
+
+    async def expire(self, now_ms: int) -> int:
+        """Remove expired messages and dedup records; return how many messages expired."""
+        return await self._db.run("inbox_expire", self._expire_txn, now_ms)
+
+    def _expire_txn(self, txn: Txn, now_ms: int) -> int:
+        txn.execute("DELETE FROM sent_messages WHERE expires_at <= ?", (now_ms,))
+        return txn.execute("DELETE FROM inbox WHERE expires_at <= ?", (now_ms,)).rowcount

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="construct",
+    version="0.1.0",
+    description="End-to-end-encrypted messaging relay on Twisted",
+    python_requires=">=3.11",
+    # twisted/plugins has no __init__.py (it must not), so find_packages cannot see it.
+    packages=find_packages(include=["construct", "construct.*"]) + ["twisted.plugins"],
+    package_data={
+        "construct.storage": ["schema/*.sql"],
+        "construct.http": ["openapi.json"],
+    },
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "autobahn[twisted]>=24.4",
+        "txredisapi>=1.4.10",
+        "psycopg2-binary>=2.9",
+        "pynacl>=1.5",
+        "bcrypt>=4.1",
+        "service-identity>=24.1",
+        "klein>=24.8",
+        "msgpack>=1.0",
+        "prometheus-client>=0.20",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "treq>=24.9",
+            "hypothesis>=6.100",
+            "openapi-spec-validator>=0.7",
+        ],
+    },
+)
