@@ -115,20 +115,20 @@ def _endpoint(reactor: Any, option: str, description: str) -> Any:
         raise SystemExit(f"construct: --{option} {description!r} is not a valid endpoint: {e}") from None
 
 
-def build_core(db: Database, reactor: Any, options: Options, metrics: Metrics) -> Core:
+def build_core(db: Database, clock: Any, options: Options, metrics: Metrics, run_blocking: Any) -> Core:
+    """The core on the SQL backend; `run_blocking(fn, *args)` runs CPU-heavy work off the reactor."""
     inbox = SqlInbox(db)
-    hub = DeliveryHub(inbox, reactor, metrics)
-    hasher = PasswordHasher(
-        options["bcrypt-cost"], lambda fn, *args: deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
-    )
+    hub = DeliveryHub(inbox, clock, metrics)
     return Core(
-        accounts=AccountService(AccountStore(db), hasher, reactor, hub.on_sessions_revoked),
-        keys=KeyService(KeyStore(db), reactor),
+        accounts=AccountService(
+            AccountStore(db), PasswordHasher(options["bcrypt-cost"], run_blocking), clock, hub.on_sessions_revoked
+        ),
+        keys=KeyService(KeyStore(db), clock),
         messaging=MessageService(
             inbox,
             hub.is_online,
             hub.on_pending,
-            reactor,
+            clock,
             ttl_seconds=options["message-ttl"],
             quota=options["inbox-quota"],
             max_content_bytes=options["max-message-bytes"],
@@ -158,7 +158,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     endpoints = {name: _endpoint(reactor, name, options[name]) for name in ("listen", "tcp", "health")}
     db = open_database(options, reactor)
     metrics = Metrics()
-    core = build_core(db, reactor, options, metrics)
+    threads = reactor.getThreadPool()
+    core = build_core(db, reactor, options, metrics, lambda fn, *args: deferToThreadPool(reactor, threads, fn, *args))
     max_frame = options["max-message-bytes"] * 2 + FRAME_OVERHEAD_BYTES
 
     async def maintenance() -> None:

@@ -135,9 +135,10 @@ async def change_password(core: Core, client: Client, payload: dict) -> Reply:
 
 async def logout(core: Core, client: Client, payload: dict) -> Reply:
     identity = await _session_identity(core, client, payload)
-    await core.accounts.logout(identity)
+    # Unbind first, so only the session's other connections are told sessionExpired.
     if client.identity is not None and client.identity.token_hash == identity.token_hash:
         client.unbind()
+    await core.accounts.logout(identity)
     return Reply("logoutSuccess")
 
 

@@ -1,0 +1,88 @@
+"""Start real `twistd` processes on port 0 and learn their ports from the log."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"\b(\w+) listening on ([\d.]+):(\d+)")
+TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+
+
+def process_env(**extra: str) -> dict:
+    """The repository first on the path, so the processes run this tree's code and plugins."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSTRUCT_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+class ServerProcess:
+    """`twistd -n construct …` with every listener on an ephemeral port."""
+
+    def __init__(self, tmp_path: Path, *args: str, plugin: str = "construct", expect: tuple = ("http", "tcp", "health"),
+                 env: dict | None = None) -> None:
+        self.tmp_path = tmp_path
+        self.args = list(args)
+        self.plugin = plugin
+        self.expect = expect
+        self.env = env or {}
+        self.log_path = tmp_path / f"{plugin}-{len(list(tmp_path.glob('*.log')))}.log"
+        self.ports: dict[str, int] = {}
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        listen = ["--listen", "tcp:0:interface=127.0.0.1", "--tcp", "tcp:0:interface=127.0.0.1",
+                  "--health", "tcp:0:interface=127.0.0.1"] if self.plugin == "construct" else []
+        return TWISTD + ["--nodaemon", "--pidfile=", self.plugin, *listen, *self.args]
+
+    def start(self, timeout: float = 20.0) -> "ServerProcess":
+        self.ports = {}
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp_path, env=process_env(**self.env)
+        )
+        log.close()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            for name, _, port in LISTENING.findall(text[offset:] if offset else text):
+                self.ports[name] = int(port)
+            if all(name in self.ports for name in self.expect):
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{text}")
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not start in {timeout}s:\n{self.log_path.read_text(errors='replace')}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> int:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode if self.process else 0
+
+
+def run_twistd(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        TWISTD + ["--nodaemon", "--pidfile=", *args], cwd=tmp_path, env=process_env(**(env or {})),
+        capture_output=True, text=True, timeout=timeout,
+    )

@@ -1,0 +1,121 @@
+"""Storage on SQLite and on the real PostgreSQL: schema, accounts, and the SQL inbox contract."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from construct.errors import ConstructError
+from construct.storage.accounts import AccountStore, User
+from construct.storage.database import SCHEMA_VERSION, prepare_database
+from construct.storage.inbox import SqlInbox
+from construct.storage.keys import KeyStore, StoredBundle
+
+NOW_MS = 1_800_000_000_000
+TTL_MS = 60_000
+BUNDLE = StoredBundle("master", "data", "signature")
+
+
+async def _user(database, name: str) -> str:
+    user = User(str(uuid.uuid4()), name, "hash")
+    await AccountStore(database).create_account(user, BUNDLE, uuid.uuid4().hex, NOW_MS, NOW_MS + TTL_MS)
+    return user.id
+
+
+def test_prepare_database_is_idempotent(engine):
+    """Running the migrations twice leaves the schema at the current version."""
+    assert prepare_database(engine) == SCHEMA_VERSION
+    assert prepare_database(engine) == SCHEMA_VERSION
+
+
+@pytest_twisted.ensureDeferred
+async def test_account_rows_and_unique_username(database):
+    """A username is taken once; the user, bundle and session are written together."""
+    user_id = await _user(database, "alice")
+    store = AccountStore(database)
+    assert (await store.get_user_by_name("alice")).id == user_id
+    assert (await KeyStore(database).get_bundle(user_id)).bundle == BUNDLE
+    with pytest.raises(ConstructError) as caught:
+        await _user(database, "alice")
+    assert caught.value.code == "USERNAME_TAKEN"
+
+
+@pytest_twisted.ensureDeferred
+async def test_change_password_returns_revoked_sessions(database):
+    """Every session but the kept one is deleted and reported."""
+    user_id = await _user(database, "alice")
+    store = AccountStore(database)
+    for token in ("keep", "other1", "other2"):
+        await store.create_session(token, user_id, NOW_MS, NOW_MS + TTL_MS)
+    revoked = await store.change_password(user_id, "newhash", "keep")
+    # _user's registration opened a session too.
+    assert len(revoked) == 3 and {"other1", "other2"} <= set(revoked)
+    assert await store.get_session("keep") is not None
+    assert await store.get_session("other1") is None
+    assert (await store.get_user(user_id)).password_hash == "newhash"
+
+
+@pytest_twisted.ensureDeferred
+async def test_inbox_fifo_ack_and_expiry(database):
+    """Entries come back in insertion order after a cursor, vanish on ack, and expire."""
+    sender, recipient = await _user(database, "alice"), await _user(database, "bob")
+    inbox = SqlInbox(database)
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    for i, message_id in enumerate(ids):
+        accepted = await inbox.put(sender, recipient, message_id, f"e{i}", "queued", NOW_MS + i, TTL_MS, 100)
+        assert not accepted.duplicate and accepted.expires_at_ms == NOW_MS + i + TTL_MS
+    entries = await inbox.fetch(recipient, 0, 10, NOW_MS)
+    assert [e.envelope for e in entries] == [f"e{i}" for i in range(5)]
+    assert [e.envelope for e in await inbox.fetch(recipient, entries[2].seq, 10, NOW_MS)] == ["e3", "e4"]
+    assert await inbox.ack(recipient, ids[:2] + [str(uuid.uuid4())]) == 2
+    assert await inbox.ack(sender, ids[2:]) == 0
+    assert [e.envelope for e in await inbox.fetch(recipient, 0, 10, NOW_MS)] == ["e2", "e3", "e4"]
+    assert await inbox.fetch(recipient, 0, 10, NOW_MS + TTL_MS + 3) == [entries[4]]
+    assert await inbox.expire(NOW_MS + TTL_MS + 3) == 2
+    assert await inbox.depth(recipient, NOW_MS) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_inbox_dedup_quota_and_unknown_recipient(database):
+    """An id is stored once per sender, reused ids by others are refused, the quota holds."""
+    sender, other, recipient = [await _user(database, n) for n in ("alice", "carol", "bob")]
+    inbox = SqlInbox(database)
+    message_id = str(uuid.uuid4())
+    first = await inbox.put(sender, recipient, message_id, "e", "delivered", NOW_MS, TTL_MS, 2)
+    again = await inbox.put(sender, recipient, message_id, "e", "queued", NOW_MS + 5, TTL_MS, 2)
+    assert again.duplicate and (again.status, again.expires_at_ms) == (first.status, first.expires_at_ms)
+    with pytest.raises(ConstructError) as caught:
+        await inbox.put(other, recipient, message_id, "e", "queued", NOW_MS, TTL_MS, 2)
+    assert caught.value.code == "DUPLICATE_MESSAGE"
+    await inbox.put(sender, recipient, str(uuid.uuid4()), "e", "queued", NOW_MS, TTL_MS, 2)
+    with pytest.raises(ConstructError) as caught:
+        await inbox.put(sender, recipient, str(uuid.uuid4()), "e", "queued", NOW_MS, TTL_MS, 2)
+    assert caught.value.code == "INBOX_FULL"
+    with pytest.raises(ConstructError) as caught:
+        await inbox.put(sender, str(uuid.uuid4()), str(uuid.uuid4()), "e", "queued", NOW_MS, TTL_MS, 2)
+    assert caught.value.code == "USER_NOT_FOUND"
+    # An expired id may be used again.
+    assert await inbox.expire(NOW_MS + TTL_MS) == 2
+    assert not (await inbox.put(sender, recipient, message_id, "e", "queued", NOW_MS + TTL_MS, TTL_MS, 2)).duplicate
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_puts_keep_commit_order_and_dedup(database):
+    """Many concurrent sends to one recipient get distinct increasing seqs; a racing resend is stored once."""
+    senders = [await _user(database, f"user{i}") for i in range(4)]
+    recipient = await _user(database, "bob")
+    inbox = SqlInbox(database)
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    puts = [
+        defer.ensureDeferred(inbox.put(senders[i % 4], recipient, ids[i], f"e{i}", "queued", NOW_MS, TTL_MS, 1000))
+        for i in range(40)
+    ]
+    resend = [defer.ensureDeferred(inbox.put(senders[0], recipient, ids[0], "e0", "queued", NOW_MS, TTL_MS, 1000))]
+    results = await defer.gatherResults(puts + resend)
+    assert sum(not r.duplicate for r in results) == 40
+    entries = await inbox.fetch(recipient, 0, 100, NOW_MS)
+    assert sorted(e.message_id for e in entries) == sorted(ids)
+    assert [e.seq for e in entries] == sorted(e.seq for e in entries)
