@@ -100,7 +100,8 @@ def good_bundle_data(identity: IdentityKeys, spk: SignedPrekey, **changes: objec
 )
 def test_hkdf_rfc5869_vectors(ikm, salt, info, length, okm):
     """HKDF-SHA256 reproduces the RFC 5869 appendix A SHA-256 test vectors."""
-    assert hkdf_sha256(bytes.fromhex(ikm), bytes.fromhex(salt), bytes.fromhex(info), length).hex() == okm
+    derived = hkdf_sha256(bytes.fromhex(ikm), bytes.fromhex(salt), bytes.fromhex(info), length)
+    assert derived.hex() == okm
 
 
 def test_hkdf_rejects_oversized_output():
@@ -169,31 +170,39 @@ def _mutations(identity: IdentityKeys, spk: SignedPrekey):
     good = make_key_bundle(identity, spk, USER)
     other = IdentityKeys.generate()
     raw = base64.b64decode(good["bundleData"])
+    signature = base64.b64decode(good["signature"])
+
+    def signed(**changes: object) -> dict:
+        return signed_bundle(identity, good_bundle_data(identity, spk, **changes))
+
+    def with_suite(**changes: object) -> dict:
+        suite = {"suiteId": 1, "identityKey": b64(identity.dh_public)}
+        suite.update({"signedPrekey": b64(spk.public)}, **changes)
+        return signed(supportedSuites=[{k: v for k, v in suite.items() if v is not None}])
+
     yield "not a dict", ["x"]
     yield "missing field", {k: v for k, v in good.items() if k != "signature"}
     yield "bad base64 key", dict(good, masterIdentityKey="!!!")
     yield "base64 with newline", dict(good, signature=good["signature"] + "\n")
     yield "non-canonical base64", dict(good, signature=non_canonical(good["signature"]))
     yield "short master key", dict(good, masterIdentityKey=b64(identity.master_public[:31]))
-    yield "short signature", dict(good, signature=b64(base64.b64decode(good["signature"])[:63]))
+    yield "short signature", dict(good, signature=b64(signature[:63]))
     yield "bad bundleData base64", dict(good, bundleData="%%%")
     yield "signature by another key", dict(good, masterIdentityKey=b64(other.master_public))
-    signature = base64.b64decode(good["signature"])
     yield "flipped signature", dict(good, signature=b64(bytes([signature[0] ^ 1]) + signature[1:]))
     yield "modified bundleData", dict(good, bundleData=b64(raw + b" "))
     yield "not JSON", signed_bundle(identity, b"\xff not json")
     yield "JSON list", signed_bundle(identity, [1, 2])
-    yield "suite 2", signed_bundle(identity, good_bundle_data(identity, spk, supportedSuites=[
-        {"suiteId": 2, "identityKey": b64(identity.dh_public), "signedPrekey": b64(spk.public)}]))
-    yield "suite true", signed_bundle(identity, good_bundle_data(identity, spk, supportedSuites=[
-        {"suiteId": True, "identityKey": b64(identity.dh_public), "signedPrekey": b64(spk.public)}]))
-    yield "no suites", signed_bundle(identity, good_bundle_data(identity, spk, supportedSuites=[]))
-    yield "short identity key", signed_bundle(identity, good_bundle_data(identity, spk, supportedSuites=[
-        {"suiteId": 1, "identityKey": b64(bytes(31)), "signedPrekey": b64(spk.public)}]))
-    yield "missing signed prekey", signed_bundle(identity, good_bundle_data(identity, spk, supportedSuites=[
-        {"suiteId": 1, "identityKey": b64(identity.dh_public)}]))
-    yield "bad timestamp", signed_bundle(identity, good_bundle_data(identity, spk, timestamp="yesterday"))
-    yield "userId not a string", signed_bundle(identity, good_bundle_data(identity, spk, userId=7))
+    yield "suite 2", with_suite(suiteId=2)
+    yield "suite true", with_suite(suiteId=True)
+    yield "suite 1.0", with_suite(suiteId=1.0)
+    yield "no suites", signed(supportedSuites=[])
+    yield "suite not an object", signed(supportedSuites=[1])
+    yield "short identity key", with_suite(identityKey=b64(bytes(31)))
+    yield "missing signed prekey", with_suite(signedPrekey=None)
+    yield "bad timestamp", signed(timestamp="yesterday")
+    yield "impossible date", signed(timestamp="2026-02-30T10:00:00Z")
+    yield "userId not a string", signed(userId=7)
     yield "userId mismatch", make_key_bundle(identity, spk, PEER)
     yield "empty userId", make_key_bundle(identity, spk, "")
 
@@ -221,8 +230,14 @@ def test_one_time_prekeys_upload_form():
     assert parse_one_time_prekey(upload[0]) == (10, keys[0].public)
     with pytest.raises(CryptoError):
         generate_one_time_prekeys(0xFFFFFFFE, 2)
-    for bad in (None, {"keyId": "1", "publicKey": upload[0]["publicKey"]}, {"keyId": 1, "publicKey": b64(bytes(31))},
-                {"keyId": 0xFFFFFFFF, "publicKey": upload[0]["publicKey"]}):
+    public = upload[0]["publicKey"]
+    for bad in (
+        None,
+        {"keyId": "1", "publicKey": public},
+        {"keyId": True, "publicKey": public},
+        {"keyId": 0xFFFFFFFF, "publicKey": public},
+        {"keyId": 1, "publicKey": b64(bytes(31))},
+    ):
         with pytest.raises(InvalidBundle):
             parse_one_time_prekey(bad)
 
@@ -318,7 +333,8 @@ def test_pad_too_large():
 
 def test_unpad_rejects_malformed_padding():
     """Padding without a marker, with a non-bucket size or with garbage after the marker fails."""
-    for bad in (bytes(256), b"a" * 256, pad(b"x")[:-1], pad(b"x") + b"\x00", b"x\x80" + b"\x01" * 254):
+    no_marker, not_bucket, extra_zero = bytes(256), pad(b"x")[:-1], pad(b"x") + b"\x00"
+    for bad in (no_marker, b"a" * 256, not_bucket, extra_zero, b"x\x80" + b"\x01" * 254):
         with pytest.raises(DecryptionError):
             unpad(bad)
 

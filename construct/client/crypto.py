@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeGuard
 
 from nacl import bindings
 from nacl.exceptions import CryptoError as _NaclError
@@ -229,7 +229,10 @@ class IdentityKeys:
 
     def to_dict(self) -> dict[str, str]:
         """Private form for the state file."""
-        return {"masterSeed": b64encode(self.signing_seed), "identityPrivate": b64encode(self.dh_private)}
+        return {
+            "masterSeed": b64encode(self.signing_seed),
+            "identityPrivate": b64encode(self.dh_private),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IdentityKeys:
@@ -286,10 +289,15 @@ class SignedPrekey:
         return f"SignedPrekey(key_id={self.key_id})"
 
 
+def _is_int(value: object) -> TypeGuard[int]:
+    # JSON true and 1.0 are not integers here (serde's u16/u32 refuse them too).
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_key_id(key_id: object) -> int:
-    if isinstance(key_id, bool) or not isinstance(key_id, int) or not 0 <= key_id < NO_ONE_TIME_PREKEY:
-        raise CryptoError("one-time prekey id must be an integer in [0, 2**32 - 2]")
-    return key_id
+    if _is_int(key_id) and 0 <= key_id < NO_ONE_TIME_PREKEY:
+        return key_id
+    raise CryptoError("one-time prekey id must be an integer in [0, 2**32 - 2]")
 
 
 @dataclass(frozen=True, repr=False)
@@ -462,7 +470,7 @@ def verify_key_bundle(
         raise InvalidBundle("supportedSuites must be a non-empty list")
     for suite in suites:
         suite_id = suite.get("suiteId") if isinstance(suite, dict) else None
-        if isinstance(suite_id, bool) or suite_id != SUITE_CLASSIC_X25519:
+        if not _is_int(suite_id) or suite_id != SUITE_CLASSIC_X25519:
             raise InvalidBundle(f"unsupported suite {suite_id!r}")
     # Like the seed's getPublicKey, the first suite is the one used.
     suite = suites[0]

@@ -40,6 +40,7 @@ from construct.client.crypto import (
     CryptoError,
     DecryptionError,
     IdentityKeys,
+    InvalidBundle,
     OneTimePrekey,
     ReplayError,
     SignedPrekey,
@@ -163,9 +164,11 @@ def _dh_ratchet(state: _State, remote_public: bytes) -> None:
     state.ns = 0
     state.nr = 0
     state.dhr = remote_public
-    state.rk, state.ckr = _kdf_rk(state.rk, x25519(state.dhs_private, remote_public, DecryptionError))
+    receiving = x25519(state.dhs_private, remote_public, DecryptionError)
+    state.rk, state.ckr = _kdf_rk(state.rk, receiving)
     state.dhs_private = generate_x25519()[0]
-    state.rk, state.cks = _kdf_rk(state.rk, x25519(state.dhs_private, remote_public, DecryptionError))
+    sending = x25519(state.dhs_private, remote_public, DecryptionError)
+    state.rk, state.cks = _kdf_rk(state.rk, sending)
 
 
 def _optional_b64(value: bytes | None) -> str | None:
@@ -176,10 +179,14 @@ def _optional_key(value: object) -> bytes | None:
     return None if value is None else b64decode(value, length=KEY_SIZE)
 
 
+def _is_u32(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_U32
+
+
 def _counter(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_U32:
-        raise CryptoError("malformed counter")
-    return value
+    if isinstance(value, int) and _is_u32(value):
+        return value
+    raise CryptoError("malformed counter")
 
 
 class Session:
@@ -203,8 +210,18 @@ class Session:
         self._ad = associated_data
         self._initial_header = initial_header
         self._send_initial = send_initial
-        self.remote_identity_key = remote_identity_key
-        self.remote_master_key = remote_master_key
+        self._remote_identity_key = remote_identity_key
+        self._remote_master_key = remote_master_key
+
+    @property
+    def remote_identity_key(self) -> bytes:
+        """The peer's X25519 identity key, as used in X3DH."""
+        return self._remote_identity_key
+
+    @property
+    def remote_master_key(self) -> bytes:
+        """The peer's Ed25519 master identity key (for safety numbers)."""
+        return self._remote_master_key
 
     @classmethod
     def initiate(
@@ -219,9 +236,13 @@ class Session:
         """
         secret, ad, header = x3dh.initiate(my_identity, remote_bundle, one_time_prekey)
         dhs_private = generate_x25519()[0]
-        rk, cks = _kdf_rk(secret, x25519(dhs_private, remote_bundle.signed_prekey))
-        state = _State(dhs_private, remote_bundle.signed_prekey, rk, cks, None, 0, 0, 0, OrderedDict())
-        return cls(state, ad, header.to_bytes(), True, remote_bundle.identity_key, remote_bundle.master_key)
+        rk, cks = _kdf_rk(secret, x25519(dhs_private, remote_bundle.signed_prekey, InvalidBundle))
+        state = _State(
+            dhs_private, remote_bundle.signed_prekey, rk, cks, None, 0, 0, 0, OrderedDict()
+        )
+        return cls(
+            state, ad, header.to_bytes(), True, remote_bundle.identity_key, remote_bundle.master_key
+        )
 
     @classmethod
     def from_initial(
@@ -250,7 +271,9 @@ class Session:
         )
         signed_prekey = my_signed_prekeys_by_id[header.signed_prekey_id]
         state = _State(signed_prekey.private, None, secret, None, None, 0, 0, 0, OrderedDict())
-        session = cls(state, ad, parsed.initial_header, False, header.identity_key, header.master_key)
+        session = cls(
+            state, ad, parsed.initial_header, False, header.identity_key, header.master_key
+        )
         plaintext = session.decrypt(ratchet_public, message_number, content, context)
         return session, plaintext, opk_id
 
@@ -289,7 +312,8 @@ class Session:
             header = bytes([VERSION_NORMAL]) + state.pn.to_bytes(4, "big")
         ratchet_public = x25519_public(state.dhs_private)
         key, nonce = _message_key_material(message_key)
-        ciphertext = aead_encrypt(key, nonce, padded, self._aead_ad(header, ratchet_public, number, context))
+        ad = self._aead_ad(header, ratchet_public, number, context)
+        ciphertext = aead_encrypt(key, nonce, padded, ad)
         state.cks = next_chain_key
         state.ns += 1
         return ratchet_public, number, b64encode(header + nonce + ciphertext)
@@ -311,7 +335,7 @@ class Session:
             raise DecryptionError("initial message of another session")
         if not isinstance(ratchet_public, bytes) or len(ratchet_public) != KEY_SIZE:
             raise DecryptionError("ratchet key must be 32 bytes")
-        if isinstance(message_number, bool) or not isinstance(message_number, int) or not 0 <= message_number <= _MAX_U32:
+        if not _is_u32(message_number):
             raise DecryptionError("message number must be a u32")
 
         state = self._state.copy()
@@ -349,8 +373,8 @@ class Session:
             "associatedData": b64encode(self._ad),
             "initialHeader": b64encode(self._initial_header),
             "sendInitial": self._send_initial,
-            "remoteIdentityKey": b64encode(self.remote_identity_key),
-            "remoteMasterKey": b64encode(self.remote_master_key),
+            "remoteIdentityKey": b64encode(self._remote_identity_key),
+            "remoteMasterKey": b64encode(self._remote_master_key),
             "dhsPrivate": b64encode(state.dhs_private),
             "dhr": _optional_b64(state.dhr),
             "rootKey": b64encode(state.rk),
@@ -360,7 +384,8 @@ class Session:
             "nr": state.nr,
             "pn": state.pn,
             "skipped": [
-                [b64encode(dh), number, b64encode(key)] for (dh, number), key in state.skipped.items()
+                [b64encode(dh), number, b64encode(key)]
+                for (dh, number), key in state.skipped.items()
             ],
         }
 
@@ -374,7 +399,8 @@ class Session:
                 raise CryptoError("malformed sendInitial")
             skipped: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
             for dh, number, key in data["skipped"]:
-                skipped[(b64decode(dh, length=KEY_SIZE), _counter(number))] = b64decode(key, length=KEY_SIZE)
+                dh_key = b64decode(dh, length=KEY_SIZE)
+                skipped[(dh_key, _counter(number))] = b64decode(key, length=KEY_SIZE)
             state = _State(
                 dhs_private=b64decode(data["dhsPrivate"], length=KEY_SIZE),
                 dhr=_optional_key(data["dhr"]),

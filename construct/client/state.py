@@ -123,7 +123,8 @@ def load_state(path: str | os.PathLike[str], passphrase: str | bytes) -> dict[st
     except (UnicodeDecodeError, ValueError, CryptoError) as exc:
         raise WrongPassphrase("state file is damaged or was tampered with") from exc
     try:
-        plaintext = SecretBox(_derive_key(passphrase, salt, KdfParams(opslimit, memlimit))).decrypt(box)
+        key = _derive_key(passphrase, salt, KdfParams(opslimit, memlimit))
+        plaintext = SecretBox(key).decrypt(box)
     except _NaclError as exc:
         raise WrongPassphrase("wrong passphrase, or the state file was tampered with") from exc
     data = json.loads(plaintext.decode("utf-8"))
