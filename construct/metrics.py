@@ -26,6 +26,14 @@ class Metrics:
         self.messages_expired = Counter(
             "construct_messages_expired", "Messages removed unacknowledged after their TTL", registry=self.registry
         )
+        self.worker_drains = Counter(
+            "construct_worker_drains", "Backlogs the worker woke an instance to drain", registry=self.registry
+        )
+        self.worker_redeliveries = Counter(
+            "construct_worker_redeliveries",
+            "Users whose unacknowledged messages the worker had pushed again",
+            registry=self.registry,
+        )
         self.errors = Counter("construct_errors", "Error replies by code", ["code"], registry=self.registry)
 
     def connection_opened(self, transport: str) -> None:

@@ -1,16 +1,18 @@
-"""`twistd construct`: options and the composition root. Wiring only, no protocol or domain code."""
+"""`twistd construct`: options and the composition root. Wiring only, no protocol or domain code.
+
+Embedded mode (no --redis): the SQL inbox, the in-process hub as presence and event bus, and
+the delivery worker's sweeps running in this process. Production mode (--redis): the Redis
+inbox and presence, wake-ups over Redis pub/sub, and the sweeps left to `construct-worker`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import socket
+from typing import Any, Callable
 
-from twisted.application.internet import TimerService
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import ensureDeferred
-from twisted.internet.endpoints import serverFromString
+from twisted.application.service import MultiService
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from construct.config import Setting, SettingsOptions, int_between, non_empty
 from construct.core.accounts import AccountService, PasswordHasher
@@ -18,116 +20,108 @@ from construct.core.app import Core
 from construct.core.delivery import DeliveryHub
 from construct.core.keys import KeyService
 from construct.core.messaging import MessageService
+from construct.core.worker import DEFAULT_REDELIVERY_SECONDS, DeliveryWorker, MemoryLeases
 from construct.http.api import HttpApi
 from construct.http.health import build_health_site
 from construct.http.site import build_site
 from construct.metrics import Metrics
 from construct.protocol.tcp import JsonLinesFactory
 from construct.protocol.ws import ConstructWebSocketFactory
+from construct.redis.client import RedisAddress, RedisClient, RedisSubscriber
+from construct.redis.inbox import RedisInbox
+from construct.redis.presence import HEARTBEAT_SECONDS, InstancePresence
+from construct.redis.service import RedisService
+from construct.services import DatabaseService, GuardedTimer, ListenerService, parse_endpoint
 from construct.storage.accounts import AccountStore
 from construct.storage.database import Database, engine_from_options, prepare_database
 from construct.storage.inbox import SqlInbox
 from construct.storage.keys import KeyStore
 
-MAINTENANCE_INTERVAL_SECONDS = 60
+PROGRAM = "construct"
+SWEEP_INTERVAL_SECONDS = 10
+SESSION_CLEANUP_INTERVAL_SECONDS = 600
 # Room for the envelope around the largest allowed content (base64 key, ids, JSON quoting).
 FRAME_OVERHEAD_BYTES = 16 * 1024
 
 
+def redis_address(text: str) -> RedisAddress:
+    return RedisAddress.parse(text.strip())
+
+
 class Options(SettingsOptions):
+    program = PROGRAM
     settings = (
         Setting("listen", "tcp:8080:interface=127.0.0.1", "HTTP API and WebSocket endpoint", non_empty),
         Setting("tcp", "tcp:8081:interface=127.0.0.1", "raw TCP JSON-lines endpoint", non_empty),
         Setting("health", "tcp:3000:interface=127.0.0.1", "health and metrics endpoint", non_empty),
         Setting("data-dir", "construct-data", "directory of the embedded SQLite database", non_empty),
         Setting("database", None, "postgresql://user@host/db URL: PostgreSQL instead of SQLite", non_empty),
+        Setting("redis", None, "redis://host:port/db URL: production mode, inboxes in Redis", redis_address),
+        Setting("redis-prefix", "construct:", "prefix of every Redis key and channel", non_empty),
+        Setting("instance-id", None, "stable id of this instance (default: host name and listen port)", non_empty),
         Setting("bcrypt-cost", 12, "bcrypt work factor", int_between(4, 31)),
         Setting("message-ttl", 7 * 24 * 3600, "seconds a message waits for its acknowledgement", int_between(60, 10**8)),
         Setting("inbox-quota", 10_000, "most pending messages per recipient", int_between(1, 10**7)),
         Setting("max-message-bytes", 64 * 1024, "largest message 'content' in bytes", int_between(1024, 2**24)),
+        Setting(
+            "redelivery-timeout",
+            int(DEFAULT_REDELIVERY_SECONDS),
+            "seconds before an unacknowledged push is pushed again (embedded mode)",
+            int_between(5, 86400),
+        ),
     )
 
-
-class ListenerService(Service):
-    """Listens on an endpoint string, logs the bound address, and fails startup loudly."""
-
-    log = Logger()
-
-    def __init__(self, label: str, endpoint: Any, factory: Any) -> None:
-        self.label = label
-        self._endpoint = endpoint
-        self._factory = factory
-        self.port: Any = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        failures: list[Failure] = []
-        self._endpoint.listen(self._factory).addCallbacks(self._listening, failures.append)
-        # Stream endpoints listen synchronously, so a busy port or a bad certificate shows up here.
-        if failures:
-            raise SystemExit(f"construct: cannot listen for {self.label}: {failures[0].value}")
-
-    def _listening(self, port: Any) -> None:
-        self.port = port
-        address = port.getHost()
-        self.log.info(
-            "{label} listening on {host}:{port}",
-            label=self.label,
-            host=getattr(address, "host", address),
-            port=getattr(address, "port", ""),
-        )
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self.port is not None:
-            return self.port.stopListening()
-        return None
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["instance-id"] is None:
+            self["instance-id"] = default_instance_id(self["listen"])
 
 
-class GuardedTimer(TimerService):
-    """A TimerService that survives a failing run (a bare one stops looping for good)."""
-
-    log = Logger()
-
-    def __init__(self, interval: float, label: str, job: Any, clock: Any) -> None:
-        super().__init__(interval, self._run)
-        self.clock = clock
-        self._label = label
-        self._job = job
-
-    def _run(self) -> Any:
-        return ensureDeferred(self._job()).addErrback(lambda f: self.log.failure("{label} failed", f, label=self._label))
+def default_instance_id(listen: str) -> str:
+    """Host name and listen port: stable across restarts, distinct per instance on a host."""
+    fields = listen.split(":")
+    port = next((field for field in fields[1:] if field.isdigit()), None)
+    if port is None or port == "0":
+        # No fixed port (tests, socket activation by name): nothing to keep stable across restarts.
+        port = f"pid{os.getpid()}"
+    return f"{socket.gethostname()}-{port}"
 
 
-class DatabaseService(Service):
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.db.close()
-
-
-def _endpoint(reactor: Any, option: str, description: str) -> Any:
+def open_database(program: str, database_url: str | None, data_dir: str, reactor: Any) -> Database:
+    """Create or upgrade the schema now, so an unreachable database stops startup with one line."""
     try:
-        return serverFromString(reactor, description)
+        engine = engine_from_options(database_url, data_dir)
+    except ValueError as e:
+        raise SystemExit(f"{program}: {e}") from None
+    try:
+        prepare_database(engine)
     except Exception as e:
-        raise SystemExit(f"construct: --{option} {description!r} is not a valid endpoint: {e}") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"{program}: cannot use the {engine.describe()}: {reason}") from None
+    return Database(engine, reactor)
 
 
-def build_core(db: Database, clock: Any, options: Options, metrics: Metrics, run_blocking: Any) -> Core:
-    """The core on the SQL backend; `run_blocking(fn, *args)` runs CPU-heavy work off the reactor."""
-    inbox = SqlInbox(db)
-    hub = DeliveryHub(inbox, clock, metrics)
+def assemble_core(
+    db: Database,
+    inbox: Any,
+    hub: DeliveryHub,
+    is_online: Callable,
+    notify_pending: Callable[[str], None],
+    on_sessions_revoked: Callable[[str, list[str]], None],
+    clock: Any,
+    options: Options,
+    metrics: Metrics,
+    run_blocking: Callable,
+) -> Core:
     return Core(
         accounts=AccountService(
-            AccountStore(db), PasswordHasher(options["bcrypt-cost"], run_blocking), clock, hub.on_sessions_revoked
+            AccountStore(db), PasswordHasher(options["bcrypt-cost"], run_blocking), clock, on_sessions_revoked
         ),
         keys=KeyService(KeyStore(db), clock),
         messaging=MessageService(
             inbox,
-            hub.is_online,
-            hub.on_pending,
+            is_online,
+            notify_pending,
             clock,
             ttl_seconds=options["message-ttl"],
             quota=options["inbox-quota"],
@@ -138,43 +132,80 @@ def build_core(db: Database, clock: Any, options: Options, metrics: Metrics, run
     )
 
 
-def open_database(options: Options, reactor: Any) -> Database:
-    """Create or upgrade the schema now, so an unreachable database stops startup with one line."""
-    try:
-        engine = engine_from_options(options["database"], options["data-dir"])
-    except ValueError as e:
-        raise SystemExit(f"construct: {e}") from None
-    try:
-        prepare_database(engine)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"construct: cannot use the {engine.describe()}: {reason}") from None
-    return Database(engine, reactor)
+def build_embedded(
+    db: Database, clock: Any, options: Options, metrics: Metrics, run_blocking: Callable
+) -> tuple[Core, DeliveryWorker]:
+    """The core on the SQL inbox, with the hub as presence and bus, and an in-process worker."""
+    inbox = SqlInbox(db)
+    hub = DeliveryHub(inbox, clock, metrics)
+    core = assemble_core(
+        db, inbox, hub, hub.is_online, hub.on_pending, hub.on_sessions_revoked, clock, options, metrics, run_blocking
+    )
+
+    async def wake(user_id: str) -> None:
+        hub.on_pending(user_id)
+
+    async def redeliver(user_id: str, attached_before: float) -> None:
+        hub.redeliver(user_id, attached_before)
+
+    worker = DeliveryWorker(
+        inbox, hub.is_online, wake, redeliver, MemoryLeases(clock), clock, metrics, options["redelivery-timeout"]
+    )
+    return core, worker
+
+
+def build_production(
+    db: Database, reactor: Any, clock: Any, options: Options, metrics: Metrics, run_blocking: Callable
+) -> tuple[Core, InstancePresence, RedisClient, RedisSubscriber]:
+    """The core on the Redis inbox; presence and wake-ups through Redis.
+
+    `reactor` runs the connections; `clock` is what the logic reads time from.
+    """
+    address, prefix = options["redis"], options["redis-prefix"]
+    redis = RedisClient(address, reactor)
+    accounts = AccountStore(db)
+    inbox = RedisInbox(redis, prefix, accounts.user_exists)
+    hub = DeliveryHub(inbox, clock, metrics)
+    presence = InstancePresence(redis, prefix, clock, options["instance-id"], hub)
+    hub.listener = presence
+    core = assemble_core(
+        db, inbox, hub, presence.is_online, presence.pending, presence.sessions_revoked, clock, options, metrics,
+        run_blocking,
+    )
+    subscriber = RedisSubscriber(address, reactor, [presence.channel], presence.event_received, presence.subscribed)
+    return core, presence, redis, subscriber
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    endpoints = {name: _endpoint(reactor, name, options[name]) for name in ("listen", "tcp", "health")}
-    db = open_database(options, reactor)
+    endpoints = {name: parse_endpoint(reactor, PROGRAM, name, options[name]) for name in ("listen", "tcp", "health")}
+    db = open_database(PROGRAM, options["database"], options["data-dir"], reactor)
     metrics = Metrics()
     threads = reactor.getThreadPool()
-    core = build_core(db, reactor, options, metrics, lambda fn, *args: deferToThreadPool(reactor, threads, fn, *args))
-    max_frame = options["max-message-bytes"] * 2 + FRAME_OVERHEAD_BYTES
 
-    async def maintenance() -> None:
-        expired = await core.messaging.expire()
-        if expired:
-            metrics.messages_expired.inc(expired)
-            GuardedTimer.log.info("expired {count} unacknowledged messages", count=expired)
-        await core.accounts.delete_expired_sessions()
+    def run_blocking(fn: Callable, *args: Any) -> Any:
+        return deferToThreadPool(reactor, threads, fn, *args)
 
     root = MultiService()
     DatabaseService(db).setServiceParent(root)
-    GuardedTimer(MAINTENANCE_INTERVAL_SECONDS, "maintenance", maintenance, reactor).setServiceParent(root)
+    checks: dict[str, Callable] = {"database": db.check}
+    if options["redis"] is None:
+        core, worker = build_embedded(db, reactor, options, metrics, run_blocking)
+        GuardedTimer(SWEEP_INTERVAL_SECONDS, "delivery sweep", worker.sweep, reactor).setServiceParent(root)
+    else:
+        core, presence, redis, subscriber = build_production(db, reactor, reactor, options, metrics, run_blocking)
+        RedisService(redis, subscriber).setServiceParent(root)
+        GuardedTimer(HEARTBEAT_SECONDS, "presence heartbeat", presence.heartbeat, reactor).setServiceParent(root)
+        checks["redis"] = redis.ping
+    GuardedTimer(
+        SESSION_CLEANUP_INTERVAL_SECONDS, "session cleanup", core.accounts.delete_expired_sessions, reactor
+    ).setServiceParent(root)
+
+    max_frame = options["max-message-bytes"] * 2 + FRAME_OVERHEAD_BYTES
     site = build_site(ConstructWebSocketFactory(core, max_frame), HttpApi(core), max_frame)
-    ListenerService("http", endpoints["listen"], site).setServiceParent(root)
-    ListenerService("tcp", endpoints["tcp"], JsonLinesFactory(core, max_frame)).setServiceParent(root)
-    health = build_health_site({"database": db.check}, metrics, reactor)
-    ListenerService("health", endpoints["health"], health).setServiceParent(root)
+    ListenerService(PROGRAM, "http", endpoints["listen"], site).setServiceParent(root)
+    ListenerService(PROGRAM, "tcp", endpoints["tcp"], JsonLinesFactory(core, max_frame)).setServiceParent(root)
+    health = build_health_site(checks, metrics, reactor)
+    ListenerService(PROGRAM, "health", endpoints["health"], health).setServiceParent(root)
     return root

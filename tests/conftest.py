@@ -8,11 +8,12 @@ import uuid
 import psycopg2
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 
 from construct.metrics import Metrics
 from construct.storage.database import Database, PostgresEngine, SqliteEngine, prepare_database
-from construct.tap import Options, build_core
+from construct.redis.client import RedisAddress
+from construct.tap import Options, build_embedded, build_production
 
 # PostgreSQL is required: CI must fail, not skip, when it is missing.
 POSTGRES_ADMIN_URL = os.environ.get("CONSTRUCT_TEST_POSTGRES", "postgresql://127.0.0.1:5432/postgres")
@@ -51,8 +52,6 @@ def engine(request, tmp_path):
 
 @pytest.fixture
 def database(engine):
-    from twisted.internet import reactor
-
     prepare_database(engine)
     db = Database(engine, reactor)
     yield db
@@ -74,19 +73,89 @@ def make_options(**overrides) -> Options:
     return options
 
 
+REDIS_URL = os.environ.get("CONSTRUCT_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+async def _started(redis, subscriber, presence) -> None:
+    """Wait until both Redis connections are up and the instance channel is subscribed."""
+    subscribed = defer.Deferred()
+    original = presence.subscribed
+
+    def on_subscribed():
+        original()
+        if not subscribed.called:
+            subscribed.callback(None)
+
+    subscriber.on_subscribed = on_subscribed
+    redis.start()
+    subscriber.start()
+    await subscribed.addTimeout(10, reactor)
+    for _ in range(200):
+        if redis.connected:
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+    pytest.fail(f"Redis is required at {REDIS_URL} (set CONSTRUCT_TEST_REDIS)", pytrace=False)
+
+
 @pytest.fixture
-def core_factory(database, clock):
-    """Build a core on the test database with a fake clock; bcrypt runs inline (cost 4)."""
-
-    def build(**overrides):
-        return build_core(database, clock, make_options(**overrides), Metrics(), defer.maybeDeferred)
-
-    return build
+def redis_prefix():
+    return f"test:{uuid.uuid4().hex[:12]}:"
 
 
-@pytest.fixture
-def core(core_factory):
-    return core_factory()
+async def _delete_keys(redis, prefix: str) -> None:
+    cursor = "0"
+    while True:
+        cursor, keys = await redis.execute("SCAN", cursor, "MATCH", f"{prefix}*", "COUNT", 1000)
+        if keys:
+            await redis.execute("DEL", *keys)
+        if cursor == "0":
+            return
+
+
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def backend(request):
+    """Embedded mode on SQLite or PostgreSQL, or production mode on PostgreSQL and Redis."""
+    return request.param
+
+
+@pytest_twisted.async_yield_fixture
+async def core_factory(backend, request, tmp_path, clock, redis_prefix):
+    """Build cores (one per instance) on the backend with a fake clock; bcrypt runs inline (cost 4)."""
+    engine = (
+        SqliteEngine(str(tmp_path / "construct.sqlite3"))
+        if backend == "sqlite"
+        else PostgresEngine(request.getfixturevalue("postgres_url"), pool_size=4)
+    )
+    prepare_database(engine)
+    db = Database(engine, reactor)
+    connections = []
+
+    async def build(instance_id: str = "instance-1", **overrides):
+        options = make_options(**overrides)
+        if backend != "redis":
+            core, _ = build_embedded(db, clock, options, Metrics(), defer.maybeDeferred)
+            return core
+        options["redis"] = RedisAddress.parse(REDIS_URL)
+        options["redis-prefix"] = redis_prefix
+        options["instance-id"] = instance_id
+        core, presence, redis, subscriber = build_production(
+            db, reactor, clock, options, Metrics(), defer.maybeDeferred
+        )
+        connections.extend([redis, subscriber])
+        await _started(redis, subscriber, presence)
+        return core
+
+    yield build
+    if connections:
+        await _delete_keys(connections[0], redis_prefix)
+    for connection in connections:
+        await connection.stop()
+    db.close()
+
+
+@pytest_twisted.async_fixture
+async def core(core_factory):
+    return await core_factory()
 
 
 def pytest_configure(config):

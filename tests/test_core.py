@@ -331,7 +331,7 @@ async def test_send_rejects_bad_messages(core):
 @pytest_twisted.ensureDeferred
 async def test_inbox_quota(core_factory):
     """A full inbox refuses more with INBOX_FULL until the recipient acknowledges."""
-    core = core_factory(inbox_quota=2)
+    core = await core_factory(inbox_quota=2)
     alice, a = await register(core, "alice")
     bob, b = await register(core, "bob")
     sent = []
@@ -349,7 +349,7 @@ async def test_inbox_quota(core_factory):
 @pytest_twisted.ensureDeferred
 async def test_messages_expire_after_ttl(core_factory, clock):
     """Past its TTL a message is neither delivered nor kept; expire() reports it."""
-    core = core_factory(message_ttl=60)
+    core = await core_factory(message_ttl=60)
     alice, a = await register(core, "alice")
     bob, b = await register(core, "bob")
     await bob.request("logout")

@@ -34,6 +34,7 @@ class _Cursor:
     connection: LiveConnection
     user_id: str
     token_hash: str
+    attached_at: float
     after_seq: int = 0
     running: bool = False
     again: bool = False
@@ -42,10 +43,19 @@ class _Cursor:
     retry_call: Any = None
 
 
+class PresenceListener(Protocol):
+    """Told when a user's first connection here attaches and when the last one detaches."""
+
+    def user_attached(self, user_id: str) -> None: ...
+
+    def user_detached(self, user_id: str) -> None: ...
+
+
 class DeliveryHub:
     log = Logger()
 
     def __init__(self, inbox: Any, clock: IReactorTime, metrics: Any) -> None:
+        self.listener: PresenceListener | None = None
         self._inbox = inbox
         self._clock = clock
         self._metrics = metrics
@@ -56,10 +66,13 @@ class DeliveryHub:
     def attach(self, connection: LiveConnection, user_id: str, token_hash: str) -> None:
         """Bind a connection to a user and push everything still unacknowledged, in order."""
         self.detach(connection)
-        cursor = _Cursor(connection, user_id, token_hash)
+        cursor = _Cursor(connection, user_id, token_hash, self._clock.seconds())
+        first = user_id not in self._by_user
         self._by_user.setdefault(user_id, {})[connection] = cursor
         self._user_of[connection] = user_id
         self._pump(cursor)
+        if first and self.listener is not None:
+            self.listener.user_attached(user_id)
 
     def detach(self, connection: LiveConnection) -> None:
         user_id = self._user_of.pop(connection, None)
@@ -72,6 +85,8 @@ class DeliveryHub:
             cursor.retry_call.cancel()
         if not cursors:
             del self._by_user[user_id]
+            if self.listener is not None:
+                self.listener.user_detached(user_id)
 
     async def is_online(self, user_id: str) -> bool:
         return bool(self._by_user.get(user_id))
@@ -97,11 +112,16 @@ class DeliveryHub:
                 self.detach(connection)
                 connection.session_revoked()
 
-    def redeliver(self, user_id: str) -> None:
-        """Push again, from the start, what the user's connections have not acknowledged."""
+    def redeliver(self, user_id: str, attached_before: float) -> None:
+        """Push again what the user's connections have not acknowledged.
+
+        Only connections attached before `attached_before` (seconds): a newer one is still
+        receiving its backlog, so nothing it holds has been waiting long.
+        """
         for cursor in list(self._by_user.get(user_id, {}).values()):
-            cursor.after_seq = 0
-            self._pump(cursor)
+            if cursor.attached_at < attached_before:
+                cursor.after_seq = 0
+                self._pump(cursor)
 
     def wait_for_pending(self, user_id: str, timeout: float) -> Deferred:
         """A Deferred that fires True when the user's inbox gets a message, False on timeout."""

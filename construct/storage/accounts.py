@@ -67,6 +67,9 @@ class AccountStore:
         ).fetchone()
         return User(*row) if row else None
 
+    async def user_exists(self, user_id: str) -> bool:
+        return await self.get_user(user_id) is not None
+
     async def create_session(self, token_hash: str, user_id: str, now_ms: int, expires_ms: int) -> None:
         await self._db.run("create_session", _insert_session_txn, token_hash, user_id, now_ms, expires_ms)
 

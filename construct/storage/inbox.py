@@ -8,7 +8,7 @@ from construct.storage.database import Database, Txn
 
 
 def duplicate_id_error() -> ConstructError:
-    return ConstructError("DUPLICATE_MESSAGE", "That message id is already used by another sender", 409)
+    return ConstructError("DUPLICATE_MESSAGE", "Another sender already used that message id for this recipient", 409)
 
 
 def inbox_full_error(quota: int) -> ConstructError:
@@ -36,14 +36,7 @@ class SqlInbox:
     ) -> Accepted:
         """Store a message once (idempotent on its id) or say why not."""
         args = (sender_id, recipient_id, message_id, envelope, status, now_ms, ttl_ms, quota)
-        try:
-            return await self._db.run("inbox_put", self._put_txn, *args)
-        except Exception as e:
-            # Two first sends of one id to different recipients raced on sent_messages'
-            # key; the retry sees the winner's row and answers as for any duplicate.
-            if not self._db.engine.is_conflict(e):
-                raise
-            return await self._db.run("inbox_put_retry", self._put_txn, *args)
+        return await self._db.run("inbox_put", self._put_txn, *args)
 
     def _put_txn(
         self,
@@ -57,19 +50,23 @@ class SqlInbox:
         ttl_ms: int,
         quota: int,
     ) -> Accepted:
-        # Locking the recipient's row serialises its inserts, so seq order is commit order.
+        # Locking the recipient's row serialises its inserts, so seq order is commit order
+        # and two copies of one id cannot both pass the duplicate check.
         lock = " FOR UPDATE" if self._db.engine.name == "postgres" else ""
         if txn.execute(f"SELECT id FROM users WHERE id = ?{lock}", (recipient_id,)).fetchone() is None:
             raise user_not_found_error()
         row = txn.execute(
-            "SELECT sender_id, status, expires_at FROM sent_messages WHERE message_id = ?", (message_id,)
+            "SELECT sender_id, status, expires_at FROM sent_messages WHERE recipient_id = ? AND message_id = ?",
+            (recipient_id, message_id),
         ).fetchone()
         if row is not None and row[2] > now_ms:
             if row[0] != sender_id:
                 raise duplicate_id_error()
             return Accepted(row[1], row[2], duplicate=True)
         if row is not None:
-            txn.execute("DELETE FROM sent_messages WHERE message_id = ?", (message_id,))
+            txn.execute(
+                "DELETE FROM sent_messages WHERE recipient_id = ? AND message_id = ?", (recipient_id, message_id)
+            )
         pending = txn.execute(
             "SELECT COUNT(*) FROM inbox WHERE recipient_id = ? AND expires_at > ?", (recipient_id, now_ms)
         ).fetchone()[0]
@@ -77,8 +74,9 @@ class SqlInbox:
             raise inbox_full_error(quota)
         expires_ms = now_ms + ttl_ms
         txn.execute(
-            "INSERT INTO sent_messages (message_id, sender_id, status, expires_at) VALUES (?, ?, ?, ?)",
-            (message_id, sender_id, status, expires_ms),
+            "INSERT INTO sent_messages (recipient_id, message_id, sender_id, status, expires_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (recipient_id, message_id, sender_id, status, expires_ms),
         )
         txn.execute(
             "INSERT INTO inbox (recipient_id, message_id, envelope, accepted_at, expires_at) VALUES (?, ?, ?, ?, ?)",
@@ -118,6 +116,17 @@ class SqlInbox:
         return txn.execute(
             "SELECT COUNT(*) FROM inbox WHERE recipient_id = ? AND expires_at > ?", (recipient_id, now_ms)
         ).fetchone()[0]
+
+    async def stale_recipients(self, accepted_before_ms: int, now_ms: int) -> list[str]:
+        """Recipients holding an unexpired message accepted before the given time."""
+        return await self._db.run("inbox_stale_recipients", self._stale_txn, accepted_before_ms, now_ms)
+
+    def _stale_txn(self, txn: Txn, accepted_before_ms: int, now_ms: int) -> list[str]:
+        rows = txn.execute(
+            "SELECT DISTINCT recipient_id FROM inbox WHERE accepted_at < ? AND expires_at > ?",
+            (accepted_before_ms, now_ms),
+        ).fetchall()
+        return [row[0] for row in rows]
 
     async def expire(self, now_ms: int) -> int:
         """Remove expired messages and dedup records; return how many messages expired."""

@@ -8,3 +8,10 @@ construct = ServiceMaker(
     "End-to-end-encrypted messaging relay (WebSocket, TCP and HTTP).",
     "construct",
 )
+
+construct_worker = ServiceMaker(
+    "Construct worker",
+    "construct.worker_tap",
+    "Delivery worker for production mode (Redis): drains, redelivers and expires inboxes.",
+    "construct-worker",
+)

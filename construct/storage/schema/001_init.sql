@@ -39,13 +39,16 @@ CREATE TABLE inbox (
 CREATE INDEX inbox_by_recipient ON inbox (recipient_id, seq);
 CREATE UNIQUE INDEX inbox_by_message ON inbox (recipient_id, message_id);
 CREATE INDEX inbox_by_expiry ON inbox (expires_at);
+CREATE INDEX inbox_by_age ON inbox (accepted_at);
 
 -- Remembers accepted message ids until they expire, so a resent id is acknowledged again
 -- but never delivered twice, even after the recipient has acknowledged the first copy.
 CREATE TABLE sent_messages (
-    message_id TEXT PRIMARY KEY,
+    recipient_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    message_id TEXT NOT NULL,
     sender_id TEXT NOT NULL,
     status TEXT NOT NULL,
-    expires_at BIGINT NOT NULL
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (recipient_id, message_id)
 );
 CREATE INDEX sent_messages_by_expiry ON sent_messages (expires_at);

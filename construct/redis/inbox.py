@@ -1,0 +1,187 @@
+"""The Redis inbox (production mode): same contract as the SQL inbox, no message ever in SQL.
+
+Per user, all in one hash slot (the `{userId}` tag) so Redis Cluster could serve them and
+each script stays atomic:
+
+    <prefix>{<userId>}:inbox   ZSET  message id -> seq (FIFO order)
+    <prefix>{<userId>}:msgs    HASH  message id -> envelope (JSON)
+    <prefix>{<userId>}:exp     ZSET  message id -> expiry (ms)
+    <prefix>{<userId>}:sent    HASH  message id -> "sender status expiry accepted" (dedup, kept until expiry)
+    <prefix>{<userId>}:seq     STRING per-user sequence
+
+and one index, `<prefix>pending` (ZSET user id -> earliest expiry), that the worker's sweeps walk.
+The index is a hint kept up to date after each script; the per-user keys also carry a TTL, so
+nothing outlives its messages for long even if the index misses a user.
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+from construct.delivery.types import Accepted, InboxEntry
+from construct.redis.client import RedisClient
+from construct.storage.inbox import duplicate_id_error, inbox_full_error, user_not_found_error
+
+# Keys of a user survive this long after their last message expires.
+KEY_GRACE_MS = 24 * 3600 * 1000
+SWEEP_BATCH = 500
+
+PUT = """
+local id, sender, now, ttl, quota = ARGV[1], ARGV[2], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local prior = redis.call('HGET', KEYS[4], id)
+if prior then
+  local psender, pstatus, pexpires = string.match(prior, '^(%S+) (%S+) (%d+)')
+  if tonumber(pexpires) > now then
+    if psender ~= sender then return {'other'} end
+    return {'duplicate', pstatus, pexpires}
+  end
+end
+if redis.call('ZCARD', KEYS[1]) >= quota then return {'full'} end
+local seq = redis.call('INCR', KEYS[5])
+local expires = now + ttl
+redis.call('ZADD', KEYS[1], seq, id)
+redis.call('HSET', KEYS[2], id, ARGV[3])
+redis.call('ZADD', KEYS[3], expires, id)
+redis.call('HSET', KEYS[4], id, sender .. ' ' .. ARGV[4] .. ' ' .. string.format('%d', expires) .. ' ' .. ARGV[5])
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl + tonumber(ARGV[8])) end
+return {'stored', ARGV[4], string.format('%d', expires)}
+"""
+
+# Scans past expired entries (not yet swept) so a batch is full whenever more live ones exist.
+FETCH = """
+local after, limit, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, found = {}, 0
+while found < limit do
+  local page = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', 0, limit)
+  if #page == 0 then break end
+  for i = 1, #page, 2 do
+    local id, seq = page[i], page[i + 1]
+    after = seq
+    local expires = redis.call('ZSCORE', KEYS[3], id)
+    local envelope = redis.call('HGET', KEYS[2], id)
+    if expires and envelope and tonumber(expires) > now and found < limit then
+      out[#out + 1] = seq
+      out[#out + 1] = id
+      out[#out + 1] = envelope
+      found = found + 1
+    end
+  end
+end
+return out
+"""
+
+ACK = """
+local removed = 0
+for _, id in ipairs(ARGV) do
+  removed = removed + redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+end
+return removed
+"""
+
+SWEEP_USER = """
+local expired = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])) do
+  expired = expired + redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('HDEL', KEYS[4], id)
+  redis.call('ZREM', KEYS[3], id)
+end
+local next_expiry = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')[2] or ''
+local accepted = ''
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+if oldest then
+  local record = redis.call('HGET', KEYS[4], oldest)
+  if record then accepted = string.match(record, '(%d+)$') end
+end
+return {expired, next_expiry, accepted}
+"""
+
+
+class RedisInbox:
+    def __init__(self, redis: RedisClient, prefix: str, user_exists: Callable[[str], Awaitable[bool]]) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._user_exists = user_exists
+        self._pending_index = f"{prefix}pending"
+
+    def keys(self, user_id: str) -> list[str]:
+        base = f"{self._prefix}{{{user_id}}}"
+        return [f"{base}:inbox", f"{base}:msgs", f"{base}:exp", f"{base}:sent", f"{base}:seq"]
+
+    async def put(
+        self,
+        sender_id: str,
+        recipient_id: str,
+        message_id: str,
+        envelope: str,
+        status: str,
+        now_ms: int,
+        ttl_ms: int,
+        quota: int,
+    ) -> Accepted:
+        if not await self._user_exists(recipient_id):
+            raise user_not_found_error()
+        result = await self._redis.eval(
+            PUT,
+            self.keys(recipient_id),
+            [message_id, sender_id, envelope, status, now_ms, ttl_ms, quota, KEY_GRACE_MS],
+        )
+        outcome = result[0]
+        if outcome == "other":
+            raise duplicate_id_error()
+        if outcome == "full":
+            raise inbox_full_error(quota)
+        if outcome == "stored":
+            await self._redis.execute("ZADD", self._pending_index, "LT", int(result[2]), recipient_id)
+        return Accepted(result[1], int(result[2]), duplicate=outcome == "duplicate")
+
+    async def fetch(self, recipient_id: str, after_seq: int, limit: int, now_ms: int) -> list[InboxEntry]:
+        flat = await self._redis.eval(FETCH, self.keys(recipient_id)[:3], [after_seq, limit, now_ms])
+        return [InboxEntry(int(flat[i]), flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+
+    async def ack(self, recipient_id: str, message_ids: list[str]) -> int:
+        if not message_ids:
+            return 0
+        return int(await self._redis.eval(ACK, self.keys(recipient_id)[:2], message_ids))
+
+    async def depth(self, recipient_id: str, now_ms: int) -> int:
+        return int(await self._redis.execute("ZCARD", self.keys(recipient_id)[0]))
+
+    async def _sweep_user(self, user_id: str, now_ms: int) -> tuple[int, int | None]:
+        """Expire one user's old messages; return (expired, accepted time of the oldest left)."""
+        expired, next_expiry, accepted = await self._redis.eval(SWEEP_USER, self.keys(user_id)[:4], [now_ms])
+        if next_expiry:
+            await self._redis.execute("ZADD", self._pending_index, int(float(next_expiry)), user_id)
+        else:
+            await self._redis.execute("ZREM", self._pending_index, user_id)
+            # A message stored between the script and the ZREM must stay indexed.
+            racing = await self._redis.execute("ZRANGE", self.keys(user_id)[2], 0, 0, "WITHSCORES")
+            if racing:
+                await self._redis.execute("ZADD", self._pending_index, "LT", int(float(racing[1])), user_id)
+        return int(expired), int(accepted) if accepted else None
+
+    async def expire(self, now_ms: int) -> int:
+        """Expire every due message; returns how many were still unacknowledged."""
+        total = 0
+        while True:
+            due = await self._redis.execute(
+                "ZRANGEBYSCORE", self._pending_index, "-inf", now_ms, "LIMIT", 0, SWEEP_BATCH
+            )
+            for user_id in due:
+                total += (await self._sweep_user(user_id, now_ms))[0]
+            if len(due) < SWEEP_BATCH:
+                return total
+
+    async def stale_recipients(self, accepted_before_ms: int, now_ms: int) -> list[str]:
+        """Users whose oldest unacknowledged message was accepted before the given time."""
+        stale = []
+        cursor = "0"
+        while True:
+            cursor, page = await self._redis.execute("ZSCAN", self._pending_index, cursor, "COUNT", SWEEP_BATCH)
+            for user_id in page[::2]:
+                _, accepted = await self._sweep_user(user_id, now_ms)
+                if accepted is not None and accepted < accepted_before_ms:
+                    stale.append(user_id)
+            if cursor == "0":
+                return stale
