@@ -78,6 +78,13 @@ class MemoryClient:
     async def next(self, timeout: float = 5.0) -> dict:
         return await self.received.get().addTimeout(timeout, reactor)
 
+    async def next_of(self, message_type: str, timeout: float = 5.0) -> dict:
+        """The next frame of a type, skipping others (pushes interleave with replies)."""
+        while True:
+            frame = await self.next(timeout)
+            if frame["type"] == message_type:
+                return frame
+
     async def request(self, message_type: str, payload: dict | None = None) -> dict:
         self.send(message_type, payload)
         return await self.next()

@@ -127,12 +127,22 @@ async def test_connect_resumes_expires_and_rejects(core, clock):
 
 
 @pytest_twisted.ensureDeferred
+async def test_expired_sessions_are_swept_and_their_connections_told(core, clock):
+    """The session sweep ends connections still bound to an expired session."""
+    client, registered = await register(core, "alice")
+    clock.advance(30 * 24 * 3600 + 1)
+    await core.accounts.delete_expired_sessions()
+    assert (await client.next()) == {"type": "sessionExpired"}
+    assert not await core.hub.is_online(registered["userId"])
+
+
+@pytest_twisted.ensureDeferred
 async def test_logout_revokes_token_and_unbinds(core):
     """After logout the token is dead and the connection is no longer authenticated."""
     client, registered = await register(core, "alice")
     assert (await client.request("logout", {"sessionToken": registered["sessionToken"]})) == {"type": "logoutSuccess"}
     assert (await _error(client, "getPublicKey", {"userId": registered["userId"]}))["code"] == "AUTH_REQUIRED"
-    assert (await _error(client, "connect", {"sessionToken": registered["sessionToken"]}))["code"] == "INVALID_TOKEN"
+    assert (await client.request("connect", {"sessionToken": registered["sessionToken"]})) == {"type": "sessionExpired"}
     assert not await core.hub.is_online(registered["userId"])
 
 
@@ -149,7 +159,7 @@ async def test_change_password_revokes_other_sessions(core):
     )
     assert reply == {"type": "changePasswordSuccess"}
     assert (await second.next()) == {"type": "sessionExpired"}
-    assert (await _error(second, "connect", {"sessionToken": login["payload"]["sessionToken"]}))["code"] == "INVALID_TOKEN"
+    assert (await second.request("connect", {"sessionToken": login["payload"]["sessionToken"]})) == {"type": "sessionExpired"}
     assert (await first.request("ping"))["type"] == "pong"
     assert (await MemoryClient(core).request("login", {"username": "alice", "password": new}))["type"] == "loginSuccess"
     assert (await _error(second, "login", {"username": "alice", "password": PASSWORD}))["code"] == "INVALID_CREDENTIALS"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from construct.errors import ConstructError
 from construct.storage.accounts import AccountStore, User
 
 SESSION_TTL_SECONDS = 30 * 24 * 3600
+# secrets.token_urlsafe(32): 43 characters of the URL-safe base64 alphabet.
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def token_hash(token: str) -> str:
@@ -122,12 +125,14 @@ class AccountService:
 
     async def authenticate(self, token: Any) -> Identity:
         """The identity behind a session token; SESSION_EXPIRED or INVALID_TOKEN otherwise."""
-        if not isinstance(token, str) or not 0 < len(token) <= 256:
+        if not isinstance(token, str) or not TOKEN_PATTERN.fullmatch(token):
             raise invalid_token()
         hashed = token_hash(token)
         record = await self._store.get_session(hashed)
         if record is None:
-            raise invalid_token()
+            # A token of ours that is gone was revoked or swept after expiry: as the seed
+            # did for a missing session, tell the client to log in again.
+            raise session_expired()
         if record.expires_at_ms <= self._now_ms():
             await self._store.delete_session(hashed)
             raise session_expired()
@@ -156,5 +161,10 @@ class AccountService:
         if revoked:
             self._on_sessions_revoked(user.id, revoked)
 
-    async def delete_expired_sessions(self) -> int:
-        return await self._store.delete_expired_sessions(self._now_ms())
+    async def delete_expired_sessions(self) -> None:
+        """Remove expired sessions and unbind the connections still using them."""
+        by_user: dict[str, list[str]] = {}
+        for user_id, hashed in await self._store.delete_expired_sessions(self._now_ms()):
+            by_user.setdefault(user_id, []).append(hashed)
+        for user_id, hashes in by_user.items():
+            self._on_sessions_revoked(user_id, hashes)

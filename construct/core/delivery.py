@@ -67,12 +67,12 @@ class DeliveryHub:
         """Bind a connection to a user and push everything still unacknowledged, in order."""
         self.detach(connection)
         cursor = _Cursor(connection, user_id, token_hash, self._clock.seconds())
-        first = user_id not in self._by_user
+        first = not self.holds(user_id)
         self._by_user.setdefault(user_id, {})[connection] = cursor
         self._user_of[connection] = user_id
         self._pump(cursor)
-        if first and self.listener is not None:
-            self.listener.user_attached(user_id)
+        if first:
+            self._attached(user_id)
 
     def detach(self, connection: LiveConnection) -> None:
         user_id = self._user_of.pop(connection, None)
@@ -85,14 +85,25 @@ class DeliveryHub:
             cursor.retry_call.cancel()
         if not cursors:
             del self._by_user[user_id]
-            if self.listener is not None:
-                self.listener.user_detached(user_id)
+        self._maybe_detached(user_id)
+
+    def holds(self, user_id: str) -> bool:
+        """A live connection or a waiting long-poll of the user is here."""
+        return user_id in self._by_user or user_id in self._waiters
+
+    def _attached(self, user_id: str) -> None:
+        if self.listener is not None:
+            self.listener.user_attached(user_id)
+
+    def _maybe_detached(self, user_id: str) -> None:
+        if not self.holds(user_id) and self.listener is not None:
+            self.listener.user_detached(user_id)
 
     async def is_online(self, user_id: str) -> bool:
-        return bool(self._by_user.get(user_id))
+        return self.holds(user_id)
 
     def online_users(self) -> list[str]:
-        return list(self._by_user)
+        return list(set(self._by_user) | set(self._waiters))
 
     def connection_count(self) -> int:
         return sum(len(cursors) for cursors in self._by_user.values())
@@ -101,9 +112,12 @@ class DeliveryHub:
         """The user's inbox has new messages: feed every connection of theirs, wake long-polls."""
         for cursor in list(self._by_user.get(user_id, {}).values()):
             self._pump(cursor)
-        for waiter in self._waiters.pop(user_id, []):
+        waiters = self._waiters.pop(user_id, [])
+        for waiter in waiters:
             if not waiter.called:
                 waiter.callback(True)
+        if waiters:
+            self._maybe_detached(user_id)
 
     def on_sessions_revoked(self, user_id: str, token_hashes: list[str]) -> None:
         revoked = set(token_hashes)
@@ -124,17 +138,29 @@ class DeliveryHub:
                 self._pump(cursor)
 
     def wait_for_pending(self, user_id: str, timeout: float) -> Deferred:
-        """A Deferred that fires True when the user's inbox gets a message, False on timeout."""
-        waiter: Deferred = Deferred()
+        """Fires True when the user's inbox gets a message, False after `timeout`.
+
+        The waiter holds the user here (like a connection) while it waits, so a message
+        accepted on another instance wakes it too. Cancel it to stop waiting.
+        """
+
+        def forget(_: Deferred) -> None:
+            waiters = self._waiters.get(user_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[user_id]
+                    self._maybe_detached(user_id)
+
+        waiter: Deferred = Deferred(forget)
+        first = not self.holds(user_id)
         self._waiters.setdefault(user_id, []).append(waiter)
+        if first:
+            self._attached(user_id)
 
         def timed_out() -> None:
             if not waiter.called:
-                waiters = self._waiters.get(user_id, [])
-                if waiter in waiters:
-                    waiters.remove(waiter)
-                    if not waiters:
-                        del self._waiters[user_id]
+                forget(waiter)
                 waiter.callback(False)
 
         call = self._clock.callLater(timeout, timed_out)

@@ -11,7 +11,7 @@ from importlib import resources
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -86,19 +86,16 @@ class HttpApi:
         request.setHeader("content-type", "application/json")
         return json.dumps(codec.to_json_value(payload), separators=(",", ":")).encode("utf-8")
 
-    async def _run(self, request: Any, message_type: str, payload: dict, authenticated: bool, status: int = 200) -> bytes:
+    async def _run(self, request: Any, message_type: str, payload_of: Any, authenticated: bool, status: int) -> bytes:
         client = HttpClient(await self._identity(request) if authenticated else None)
-        reply = await operations.run(self._core, client, message_type, payload)
+        reply = await operations.run(self._core, client, message_type, payload_of())
         if reply is None or reply.payload is None:
             request.setResponseCode(204)
             return b""
         return self._json(request, status, reply.payload)
 
     def _call(self, request: Any, message_type: str, payload_of: Any, authenticated: bool, status: int = 200) -> Deferred:
-        async def call() -> bytes:
-            return await self._run(request, message_type, payload_of(), authenticated, status)
-
-        return _shielded(call())
+        return _shielded(self._run(request, message_type, payload_of, authenticated, status))
 
     # Routes
 
@@ -137,10 +134,17 @@ class HttpApi:
     async def _pending(self, request: Any) -> bytes:
         identity = await self._identity(request)
         wait = self._wait_seconds(request)
-        entries = await self._core.messaging.pending(identity.user_id, MAX_PENDING_BATCH)
-        if not entries and wait > 0:
-            await self._core.hub.wait_for_pending(identity.user_id, wait)
+        # Wait from before the first read, so a message stored in between still wakes us.
+        waiter = self._core.hub.wait_for_pending(identity.user_id, wait) if wait > 0 else None
+        try:
             entries = await self._core.messaging.pending(identity.user_id, MAX_PENDING_BATCH)
+            if not entries and waiter is not None:
+                await waiter
+                entries = await self._core.messaging.pending(identity.user_id, MAX_PENDING_BATCH)
+        finally:
+            if waiter is not None and not waiter.called:
+                waiter.addErrback(lambda failure: failure.trap(CancelledError))
+                waiter.cancel()
         return self._json(request, 200, {"messages": [decode_envelope(entry.envelope) for entry in entries]})
 
     @staticmethod

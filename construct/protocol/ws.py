@@ -9,9 +9,9 @@ from construct.core.app import Core
 from construct.protocol import codec
 from construct.protocol.connection import ClientConnection
 
-# Frames above the protocol limit but below this are read and answered with MESSAGE_TOO_LARGE;
-# past it Autobahn closes the connection (1009) instead of buffering without bound.
-HARD_FRAME_LIMIT = 1024 * 1024
+# Frames above the protocol limit but below this many times it are read and answered with
+# MESSAGE_TOO_LARGE; past it Autobahn closes the connection (1009) instead of buffering more.
+HARD_LIMIT_FACTOR = 4
 
 
 class ConstructWebSocketProtocol(WebSocketServerProtocol):
@@ -61,8 +61,8 @@ class ConstructWebSocketFactory(WebSocketServerFactory):
         self.max_frame_bytes = max_frame_bytes
         # One call: setProtocolOptions resets allowNullOrigin unless it is passed again.
         self.setProtocolOptions(
-            maxMessagePayloadSize=HARD_FRAME_LIMIT,
-            maxFramePayloadSize=HARD_FRAME_LIMIT,
+            maxMessagePayloadSize=max_frame_bytes * HARD_LIMIT_FACTOR,
+            maxFramePayloadSize=max_frame_bytes * HARD_LIMIT_FACTOR,
             autoPingInterval=30,
             autoPingTimeout=30,
             openHandshakeTimeout=10,

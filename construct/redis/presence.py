@@ -77,6 +77,12 @@ class InstancePresence(RedisPresence):
     def channel(self) -> str:
         return instance_channel(self._prefix, self.instance_id)
 
+    async def is_online(self, user_id: str) -> bool:
+        # This instance answers for itself from memory; its Redis entry may lag a detach.
+        if self._hub.holds(user_id):
+            return True
+        return any(holder != self.instance_id for holder in await self.holders(user_id))
+
     # Hub listener: the first connection of a user attached, the last one detached.
 
     def user_attached(self, user_id: str) -> None:

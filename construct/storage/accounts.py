@@ -102,11 +102,14 @@ class AccountStore:
         txn.execute("DELETE FROM sessions WHERE user_id = ? AND token_hash <> ?", (user_id, keep_token_hash))
         return [row[0] for row in rows]
 
-    async def delete_expired_sessions(self, now_ms: int) -> int:
+    async def delete_expired_sessions(self, now_ms: int) -> list[tuple[str, str]]:
+        """Delete expired sessions; return their (user id, token hash) pairs."""
         return await self._db.run("delete_expired_sessions", self._delete_expired_sessions_txn, now_ms)
 
-    def _delete_expired_sessions_txn(self, txn: Txn, now_ms: int) -> int:
-        return txn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now_ms,)).rowcount
+    def _delete_expired_sessions_txn(self, txn: Txn, now_ms: int) -> list[tuple[str, str]]:
+        rows = txn.execute("SELECT user_id, token_hash FROM sessions WHERE expires_at <= ?", (now_ms,)).fetchall()
+        txn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now_ms,))
+        return [(row[0], row[1]) for row in rows]
 
 
 def _insert_session_txn(txn: Txn, token_hash: str, user_id: str, now_ms: int, expires_ms: int) -> None:

@@ -64,9 +64,9 @@ class SqlInbox:
                 raise duplicate_id_error()
             return Accepted(row[1], row[2], duplicate=True)
         if row is not None:
-            txn.execute(
-                "DELETE FROM sent_messages WHERE recipient_id = ? AND message_id = ?", (recipient_id, message_id)
-            )
+            # The id expired but the sweep has not removed it yet: the new message replaces it.
+            for table in ("sent_messages", "inbox"):
+                txn.execute(f"DELETE FROM {table} WHERE recipient_id = ? AND message_id = ?", (recipient_id, message_id))
         pending = txn.execute(
             "SELECT COUNT(*) FROM inbox WHERE recipient_id = ? AND expires_at > ?", (recipient_id, now_ms)
         ).fetchone()[0]

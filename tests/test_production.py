@@ -1,0 +1,136 @@
+"""Production mode in one process: several instances and a worker on the real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from construct.core.worker import DeliveryWorker
+from construct.metrics import Metrics
+from construct.redis.client import RedisAddress, RedisClient, RedisLeases
+from construct.redis.inbox import RedisInbox
+from construct.redis.presence import RedisPresence
+from construct.tap import build_production
+from tests.conftest import REDIS_URL, make_options
+from tests.helpers import PASSWORD, MemoryClient, chat_message, register
+
+
+@pytest.fixture
+def backend():
+    return "redis"
+
+
+def _worker(redis_prefix: str, clock, redelivery_seconds: float = 60) -> tuple[DeliveryWorker, RedisClient]:
+    redis = RedisClient(RedisAddress.parse(REDIS_URL), reactor)
+    redis.start()
+    presence = RedisPresence(redis, redis_prefix, clock)
+
+    async def wake(user_id):
+        await presence.notify(user_id, "pending")
+
+    async def redeliver(user_id, attached_before):
+        await presence.notify(user_id, "redeliver", attachedBefore=attached_before)
+
+    inbox = RedisInbox(redis, redis_prefix, user_exists=None)
+    leases = RedisLeases(redis, redis_prefix, "worker-1")
+    return DeliveryWorker(inbox, presence.is_online, wake, redeliver, leases, clock, Metrics(), redelivery_seconds), redis
+
+
+async def _until_connected(redis) -> None:
+    for _ in range(300):
+        if redis.connected:
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("Redis did not connect")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cross_instance_live_delivery_and_revocation(core_factory):
+    """A sender on one instance reaches a recipient on another live; revocations cross instances too."""
+    first = await core_factory("instance-a")
+    second = await core_factory("instance-b")
+    alice, a = await register(first, "alice")
+    bob, b = await register(second, "bob")
+    message = chat_message(a["userId"], b["userId"])
+    ack = await alice.request("sendMessage", message)
+    assert ack["payload"]["status"] == "delivered"
+    assert (await bob.next())["payload"]["id"] == message["id"]
+
+    bob_elsewhere = MemoryClient(first)
+    assert (await bob_elsewhere.request("login", {"username": "bob", "password": PASSWORD}))["type"] == "loginSuccess"
+    new = "BatteryStaple42"
+    bob_elsewhere.send("changePassword", {"oldPassword": PASSWORD, "newPassword": new, "newPasswordConfirm": new})
+    assert (await bob_elsewhere.next_of("changePasswordSuccess")) == {"type": "changePasswordSuccess"}
+    assert (await bob.next()) == {"type": "sessionExpired"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_drains_redelivers_and_expires(core_factory, redis_prefix, clock):
+    """The worker wakes the holder of a new connection, re-pushes stale unacknowledged messages, expires old ones."""
+    instance = await core_factory("instance-a", message_ttl=3600)
+    # Below the presence TTL: the fake clock stops the heartbeat, and bob must still count as online.
+    worker, redis = _worker(redis_prefix, clock, redelivery_seconds=30)
+    await _until_connected(redis)
+    try:
+        alice, a = await register(instance, "alice")
+        bob, b = await register(instance, "bob")
+        message = chat_message(a["userId"], b["userId"])
+        await alice.request("sendMessage", message)
+        assert (await bob.next())["payload"]["id"] == message["id"]
+
+        assert await worker.user_online(b["userId"])
+        assert not await worker.user_online(b["userId"]), "a second worker must not drain the same user at once"
+        assert await worker.sweep() == (0, 0)
+        clock.advance(31)
+        assert await worker.sweep() == (0, 1)
+        assert (await bob.next())["payload"]["id"] == message["id"]
+        assert await worker.sweep() == (0, 0), "at most one redelivery per user per timeout"
+
+        bob.send("ackMessage", {"messageIds": [message["id"]]})
+        assert (await bob.request("ping"))["type"] == "pong"
+        await bob.request("logout")
+        await alice.request("sendMessage", chat_message(a["userId"], b["userId"]))
+        clock.advance(3601)
+        assert await worker.sweep() == (1, 0)
+        assert await worker.sweep() == (0, 0)
+    finally:
+        await redis.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscriber_recovers_after_client_kill(core_factory, redis_prefix):
+    """After CLIENT KILL the subscriber re-subscribes and rescans: a hint lost meanwhile only delays."""
+    first = await core_factory("instance-a")
+    second = await core_factory("instance-b")
+    alice, a = await register(first, "alice")
+    bob, b = await register(second, "bob")
+    subprocess.run(["redis-cli", "-h", "127.0.0.1", "CLIENT", "KILL", "TYPE", "pubsub"], check=True, capture_output=True)
+    messages = [chat_message(a["userId"], b["userId"], content=f"bTk{i}") for i in range(5)]
+    for message in messages:
+        reply = await alice.request("sendMessage", message)
+        assert reply["type"] in ("ack", "error")
+        if reply["type"] == "error":
+            assert reply["payload"]["code"] == "SERVICE_UNAVAILABLE"
+            assert (await alice.request("sendMessage", message))["type"] == "ack"
+    received = [(await bob.next(timeout=15))["payload"]["id"] for _ in messages]
+    assert received == [m["id"] for m in messages]
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_means_service_unavailable_not_a_false_ack(database):
+    """With Redis unreachable a send is refused with SERVICE_UNAVAILABLE and nothing claims success."""
+    options = make_options()
+    options["redis"] = RedisAddress.parse("redis://127.0.0.1:1/0")
+    core, _, redis, _ = build_production(database, reactor, reactor, options, Metrics(), defer.maybeDeferred)
+    redis.start()
+    try:
+        alice, a = await register(core, "alice")
+        reply = await alice.request("sendMessage", chat_message(a["userId"], a["userId"]))
+        assert reply["type"] == "error" and reply["payload"]["code"] == "SERVICE_UNAVAILABLE"
+        with pytest.raises(Exception):
+            await redis.ping()
+    finally:
+        await redis.stop()
