@@ -5,25 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.internet import TimerService
-from twisted.application.service import Service
-from twisted.internet.defer import ensureDeferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from construct.storage.database import Database
 
+SHUTDOWN_GRACE_SECONDS = 10.0
 
 class ListenerService(Service):
     """Listens on an endpoint string, logs the bound address, and fails startup loudly."""
 
     log = Logger()
 
-    def __init__(self, program: str, label: str, endpoint: Any, factory: Any) -> None:
+    def __init__(self, program: str, label: str, endpoint: Any, factory: Any, tracker: Any = None) -> None:
         self.program = program
         self.label = label
         self._endpoint = endpoint
         self._factory = factory
+        self._tracker = tracker
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -46,9 +48,35 @@ class ListenerService(Service):
 
     def stopService(self) -> Any:
         super().stopService()
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        """Stop accepting, then let the tracked connections finish and close."""
         if self.port is not None:
-            return self.port.stopListening()
-        return None
+            await self.port.stopListening()
+        if self._tracker is not None:
+            await self._tracker.shutdown(SHUTDOWN_GRACE_SECONDS)
+
+
+class SequentialMultiService(MultiService):
+    """Stops children one at a time, last added first, each after the previous finished.
+
+    A plain MultiService stops them all at once, which would close the database while
+    connections are still finishing the requests they already sent.
+    """
+
+    log = Logger()
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        return ensureDeferred(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                self.log.failure("stopping {service} failed", service=service)
 
 
 class GuardedTimer(TimerService):

@@ -11,7 +11,6 @@ import os
 import socket
 from typing import Any, Callable
 
-from twisted.application.service import MultiService
 from twisted.internet.threads import deferToThreadPool
 
 from construct.config import Setting, SettingsOptions, int_between, non_empty
@@ -31,7 +30,8 @@ from construct.redis.client import RedisAddress, RedisClient, RedisSubscriber
 from construct.redis.inbox import RedisInbox
 from construct.redis.presence import HEARTBEAT_SECONDS, InstancePresence
 from construct.redis.service import RedisService
-from construct.services import DatabaseService, GuardedTimer, ListenerService, parse_endpoint
+from construct.protocol.connection import ConnectionTracker
+from construct.services import DatabaseService, GuardedTimer, ListenerService, SequentialMultiService, parse_endpoint
 from construct.storage.accounts import AccountStore
 from construct.storage.database import Database, engine_from_options, prepare_database
 from construct.storage.inbox import SqlInbox
@@ -176,7 +176,7 @@ def build_production(
     return core, presence, redis, subscriber
 
 
-def makeService(options: Options, reactor: Any = None) -> MultiService:
+def makeService(options: Options, reactor: Any = None) -> SequentialMultiService:
     if reactor is None:
         from twisted.internet import reactor
     endpoints = {name: parse_endpoint(reactor, PROGRAM, name, options[name]) for name in ("listen", "tcp", "health")}
@@ -187,7 +187,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     def run_blocking(fn: Callable, *args: Any) -> Any:
         return deferToThreadPool(reactor, threads, fn, *args)
 
-    root = MultiService()
+    root = SequentialMultiService()
     DatabaseService(db).setServiceParent(root)
     checks: dict[str, Callable] = {"database": db.check}
     if options["redis"] is None:
@@ -203,9 +203,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     ).setServiceParent(root)
 
     max_frame = options["max-message-bytes"] * 2 + FRAME_OVERHEAD_BYTES
-    site = build_site(ConstructWebSocketFactory(core, max_frame), HttpApi(core), max_frame)
-    ListenerService(PROGRAM, "http", endpoints["listen"], site).setServiceParent(root)
-    ListenerService(PROGRAM, "tcp", endpoints["tcp"], JsonLinesFactory(core, max_frame)).setServiceParent(root)
+    websockets, tcp_connections = ConnectionTracker(reactor), ConnectionTracker(reactor)
+    site = build_site(ConstructWebSocketFactory(core, max_frame, websockets), HttpApi(core), max_frame)
+    ListenerService(PROGRAM, "http", endpoints["listen"], site, websockets).setServiceParent(root)
+    tcp_factory = JsonLinesFactory(core, max_frame, tcp_connections)
+    ListenerService(PROGRAM, "tcp", endpoints["tcp"], tcp_factory, tcp_connections).setServiceParent(root)
     health = build_health_site(checks, metrics, reactor)
     ListenerService(PROGRAM, "health", endpoints["health"], health).setServiceParent(root)
     return root

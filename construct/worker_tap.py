@@ -12,7 +12,7 @@ import os
 import socket
 from typing import Any
 
-from twisted.application.service import MultiService
+
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 
@@ -24,7 +24,7 @@ from construct.redis.client import RedisClient, RedisLeases, RedisSubscriber
 from construct.redis.inbox import RedisInbox
 from construct.redis.presence import RedisPresence, online_channel
 from construct.redis.service import RedisService
-from construct.services import GuardedTimer, ListenerService, parse_endpoint
+from construct.services import GuardedTimer, ListenerService, SequentialMultiService, parse_endpoint
 from construct.tap import SWEEP_INTERVAL_SECONDS, redis_address
 
 PROGRAM = "construct-worker"
@@ -75,7 +75,7 @@ class OnlineListener:
         )
 
 
-def makeService(options: Options, reactor: Any = None) -> MultiService:
+def makeService(options: Options, reactor: Any = None) -> SequentialMultiService:
     if reactor is None:
         from twisted.internet import reactor
     health_endpoint = parse_endpoint(reactor, PROGRAM, "health", options["health"])
@@ -104,7 +104,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         if await leases.acquire("sweep", options["sweep-interval"] * 0.9):
             await worker.sweep()
 
-    root = MultiService()
+    root = SequentialMultiService()
     RedisService(redis, subscriber).setServiceParent(root)
     GuardedTimer(options["sweep-interval"], "delivery sweep", sweep, reactor).setServiceParent(root)
     health = build_health_site({"redis": redis.ping}, metrics, reactor)

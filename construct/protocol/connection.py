@@ -8,9 +8,10 @@ receives pushes from the delivery hub once the client is authenticated.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from construct.core.accounts import Identity
@@ -47,12 +48,18 @@ class ClientConnection:
         self._busy = False
         self._paused = False
         self._open = True
+        self._draining = False
+        self._idle_waiters: list[Deferred] = []
         core.metrics.connection_opened(transport_name)
 
     # Transport side
 
     def frame_received(self, data: bytes, encoding: str) -> None:
         if not self._open:
+            return
+        if self._draining:
+            # Nothing was done with it: the client resends after reconnecting elsewhere.
+            self._send_error(ConstructError("SERVICE_UNAVAILABLE", "The server is shutting down", 503), None, encoding)
             return
         self._push_encoding = encoding
         if len(data) > self._max_frame_bytes:
@@ -77,6 +84,18 @@ class ClientConnection:
             None,
             encoding,
         )
+
+    def drain(self) -> Deferred:
+        """Stop taking frames; fires once those already received have been answered."""
+        self._draining = True
+        if not self._paused:
+            self._paused = True
+            self._pause_reading()
+        if not self._busy:
+            return succeed(None)
+        waiter: Deferred = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
 
     def connection_lost(self) -> None:
         if self._open:
@@ -110,12 +129,15 @@ class ClientConnection:
         try:
             while self._backlog and self._open:
                 data, encoding = self._backlog.popleft()
-                if self._paused and len(self._backlog) <= RESUME_BACKLOG:
+                if self._paused and not self._draining and len(self._backlog) <= RESUME_BACKLOG:
                     self._paused = False
                     self._resume_reading()
                 await self._process(data, encoding)
         finally:
             self._busy = False
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     async def _process(self, data: bytes, encoding: str) -> None:
         request_id = None
@@ -140,3 +162,42 @@ class ClientConnection:
     def _send(self, message_type: str, payload: dict | None, request_id: str | None, encoding: str) -> None:
         if self._open:
             self._write(codec.encode(message_type, payload, request_id, encoding), encoding)
+
+
+class ConnectionTracker:
+    """The live connections of one listener, so a shutdown can drain and close them."""
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._protocols: set[Any] = set()
+
+    def add(self, protocol: Any) -> None:
+        self._protocols.add(protocol)
+
+    def discard(self, protocol: Any) -> None:
+        self._protocols.discard(protocol)
+
+    def __len__(self) -> int:
+        return len(self._protocols)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Finish what each connection already sent, close it politely, abort stragglers."""
+        closing = [
+            ensureDeferred(protocol.shutdown()).addErrback(self._shutdown_failed) for protocol in list(self._protocols)
+        ]
+        if not closing:
+            return
+        self.log.info("closing {count} connections", count=len(closing))
+        done = DeferredList(closing, consumeErrors=True)
+        timer = self._clock.callLater(timeout, done.cancel)
+        await done
+        if timer.active():
+            timer.cancel()
+        for protocol in list(self._protocols):
+            protocol.abort()
+
+    def _shutdown_failed(self, failure: Any) -> None:
+        if not failure.check(CancelledError):
+            self.log.failure("closing a connection failed", failure)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from construct.core.app import Core
 from construct.protocol import codec
-from construct.protocol.connection import ClientConnection
+from construct.protocol.connection import ClientConnection, ConnectionTracker
 
 
 class JsonLinesProtocol(Protocol):
@@ -15,15 +16,18 @@ class JsonLinesProtocol(Protocol):
 
     log = Logger()
 
-    def __init__(self, core: Core, max_line_bytes: int) -> None:
+    def __init__(self, core: Core, max_line_bytes: int, tracker: ConnectionTracker) -> None:
         self._core = core
         self._max_line_bytes = max_line_bytes
+        self._tracker = tracker
         self._buffer = b""
         self._discarding = False
         self._connection: ClientConnection | None = None
+        self._closed: Deferred = Deferred()
 
     def connectionMade(self) -> None:
         try:
+            self._tracker.add(self)
             self._connection = ClientConnection(
                 self._core,
                 "tcp",
@@ -66,10 +70,23 @@ class JsonLinesProtocol(Protocol):
 
     def connectionLost(self, reason: object = None) -> None:
         try:
+            self._tracker.discard(self)
             if self._connection is not None:
                 self._connection.connection_lost()
+            if not self._closed.called:
+                self._closed.callback(None)
         except Exception:
             self.log.failure("unexpected error closing a TCP connection")
+
+    async def shutdown(self) -> None:
+        """Answer what was received, flush, close."""
+        if self._connection is not None:
+            await self._connection.drain()
+        self.transport.loseConnection()
+        await self._closed
+
+    def abort(self) -> None:
+        self.transport.abortConnection()
 
     def _write(self, data: bytes, encoding: str) -> None:
         self.transport.write(data + b"\n")
@@ -78,11 +95,12 @@ class JsonLinesProtocol(Protocol):
 class JsonLinesFactory(Factory):
     noisy = False
 
-    def __init__(self, core: Core, max_line_bytes: int) -> None:
+    def __init__(self, core: Core, max_line_bytes: int, tracker: ConnectionTracker) -> None:
         self.core = core
         self.max_line_bytes = max_line_bytes
+        self.tracker = tracker
 
     def buildProtocol(self, addr: object) -> JsonLinesProtocol:
-        protocol = JsonLinesProtocol(self.core, self.max_line_bytes)
+        protocol = JsonLinesProtocol(self.core, self.max_line_bytes, self.tracker)
         protocol.factory = self
         return protocol

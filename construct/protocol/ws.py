@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from construct.core.app import Core
 from construct.protocol import codec
-from construct.protocol.connection import ClientConnection
+from construct.protocol.connection import ClientConnection, ConnectionTracker
+
+GOING_AWAY = 1001
 
 # Frames above the protocol limit but below this many times it are read and answered with
 # MESSAGE_TOO_LARGE; past it Autobahn closes the connection (1009) instead of buffering more.
@@ -18,9 +21,12 @@ class ConstructWebSocketProtocol(WebSocketServerProtocol):
     # Autobahn owns `log`.
     _log = Logger()
     _connection: ClientConnection | None = None
+    _closed: Deferred | None = None
 
     def onOpen(self) -> None:
         try:
+            self._closed = Deferred()
+            self.factory.tracker.add(self)
             self._connection = ClientConnection(
                 self.factory.core,
                 "websocket",
@@ -42,10 +48,24 @@ class ConstructWebSocketProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:
+            self.factory.tracker.discard(self)
             if self._connection is not None:
                 self._connection.connection_lost()
+            if self._closed is not None and not self._closed.called:
+                self._closed.callback(None)
         except Exception:
             self._log.failure("unexpected error closing a WebSocket connection")
+
+    async def shutdown(self) -> None:
+        """Answer what was received, then close with 1001 (going away)."""
+        if self._connection is not None:
+            await self._connection.drain()
+        # sendClose only takes 1000 or application codes; 1001 is the one that says "going away".
+        self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
+        await self._closed
+
+    def abort(self) -> None:
+        self.dropConnection(abort=True)
 
     def _write(self, data: bytes, encoding: str) -> None:
         self.sendMessage(data, isBinary=encoding == codec.MSGPACK)
@@ -54,10 +74,11 @@ class ConstructWebSocketProtocol(WebSocketServerProtocol):
 class ConstructWebSocketFactory(WebSocketServerFactory):
     protocol = ConstructWebSocketProtocol
 
-    def __init__(self, core: Core, max_frame_bytes: int) -> None:
+    def __init__(self, core: Core, max_frame_bytes: int, tracker: ConnectionTracker) -> None:
         super().__init__(server="Construct")
         self.noisy = False
         self.core = core
+        self.tracker = tracker
         self.max_frame_bytes = max_frame_bytes
         # One call: setProtocolOptions resets allowNullOrigin unless it is passed again.
         self.setProtocolOptions(

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from construct.errors import service_unavailable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Engine:
