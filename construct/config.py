@@ -21,6 +21,14 @@ class Setting:
     default: Any
     help: str
     parse: Callable[[str], Any] = str
+    # Secrets come only from the environment or a file: a command line is visible in `ps`.
+    secret: bool = False
+    # The environment variable, when CONSTRUCT_<NAME> would mean something else to another program.
+    env: str | None = None
+
+    @property
+    def variable(self) -> str:
+        return self.env or env_name(self.name)
 
 
 def env_name(option: str) -> str:
@@ -56,7 +64,9 @@ class SettingsOptions(usage.Options):
         super().__init_subclass__(**kwargs)
         # usage.Options reads optParameters from the class, not the instance.
         cls.optParameters = [
-            [s.name, None, None, f"{s.help} [env {env_name(s.name)}; default: {s.default}]"] for s in cls.settings
+            [s.name, None, None, f"{s.help} [env {s.variable}; default: {s.default}]"]
+            for s in cls.settings
+            if not s.secret
         ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -68,8 +78,8 @@ class SettingsOptions(usage.Options):
             self[setting.name] = self._resolve(setting)
 
     def _resolve(self, setting: Setting) -> Any:
-        raw, source = self[setting.name], f"--{setting.name}"
-        variable = env_name(setting.name)
+        raw, source = self.get(setting.name), f"--{setting.name}"
+        variable = setting.variable
         if raw is None and variable in self._environ:
             raw, source = self._environ[variable], variable
         if raw is None and variable + "_FILE" in self._environ:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class Metrics:
@@ -22,6 +22,15 @@ class Metrics:
         )
         self.messages_acknowledged = Counter(
             "construct_messages_acknowledged", "Messages removed by the recipient's ackMessage", registry=self.registry
+        )
+        self.send_to_ack_seconds = Histogram(
+            "construct_send_to_ack_seconds",
+            "Time from a message's acceptance to its recipient's acknowledgement",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600, 86400, 604800),
+            registry=self.registry,
+        )
+        self.inbox_depth = Gauge(
+            "construct_inbox_depth", "Unacknowledged messages in all inboxes, at the last sweep", registry=self.registry
         )
         self.messages_expired = Counter(
             "construct_messages_expired", "Messages removed unacknowledged after their TTL", registry=self.registry
@@ -44,6 +53,10 @@ class Metrics:
 
     def delivered(self, path: str) -> None:
         self.messages_delivered.labels(path).inc()
+
+    def acknowledged(self, latency_seconds: float) -> None:
+        self.messages_acknowledged.inc()
+        self.send_to_ack_seconds.observe(latency_seconds)
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()

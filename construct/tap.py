@@ -8,6 +8,7 @@ inbox and presence, wake-ups over Redis pub/sub, and the sweeps left to `constru
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from construct.core.worker import DEFAULT_REDELIVERY_SECONDS, DeliveryWorker, Me
 from construct.http.api import HttpApi
 from construct.http.health import build_health_site
 from construct.http.site import build_site
+from construct.logs import log_format, use_log_format, user_id_hasher
 from construct.metrics import Metrics
 from construct.protocol.tcp import JsonLinesFactory
 from construct.protocol.ws import ConstructWebSocketFactory
@@ -69,18 +71,21 @@ class Options(SettingsOptions):
             "seconds before an unacknowledged push is pushed again (embedded mode)",
             int_between(5, 86400),
         ),
+        Setting("log-format", "text", "text, or json for one JSON object a line", log_format),
+        Setting("log-salt", None, "secret salt for the hashes of user ids in logs", non_empty, secret=True),
     )
 
     def postOptions(self) -> None:
         super().postOptions()
+        use_log_format(self, self["log-format"])
         if self["instance-id"] is None:
             self["instance-id"] = default_instance_id(self["listen"])
 
 
 def default_instance_id(listen: str) -> str:
     """Host name and listen port: stable across restarts, distinct per instance on a host."""
-    fields = listen.split(":")
-    port = next((field for field in fields[1:] if field.isdigit()), None)
+    match = re.search(r"(?:^[a-z0-9]+:|port=)(\d+)\b", listen)
+    port = match.group(1) if match else None
     if port is None or port == "0":
         # No fixed port (tests, socket activation by name): nothing to keep stable across restarts.
         port = f"pid{os.getpid()}"
@@ -129,6 +134,7 @@ def assemble_core(
         ),
         hub=hub,
         metrics=metrics,
+        log_id=user_id_hasher(options["log-salt"]),
     )
 
 

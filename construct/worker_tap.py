@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from construct.config import Setting, SettingsOptions, int_between, non_empty
 from construct.core.worker import DEFAULT_REDELIVERY_SECONDS, DeliveryWorker
 from construct.http.health import build_health_site
+from construct.logs import log_format, use_log_format
 from construct.metrics import Metrics
 from construct.redis.client import RedisClient, RedisLeases, RedisSubscriber
 from construct.redis.inbox import RedisInbox
@@ -35,19 +36,30 @@ class Options(SettingsOptions):
     settings = (
         Setting("redis", None, "redis://host:port/db URL (required)", redis_address),
         Setting("redis-prefix", "construct:", "prefix of every Redis key and channel", non_empty),
-        Setting("health", "tcp:3001:interface=127.0.0.1", "health and metrics endpoint", non_empty),
-        Setting("instance-id", None, "id of this worker (default: host name and process id)", non_empty),
+        Setting(
+            "health", "tcp:3001:interface=127.0.0.1", "health and metrics endpoint", non_empty,
+            env="CONSTRUCT_WORKER_HEALTH",
+        ),
+        Setting(
+            "instance-id", None, "id of this worker (default: host name and process id)", non_empty,
+            env="CONSTRUCT_WORKER_INSTANCE_ID",
+        ),
         Setting(
             "redelivery-timeout",
             int(DEFAULT_REDELIVERY_SECONDS),
             "seconds before an unacknowledged push is pushed again",
             int_between(5, 86400),
         ),
-        Setting("sweep-interval", SWEEP_INTERVAL_SECONDS, "seconds between sweeps", int_between(1, 3600)),
+        Setting(
+            "sweep-interval", SWEEP_INTERVAL_SECONDS, "seconds between sweeps", int_between(1, 3600),
+            env="CONSTRUCT_WORKER_SWEEP_INTERVAL",
+        ),
+        Setting("log-format", "text", "text, or json for one JSON object a line", log_format),
     )
 
     def postOptions(self) -> None:
         super().postOptions()
+        use_log_format(self, self["log-format"])
         if self["redis"] is None:
             raise SystemExit(f"{PROGRAM}: --redis (or CONSTRUCT_REDIS) is required")
         if self["instance-id"] is None:

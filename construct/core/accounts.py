@@ -138,6 +138,13 @@ class AccountService:
             raise session_expired()
         return Identity(record.user_id, record.username, hashed)
 
+    async def lookup(self, username: Any) -> User:
+        """The account with this username (any letter case); USER_NOT_FOUND otherwise."""
+        user = await self._store.get_user_by_name(normalize_username(username))
+        if user is None:
+            raise ConstructError("USER_NOT_FOUND", "User not found", 404)
+        return user
+
     async def logout(self, identity: Identity) -> None:
         await self._store.delete_session(identity.token_hash)
         self._on_sessions_revoked(identity.user_id, [identity.token_hash])

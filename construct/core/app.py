@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from construct.core.accounts import AccountService
 from construct.core.delivery import DeliveryHub
@@ -18,3 +19,5 @@ class Core:
     messaging: MessageService
     hub: DeliveryHub
     metrics: Metrics
+    # Turns a user id into what may appear in logs (a salted hash).
+    log_id: Callable[[str], str]

@@ -1,4 +1,4 @@
-"""Key bundles: the seed's UploadableKeyBundle, verified before it is stored."""
+"""Key bundles (the seed's UploadableKeyBundle, verified before it is stored) and X3DH one-time prekeys."""
 
 from __future__ import annotations
 
@@ -12,12 +12,17 @@ from twisted.internet.interfaces import IReactorTime
 
 from construct.core.validation import canonical_uuid, decode_base64
 from construct.errors import ConstructError
-from construct.storage.keys import KeyStore, PublishedBundle, StoredBundle
+from construct.storage.keys import KeyStore, OneTimePrekeyRecord, PublishedBundle, StoredBundle
 
 MAX_BUNDLE_DATA_BYTES = 16384
 MAX_SUITES = 8
 MAX_BUNDLE_ONE_TIME_PREKEYS = 100
 SUPPORTED_SUITES = (1,)
+MAX_PREKEYS_PER_UPLOAD = 100
+# Per user: enough for many first contacts while the owner is offline, bounded against abuse.
+MAX_WAITING_PREKEYS = 1000
+# 0xFFFFFFFF is reserved: the X3DH header uses it to say "no one-time prekey".
+MAX_PREKEY_ID = 2**32 - 2
 
 
 def _bad(message: str) -> ConstructError:
@@ -84,6 +89,28 @@ def _check_suite(suite: Any) -> None:
         decode_base64(prekey, "oneTimePrekeys[]", "INVALID_KEY_BUNDLE", 32)
 
 
+def parse_one_time_prekeys(raw: Any) -> list[OneTimePrekeyRecord]:
+    """`[{"keyId": int, "publicKey": b64 of 32 bytes}, ...]`, 1 to 100 entries with distinct ids."""
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_PREKEYS_PER_UPLOAD:
+        raise _bad(f"'prekeys' must be a list of 1 to {MAX_PREKEYS_PER_UPLOAD} one-time prekeys")
+    records: list[OneTimePrekeyRecord] = []
+    seen: set[int] = set()
+    for index, entry in enumerate(raw):
+        where = f"prekeys[{index}]"
+        if not isinstance(entry, dict):
+            raise _bad(f"'{where}' must be an object with keyId and publicKey")
+        key_id = entry.get("keyId")
+        if not isinstance(key_id, int) or isinstance(key_id, bool) or not 0 <= key_id <= MAX_PREKEY_ID:
+            raise _bad(f"'{where}.keyId' must be an integer from 0 to {MAX_PREKEY_ID}")
+        if key_id in seen:
+            raise _bad(f"keyId {key_id} appears more than once")
+        seen.add(key_id)
+        public_key = decode_base64(entry.get("publicKey"), f"{where}.publicKey", "INVALID_KEY_BUNDLE", 32)
+        # Stored and served in canonical base64, which is all clients accept.
+        records.append(OneTimePrekeyRecord(key_id, base64.b64encode(public_key).decode("ascii")))
+    return records
+
+
 def first_suite_keys(bundle: StoredBundle) -> tuple[str, str]:
     """(identityKey, signedPrekey) of the first suite of a bundle that was validated on upload."""
     suite = json.loads(base64.b64decode(bundle.bundle_data))["supportedSuites"][0]
@@ -103,8 +130,20 @@ class KeyService:
             raise _bad("masterIdentityKey cannot change; register a new account for a new identity")
         await self._store.put_bundle(user_id, bundle, int(self._clock.seconds() * 1000))
 
-    async def get(self, user_id: str) -> PublishedBundle:
-        published = await self._store.get_bundle(user_id)
+    async def get(self, user_id: str, requester_id: str | None = None) -> PublishedBundle:
+        """The user's bundle. For another user's fetch it also carries one of the owner's
+        one-time prekeys, deleted as it is handed out; fetching your own bundle burns none."""
+        claim = requester_id is not None and requester_id != user_id
+        published = await self._store.get_bundle(user_id, claim_one_time_prekey=claim)
         if published is None:
             raise ConstructError("USER_NOT_FOUND", "User not found", 404)
         return published
+
+    async def upload_one_time_prekeys(self, user_id: str, raw_prekeys: Any) -> int:
+        """Add the owner's prekeys (a keyId already waiting is replaced); return how many wait now."""
+        prekeys = parse_one_time_prekeys(raw_prekeys)
+        now_ms = int(self._clock.seconds() * 1000)
+        return await self._store.add_one_time_prekeys(user_id, prekeys, now_ms, MAX_WAITING_PREKEYS)
+
+    async def count_one_time_prekeys(self, user_id: str) -> int:
+        return await self._store.count_one_time_prekeys(user_id)

@@ -89,7 +89,9 @@ class DeliveryWorker:
             self.log.info("expired {count} unacknowledged messages", count=expired)
         redelivered = 0
         cutoff = now_ms - int(self._redelivery_seconds * 1000)
-        for user_id in await self._inbox.stale_recipients(cutoff, now_ms):
+        survey = await self._inbox.survey(cutoff, now_ms)
+        self._metrics.inbox_depth.set(survey.depth)
+        for user_id in survey.stale_recipients:
             if not await self._is_online(user_id):
                 continue
             # At most one redelivery per user per timeout, across all workers.

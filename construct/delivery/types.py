@@ -21,3 +21,11 @@ class InboxEntry:
     seq: int
     message_id: str
     envelope: str
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What a worker sweep learns of all inboxes."""
+
+    stale_recipients: list[str]
+    depth: int

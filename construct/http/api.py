@@ -119,6 +119,18 @@ class HttpApi:
     def get_keys(self, request: Any, user_id: str) -> Deferred:
         return self._call(request, "getPublicKey", lambda: {"userId": user_id}, True)
 
+    @app.route("/keys/prekeys", methods=["POST"])
+    def upload_prekeys(self, request: Any) -> Deferred:
+        return self._call(request, "uploadPrekeys", lambda: self._body(request), True)
+
+    @app.route("/keys/prekeys/count", methods=["GET"])
+    def prekey_count(self, request: Any) -> Deferred:
+        return self._call(request, "getPrekeyCount", dict, True)
+
+    @app.route("/users/<string:username>", methods=["GET"])
+    def lookup_user(self, request: Any, username: str) -> Deferred:
+        return self._call(request, "lookupUser", lambda: {"username": username}, True)
+
     @app.route("/messages", methods=["POST"])
     def send_message(self, request: Any) -> Deferred:
         return self._call(request, "sendMessage", lambda: self._body(request), True)

@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from construct.errors import ConstructError
 from construct.metrics import Metrics
 
 HEALTH_CHECK_TIMEOUT = 5.0
@@ -34,8 +35,10 @@ class HealthResource(Resource):
             try:
                 await ensureDeferred(check()).addTimeout(HEALTH_CHECK_TIMEOUT, self._clock)
                 results[name] = "ok"
+            except ConstructError as e:
+                results[name] = f"down: {e.message}"
             except Exception as e:
-                results[name] = f"down: {type(e).__name__}"
+                results[name] = f"down: {type(e).__name__}: {str(e)[:200]}"
         healthy = all(result == "ok" for result in results.values())
         request.setResponseCode(200 if healthy else 503)
         request.setHeader(b"content-type", b"application/json")

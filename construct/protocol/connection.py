@@ -109,6 +109,11 @@ class ClientConnection:
     def bind(self, identity: Identity) -> None:
         self.identity = identity
         self._core.hub.attach(self, identity.user_id, identity.token_hash)
+        self.log.info(
+            "user {user} authenticated on a {transport} connection",
+            user=self._core.log_id(identity.user_id),
+            transport=self._transport_name,
+        )
 
     def unbind(self) -> None:
         self.identity = None

@@ -75,23 +75,42 @@ async def connect(core: Core, client: Client, payload: dict) -> Reply:
 
 
 async def get_public_key(core: Core, client: Client, payload: dict) -> Reply:
-    _authenticated(client)
-    published = await core.keys.get(canonical_uuid(payload.get("userId"), "userId", "INVALID_USER_ID"))
+    identity = _authenticated(client)
+    user_id = canonical_uuid(payload.get("userId"), "userId", "INVALID_USER_ID")
+    published = await core.keys.get(user_id, requester_id=identity.user_id)
     bundle = published.bundle
     identity_key, signed_prekey = first_suite_keys(bundle)
-    return Reply(
-        "publicKeyBundle",
-        {
-            "userId": published.user_id,
-            "username": published.username,
-            "identityPublic": identity_key,
-            "signedPrekeyPublic": signed_prekey,
-            "signature": bundle.signature,
-            "verifyingKey": bundle.master_identity_key,
-            "masterIdentityKey": bundle.master_identity_key,
-            "bundleData": bundle.bundle_data,
-        },
-    )
+    reply = {
+        "userId": published.user_id,
+        "username": published.username,
+        "identityPublic": identity_key,
+        "signedPrekeyPublic": signed_prekey,
+        "signature": bundle.signature,
+        "verifyingKey": bundle.master_identity_key,
+        "masterIdentityKey": bundle.master_identity_key,
+        "bundleData": bundle.bundle_data,
+    }
+    if published.one_time_prekey is not None:
+        prekey = published.one_time_prekey
+        reply["oneTimePrekey"] = {"keyId": prekey.key_id, "publicKey": prekey.public_key}
+    return Reply("publicKeyBundle", reply)
+
+
+async def upload_prekeys(core: Core, client: Client, payload: dict) -> Reply:
+    identity = _authenticated(client)
+    count = await core.keys.upload_one_time_prekeys(identity.user_id, payload.get("prekeys"))
+    return Reply("prekeysUploaded", {"count": count})
+
+
+async def get_prekey_count(core: Core, client: Client, payload: dict) -> Reply:
+    identity = _authenticated(client)
+    return Reply("prekeyCount", {"count": await core.keys.count_one_time_prekeys(identity.user_id)})
+
+
+async def lookup_user(core: Core, client: Client, payload: dict) -> Reply:
+    _authenticated(client)
+    user = await core.accounts.lookup(payload.get("username"))
+    return Reply("userFound", {"userId": user.id, "username": user.username})
 
 
 async def send_message(core: Core, client: Client, payload: dict) -> Reply:
@@ -111,8 +130,8 @@ async def send_message(core: Core, client: Client, payload: dict) -> Reply:
 
 async def ack_message(core: Core, client: Client, payload: dict) -> None:
     identity = _authenticated(client)
-    removed = await core.messaging.ack(identity.user_id, payload.get("messageIds"))
-    core.metrics.messages_acknowledged.inc(removed)
+    for latency in await core.messaging.ack(identity.user_id, payload.get("messageIds")):
+        core.metrics.acknowledged(latency)
     return None
 
 
@@ -161,6 +180,9 @@ OPERATIONS: dict[str, Operation] = {
     "sendMessage": send_message,
     "ackMessage": ack_message,
     "rotatePrekey": rotate_prekey,
+    "uploadPrekeys": upload_prekeys,
+    "getPrekeyCount": get_prekey_count,
+    "lookupUser": lookup_user,
     "changePassword": change_password,
     "logout": logout,
     "ping": ping,

@@ -24,6 +24,8 @@ from twisted.python.failure import Failure
 from construct.errors import service_unavailable
 
 COMMAND_TIMEOUT_SECONDS = 3.0
+# Error replies that mean "Redis cannot serve now" rather than "this command is wrong".
+UNAVAILABLE_REPLIES = ("OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN")
 CONNECT_TIMEOUT_SECONDS = 5.0
 
 
@@ -143,6 +145,11 @@ class RedisClient:
             )
         except (TimeoutError, txredisapi.ConnectionError) as e:
             self.log.warn("Redis command failed: {error}", error=e)
+            raise service_unavailable("Redis") from e
+        except txredisapi.ResponseError as e:
+            if not str(e).startswith(UNAVAILABLE_REPLIES):
+                raise
+            self.log.warn("Redis refused a command: {error}", error=e)
             raise service_unavailable("Redis") from e
 
     async def execute(self, *args: Any) -> Any:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from construct.delivery.types import Accepted, InboxEntry
+from construct.delivery.types import Accepted, InboxEntry, Survey
 from construct.redis.client import RedisClient
 from construct.storage.inbox import duplicate_id_error, inbox_full_error, user_not_found_error
 
@@ -71,12 +71,15 @@ return out
 """
 
 ACK = """
-local removed = 0
+local accepted = {}
 for _, id in ipairs(ARGV) do
-  removed = removed + redis.call('ZREM', KEYS[1], id)
-  redis.call('HDEL', KEYS[2], id)
+  if redis.call('ZREM', KEYS[1], id) == 1 then
+    redis.call('HDEL', KEYS[2], id)
+    local record = redis.call('HGET', KEYS[3], id)
+    accepted[#accepted + 1] = record and string.match(record, '(%d+)$') or '0'
+  end
 end
-return removed
+return accepted
 """
 
 SWEEP_USER = """
@@ -94,7 +97,7 @@ if oldest then
   local record = redis.call('HGET', KEYS[4], oldest)
   if record then accepted = string.match(record, '(%d+)$') end
 end
-return {expired, next_expiry, accepted}
+return {expired, next_expiry, accepted, redis.call('ZCARD', KEYS[1])}
 """
 
 
@@ -140,17 +143,19 @@ class RedisInbox:
         flat = await self._redis.eval(FETCH, self.keys(recipient_id)[:3], [after_seq, limit, now_ms])
         return [InboxEntry(int(flat[i]), flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
 
-    async def ack(self, recipient_id: str, message_ids: list[str]) -> int:
+    async def ack(self, recipient_id: str, message_ids: list[str]) -> list[int]:
         if not message_ids:
-            return 0
-        return int(await self._redis.eval(ACK, self.keys(recipient_id)[:2], message_ids))
+            return []
+        keys = self.keys(recipient_id)
+        accepted = await self._redis.eval(ACK, [keys[0], keys[1], keys[3]], message_ids)
+        return [int(value) for value in accepted]
 
     async def depth(self, recipient_id: str, now_ms: int) -> int:
         return int(await self._redis.execute("ZCARD", self.keys(recipient_id)[0]))
 
-    async def _sweep_user(self, user_id: str, now_ms: int) -> tuple[int, int | None]:
-        """Expire one user's old messages; return (expired, accepted time of the oldest left)."""
-        expired, next_expiry, accepted = await self._redis.eval(SWEEP_USER, self.keys(user_id)[:4], [now_ms])
+    async def _sweep_user(self, user_id: str, now_ms: int) -> tuple[int, int | None, int]:
+        """Expire one user's old messages; return (expired, accepted time of the oldest left, depth)."""
+        expired, next_expiry, accepted, depth = await self._redis.eval(SWEEP_USER, self.keys(user_id)[:4], [now_ms])
         if next_expiry:
             await self._redis.execute("ZADD", self._pending_index, int(float(next_expiry)), user_id)
         else:
@@ -159,7 +164,7 @@ class RedisInbox:
             racing = await self._redis.execute("ZRANGE", self.keys(user_id)[2], 0, 0, "WITHSCORES")
             if racing:
                 await self._redis.execute("ZADD", self._pending_index, "LT", int(float(racing[1])), user_id)
-        return int(expired), int(accepted) if accepted else None
+        return int(expired), int(accepted) if accepted else None, int(depth)
 
     async def expire(self, now_ms: int) -> int:
         """Expire every due message; returns how many were still unacknowledged."""
@@ -173,15 +178,16 @@ class RedisInbox:
             if len(due) < SWEEP_BATCH:
                 return total
 
-    async def stale_recipients(self, accepted_before_ms: int, now_ms: int) -> list[str]:
-        """Users whose oldest unacknowledged message was accepted before the given time."""
-        stale = []
+    async def survey(self, accepted_before_ms: int, now_ms: int) -> Survey:
+        """Users whose oldest unacknowledged message was accepted before the given time, and the total depth."""
+        stale, depth = [], 0
         cursor = "0"
         while True:
             cursor, page = await self._redis.execute("ZSCAN", self._pending_index, cursor, "COUNT", SWEEP_BATCH)
             for user_id in page[::2]:
-                _, accepted = await self._sweep_user(user_id, now_ms)
+                _, accepted, user_depth = await self._sweep_user(user_id, now_ms)
+                depth += user_depth
                 if accepted is not None and accepted < accepted_before_ms:
                     stale.append(user_id)
             if cursor == "0":
-                return stale
+                return Survey(stale, depth)

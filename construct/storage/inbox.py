@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from construct.delivery.types import Accepted, InboxEntry
+from construct.delivery.types import Accepted, InboxEntry, Survey
 from construct.errors import ConstructError
 from construct.storage.database import Database, Txn
 
@@ -96,18 +96,20 @@ class SqlInbox:
         ).fetchall()
         return [InboxEntry(*row) for row in rows]
 
-    async def ack(self, recipient_id: str, message_ids: list[str]) -> int:
-        """Delete acknowledged messages; unknown ids are ignored (a repeated ack is harmless)."""
+    async def ack(self, recipient_id: str, message_ids: list[str]) -> list[int]:
+        """Delete acknowledged messages; return when each removed one was accepted (ms).
+
+        Unknown ids are ignored: a repeated ack is harmless."""
         return await self._db.run("inbox_ack", self._ack_txn, recipient_id, message_ids)
 
-    def _ack_txn(self, txn: Txn, recipient_id: str, message_ids: list[str]) -> int:
+    def _ack_txn(self, txn: Txn, recipient_id: str, message_ids: list[str]) -> list[int]:
         if not message_ids:
-            return 0
+            return []
         placeholders = ", ".join("?" for _ in message_ids)
-        return txn.execute(
-            f"DELETE FROM inbox WHERE recipient_id = ? AND message_id IN ({placeholders})",
-            (recipient_id, *message_ids),
-        ).rowcount
+        where = f"recipient_id = ? AND message_id IN ({placeholders})"
+        rows = txn.execute(f"SELECT accepted_at FROM inbox WHERE {where}", (recipient_id, *message_ids)).fetchall()
+        txn.execute(f"DELETE FROM inbox WHERE {where}", (recipient_id, *message_ids))
+        return [row[0] for row in rows]
 
     async def depth(self, recipient_id: str, now_ms: int) -> int:
         return await self._db.run("inbox_depth", self._depth_txn, recipient_id, now_ms)
@@ -117,16 +119,17 @@ class SqlInbox:
             "SELECT COUNT(*) FROM inbox WHERE recipient_id = ? AND expires_at > ?", (recipient_id, now_ms)
         ).fetchone()[0]
 
-    async def stale_recipients(self, accepted_before_ms: int, now_ms: int) -> list[str]:
-        """Recipients holding an unexpired message accepted before the given time."""
-        return await self._db.run("inbox_stale_recipients", self._stale_txn, accepted_before_ms, now_ms)
+    async def survey(self, accepted_before_ms: int, now_ms: int) -> Survey:
+        """Recipients holding an unexpired message accepted before the given time, and the total depth."""
+        return await self._db.run("inbox_survey", self._survey_txn, accepted_before_ms, now_ms)
 
-    def _stale_txn(self, txn: Txn, accepted_before_ms: int, now_ms: int) -> list[str]:
+    def _survey_txn(self, txn: Txn, accepted_before_ms: int, now_ms: int) -> Survey:
         rows = txn.execute(
             "SELECT DISTINCT recipient_id FROM inbox WHERE accepted_at < ? AND expires_at > ?",
             (accepted_before_ms, now_ms),
         ).fetchall()
-        return [row[0] for row in rows]
+        depth = txn.execute("SELECT COUNT(*) FROM inbox WHERE expires_at > ?", (now_ms,)).fetchone()[0]
+        return Survey([row[0] for row in rows], depth)
 
     async def expire(self, now_ms: int) -> int:
         """Remove expired messages and dedup records; return how many messages expired."""
