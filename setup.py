@@ -23,6 +23,7 @@ setup(
         "msgpack>=1.0",
         "prometheus-client>=0.20",
     ],
+    entry_points={"console_scripts": ["construct-admin = construct.admin:main"]},
     extras_require={
         "test": [
             "pytest>=8",

@@ -191,3 +191,8 @@ class RedisInbox:
                     stale.append(user_id)
             if cursor == "0":
                 return Survey(stale, depth)
+
+    async def delete_user(self, user_id: str) -> None:
+        """Remove everything of a deleted account (construct-admin user delete)."""
+        await self._redis.execute("DEL", *self.keys(user_id), f"{self._prefix}{{{user_id}}}:presence")
+        await self._redis.execute("ZREM", self._pending_index, user_id)

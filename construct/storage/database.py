@@ -205,19 +205,37 @@ def _schema_scripts(engine: Engine) -> list[tuple[int, str]]:
     return sorted(scripts)
 
 
+def _connect(engine: Engine) -> Any:
+    args, kwargs = engine.connect_args()
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("cp_")}
+    if engine.name == "sqlite":
+        os.makedirs(os.path.dirname(os.path.abspath(engine.path)), exist_ok=True)
+    conn = engine.driver.connect(*args, **kwargs)
+    engine.on_connect(conn)
+    return conn
+
+
+def schema_version(engine: Engine) -> int:
+    """The schema version of the database as it is (0 when it has none yet)."""
+    conn = _connect(engine)
+    try:
+        txn = Txn(conn.cursor(), engine)
+        try:
+            return txn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+        except engine.driver.DatabaseError:
+            return 0
+    finally:
+        conn.close()
+
+
 def prepare_database(engine: Engine) -> int:
     """Create or upgrade the schema, synchronously, before the reactor runs.
 
     Returns the schema version. Raises `engine.driver.Error` subclasses when the database
     cannot be reached, which the caller turns into one clear line.
     """
-    args, kwargs = engine.connect_args()
-    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("cp_")}
-    if engine.name == "sqlite":
-        os.makedirs(os.path.dirname(os.path.abspath(engine.path)), exist_ok=True)
-    conn = engine.driver.connect(*args, **kwargs)
+    conn = _connect(engine)
     try:
-        engine.on_connect(conn)
         txn = Txn(conn.cursor(), engine)
         engine.lock_for_migration(txn)
         txn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")

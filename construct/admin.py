@@ -1,0 +1,193 @@
+"""`construct-admin`: migrate the schema, show or delete a user, print counts.
+
+It reads the same settings as the server (CONSTRUCT_DATABASE, CONSTRUCT_DATA_DIR, CONSTRUCT_REDIS,
+CONSTRUCT_REDIS_PREFIX, or their _FILE forms, or the options below), so it runs beside the
+server with the server's environment file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.defer import ensureDeferred
+from twisted.python import usage
+
+from construct.config import Setting, SettingsOptions, non_empty
+from construct.redis.client import RedisClient
+from construct.redis.inbox import RedisInbox
+from construct.redis.presence import RedisPresence
+from construct.storage.accounts import AccountStore
+from construct.storage.admin import AdminStore
+from construct.storage.database import SCHEMA_VERSION, Database, engine_from_options, prepare_database, schema_version
+from construct.storage.inbox import SqlInbox
+from construct.tap import redis_address
+
+PROGRAM = "construct-admin"
+REDIS_CONNECT_SECONDS = 5.0
+
+
+class UsernameOptions(usage.Options):
+    def parseArgs(self, username: str) -> None:
+        self["username"] = username.lower()
+
+
+class DeleteOptions(UsernameOptions):
+    optFlags = [["yes", "y", "do not ask for confirmation"]]
+
+
+class UserOptions(usage.Options):
+    subCommands = [
+        ["show", None, UsernameOptions, "show a user's account, sessions, keys and pending messages"],
+        ["delete", None, DeleteOptions, "delete a user: account, keys, sessions and inbox"],
+    ]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("say 'user show USERNAME' or 'user delete USERNAME'")
+
+
+class Options(SettingsOptions):
+    program = PROGRAM
+    synopsis = "Usage: construct-admin [options] (migrate | user show NAME | user delete [--yes] NAME | stats)"
+    optFlags = [["json", None, "print JSON"]]
+    settings = (
+        Setting("data-dir", "construct-data", "directory of the embedded SQLite database", non_empty),
+        Setting("database", None, "postgresql://user@host/db URL", non_empty),
+        Setting("redis", None, "redis://host:port/db URL (production mode)", redis_address),
+        Setting("redis-prefix", "construct:", "prefix of every Redis key and channel", non_empty),
+    )
+    subCommands = [
+        ["migrate", None, usage.Options, "create or upgrade the database schema"],
+        ["user", None, UserOptions, "show or delete a user"],
+        ["stats", None, usage.Options, "counts of users, sessions, keys and pending messages"],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self.subCommand is None:
+            raise usage.UsageError("a command is required: migrate, user or stats")
+
+
+class Admin:
+    def __init__(self, reactor: Any, options: Options) -> None:
+        self._reactor = reactor
+        self._options = options
+        self._redis: RedisClient | None = None
+        self._confirm = _confirm_on_terminal
+
+    def _print(self, record: dict, lines: list[str]) -> None:
+        print(json.dumps(record) if self._options["json"] else "\n".join(lines))
+
+    async def run(self) -> int:
+        try:
+            engine = engine_from_options(self._options["database"], self._options["data-dir"])
+        except ValueError as e:
+            raise SystemExit(f"{PROGRAM}: {e}") from None
+        try:
+            if self._options.subCommand == "migrate":
+                version = prepare_database(engine)
+                self._print({"schemaVersion": version}, [f"schema is at version {version}"])
+                return 0
+            current = schema_version(engine)
+        except engine.driver.Error as e:
+            raise SystemExit(f"{PROGRAM}: cannot use the {engine.describe()}: {str(e).strip().splitlines()[0]}") from None
+        if current != SCHEMA_VERSION:
+            raise SystemExit(f"{PROGRAM}: the schema is at version {current}, not {SCHEMA_VERSION}: run 'construct-admin migrate'")
+        db = Database(engine, self._reactor)
+        try:
+            inbox = await self._inbox(db)
+            if self._options.subCommand == "stats":
+                return await self._stats(db, inbox)
+            user_options = self._options.subOptions
+            if user_options.subCommand == "show":
+                return await self._show(db, inbox, user_options.subOptions["username"])
+            return await self._delete(db, inbox, user_options.subOptions["username"], user_options.subOptions["yes"])
+        finally:
+            db.close()
+            if self._redis is not None:
+                await self._redis.stop()
+
+    async def _inbox(self, db: Database) -> Any:
+        if self._options["redis"] is None:
+            return SqlInbox(db)
+        self._redis = RedisClient(self._options["redis"], self._reactor)
+        self._redis.start()
+        deadline = time.monotonic() + REDIS_CONNECT_SECONDS
+        while not self._redis.connected:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{PROGRAM}: cannot reach Redis at {self._options['redis'].host}:{self._options['redis'].port}")
+            await task.deferLater(self._reactor, 0.05, lambda: None)
+        return RedisInbox(self._redis, self._options["redis-prefix"], AccountStore(db).user_exists)
+
+    def _now_ms(self) -> int:
+        return int(self._reactor.seconds() * 1000)
+
+    async def _stats(self, db: Database, inbox: Any) -> int:
+        counts = await AdminStore(db).counts(self._now_ms())
+        counts["pendingMessages"] = (await inbox.survey(0, self._now_ms())).depth
+        self._print(counts, [f"{name}: {value}" for name, value in counts.items()])
+        return 0
+
+    async def _show(self, db: Database, inbox: Any, username: str) -> int:
+        user = await AdminStore(db).find_user(username)
+        if user is None:
+            print(f"{PROGRAM}: no user {username!r}", file=sys.stderr)
+            return 1
+        record = {
+            "userId": user.id,
+            "username": user.username,
+            "createdAt": user.created_at_ms // 1000,
+            "sessions": user.sessions,
+            "keysUpdatedAt": user.keys_updated_at_ms // 1000 if user.keys_updated_at_ms else None,
+            "pendingMessages": await inbox.depth(user.id, self._now_ms()),
+        }
+        self._print(record, [f"{name}: {value}" for name, value in record.items()])
+        return 0
+
+    async def _delete(self, db: Database, inbox: Any, username: str, confirmed: bool) -> int:
+        store = AdminStore(db)
+        user = await store.find_user(username)
+        if user is None:
+            print(f"{PROGRAM}: no user {username!r}", file=sys.stderr)
+            return 1
+        if not confirmed and not self._confirm(f"Delete {user.username} ({user.id}) with its keys, sessions and messages?"):
+            print("nothing deleted (pass --yes to delete without a question)", file=sys.stderr)
+            return 1
+        token_hashes = await store.delete_user(user.id)
+        if isinstance(inbox, RedisInbox):
+            # The SQL inbox went with the account; the Redis one is deleted here.
+            await inbox.delete_user(user.id)
+            # Live connections of the user, on any instance, are told their session ended.
+            presence = RedisPresence(self._redis, self._options["redis-prefix"], self._reactor)
+            await presence.notify(user.id, "revoked", tokenHashes=token_hashes)
+        self._print({"deleted": user.id}, [f"deleted {user.username} ({user.id})"])
+        return 0
+
+
+def _confirm_on_terminal(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        raise SystemExit(f"{options}\n{PROGRAM}: {e}") from None
+
+    async def run(reactor: Any) -> None:
+        code = await Admin(reactor, options).run()
+        if code:
+            raise SystemExit(code)
+
+    task.react(lambda reactor: ensureDeferred(run(reactor)))
+
+
+if __name__ == "__main__":
+    main()
