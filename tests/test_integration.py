@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 import uuid
 
@@ -277,3 +279,45 @@ async def test_sigterm_under_traffic_drains_and_loses_nothing(tmp_path):
         await bob.close()
     finally:
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_log_under_traffic_holds_no_secrets(tmp_path):
+    """--log-format json gives one JSON object a line; user ids appear only as salted hashes, secrets never."""
+    from construct.logs import user_id_hasher
+
+    salt = "test-salt-0123456789"
+    server = ServerProcess(
+        tmp_path, "--data-dir", "data", "--bcrypt-cost", "4", "--log-format", "json",
+        env={"CONSTRUCT_LOG_SALT": salt},
+    ).start()
+    secrets: list[str] = [PASSWORD]
+    try:
+        alice = await WsClient.connect(server.ports["http"], codec.JSON)
+        bob = await TcpClient.connect(server.ports["tcp"])
+        bundle = make_bundle()
+        reply = await alice.request("register", {"username": "alice", "password": PASSWORD, "publicKey": bundle})
+        a = reply["payload"]
+        b = await _register(bob, "bob")
+        secrets += [a["sessionToken"], b["sessionToken"], a["userId"], b["userId"], bundle["bundleData"],
+                    bundle["signature"], bundle["masterIdentityKey"]]
+        for i in range(5):
+            message = chat_message(a["userId"], b["userId"], content=f"c2VjcmV0LWNpcGhlcnRleHQt{i}")
+            secrets += [message["content"], base64.b64encode(message["ephemeralPublicKey"]).decode()]
+            await alice.request("sendMessage", message)
+        await bob.next_of("message")
+        alice.send_raw(b"{garbage", False)
+        await alice.next()
+        await bob.request("login", {"username": "bob", "password": "WrongPassword1"})
+        await alice.close()
+        await bob.close()
+    finally:
+        server.stop()
+    log = server.log_text()
+    lines = [line for line in log.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    assert {"time", "level", "namespace", "message"} <= set(records[0])
+    for secret in secrets:
+        assert secret not in log, f"{secret!r} leaked into the log"
+    hashed = user_id_hasher(salt)
+    assert hashed(a["userId"]) in log and hashed(b["userId"]) in log
