@@ -43,27 +43,48 @@ class ServerProcess:
         return TWISTD + ["--nodaemon", "--pidfile=", self.plugin, *listen, *self.args]
 
     def start(self, timeout: float = 20.0) -> "ServerProcess":
+        """Start and wait for the listeners, blocking (the test process serves nothing meanwhile)."""
+        self._spawn()
+        deadline = time.monotonic() + timeout
+        while not self._listening():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start in {timeout}s:\n{self.log_text()}")
+            time.sleep(0.05)
+        return self
+
+    async def start_async(self, timeout: float = 20.0) -> "ServerProcess":
+        """Start and wait without blocking the test's reactor (it may be serving the process)."""
+        from twisted.internet import reactor, task
+
+        self._spawn()
+        deadline = time.monotonic() + timeout
+        while not self._listening():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start in {timeout}s:\n{self.log_text()}")
+            await task.deferLater(reactor, 0.05, lambda: None)
+        return self
+
+    def _spawn(self) -> None:
         self.ports = {}
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp_path, env=process_env(**self.env)
         )
         log.close()
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log_path.read_text(errors="replace")
-            for name, _, port in LISTENING.findall(text[offset:] if offset else text):
-                self.ports[name] = int(port)
-            if all(name in self.ports for name in self.expect):
-                return self
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{text}")
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not start in {timeout}s:\n{self.log_path.read_text(errors='replace')}")
+
+    def _listening(self) -> bool:
+        text = self.log_text()[self._offset :]
+        for name, _, port in LISTENING.findall(text):
+            self.ports[name] = int(port)
+        if all(name in self.ports for name in self.expect):
+            return True
+        if self.process.poll() is not None:
+            raise RuntimeError(f"server exited with {self.process.returncode}:\n{text}")
+        return False
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:
