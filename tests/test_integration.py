@@ -38,6 +38,13 @@ async def _register(client, username: str) -> dict:
     return reply["payload"]
 
 
+async def _tcp_alice_and_ws_bob(server) -> tuple:
+    """alice registered over TCP, bob over WebSocket-MessagePack, on a server of their own."""
+    alice = await TcpClient.connect(server.ports["tcp"])
+    bob = await WsClient.connect(server.ports["http"], codec.MSGPACK)
+    return alice, bob, await _register(alice, "alice"), await _register(bob, "bob")
+
+
 def test_plugin_is_discoverable():
     """twistd finds the construct plugin through Twisted's plugin system."""
     import sys
@@ -153,12 +160,21 @@ async def test_garbage_on_every_port_leaves_others_chatting(server):
 
 @pytest_twisted.ensureDeferred
 async def test_metrics_are_prometheus_text(server):
-    """/metrics serves Prometheus text including the message counters."""
+    """/metrics serves Prometheus text: open connections by transport and the message counters."""
+    ws = await WsClient.connect(server.ports["http"], codec.JSON)
+    tcp = await TcpClient.connect(server.ports["tcp"])
+    await tcp.request("ping")
     response = await treq.get(f"http://127.0.0.1:{server.ports['health']}/metrics")
     text = (await treq.content(response)).decode()
     assert response.code == 200
-    assert "construct_messages_accepted_total" in text
-    assert 'construct_connections{transport="websocket"}' in text or "construct_connections" in text
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(values['construct_connections{transport="websocket"}']) >= 1
+    assert float(values['construct_connections{transport="tcp"}']) >= 1
+    for name in ("construct_messages_accepted_total", "construct_messages_acknowledged_total",
+                 "construct_send_to_ack_seconds_count", "construct_messages_expired_total"):
+        assert name in values, name
+    await ws.close()
+    await tcp.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -166,10 +182,7 @@ async def test_sigkill_loses_no_unacknowledged_message(tmp_path):
     """Messages accepted before a SIGKILL are all delivered, in order, after a restart; acked ones never again."""
     server = ServerProcess(tmp_path, "--data-dir", "data", "--bcrypt-cost", "4").start()
     try:
-        alice = await TcpClient.connect(server.ports["tcp"])
-        bob = await WsClient.connect(server.ports["http"], codec.MSGPACK)
-        a = await _register(alice, "alice")
-        b = await _register(bob, "bob")
+        alice, bob, a, b = await _tcp_alice_and_ws_bob(server)
         messages = [chat_message(a["userId"], b["userId"], content=f"bXNn{i}") for i in range(30)]
         for message in messages:
             alice.send("sendMessage", message)
@@ -240,10 +253,7 @@ async def test_sigterm_under_traffic_drains_and_loses_nothing(tmp_path):
     """SIGTERM finishes in-flight sends, closes WebSockets with 1001, and every message arrives once after restart."""
     server = ServerProcess(tmp_path, "--data-dir", "data", "--bcrypt-cost", "4").start()
     try:
-        alice = await TcpClient.connect(server.ports["tcp"])
-        bob = await WsClient.connect(server.ports["http"], codec.MSGPACK)
-        a = await _register(alice, "alice")
-        b = await _register(bob, "bob")
+        alice, bob, a, b = await _tcp_alice_and_ws_bob(server)
         messages = [chat_message(a["userId"], b["userId"], content=f"dGVybQ{i}") for i in range(150)]
         for message in messages:
             alice.send("sendMessage", message)

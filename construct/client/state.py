@@ -8,6 +8,11 @@ File format (JSON)::
 The key is Argon2id(passphrase, salt, opslimit, memlimit). The cost
 parameters live in the file so that they can change between saves. The box
 holds the state dict as compact UTF-8 JSON.
+
+A client that saves often (after every message) derives the key once with
+:func:`derive_state_key` or :func:`load_state_with_key` and saves with
+:func:`save_state_with_key`: the salt then stays the same between those
+saves, and every save still gets a fresh random 24-byte SecretBox nonce.
 """
 
 from __future__ import annotations
@@ -48,9 +53,27 @@ class KdfParams:
 DEFAULT_KDF = KdfParams(pwhash.argon2id.OPSLIMIT_MODERATE, pwhash.argon2id.MEMLIMIT_MODERATE)
 
 
+@dataclass(frozen=True, repr=False)
+class StateKey:
+    """A file key derived from the passphrase, with the salt and cost it was derived with."""
+
+    salt: bytes
+    kdf: KdfParams
+    key: bytes
+
+    def __repr__(self) -> str:
+        return f"StateKey(kdf={self.kdf})"
+
+
 def _derive_key(passphrase: str | bytes, salt: bytes, kdf: KdfParams) -> bytes:
     secret = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
     return pwhash.argon2id.kdf(SecretBox.KEY_SIZE, secret, salt, kdf.opslimit, kdf.memlimit)
+
+
+def derive_state_key(passphrase: str | bytes, kdf: KdfParams = DEFAULT_KDF) -> StateKey:
+    """Run Argon2id once, with a fresh salt; slow on purpose (call it off the reactor thread)."""
+    salt = random(pwhash.argon2id.SALTBYTES)
+    return StateKey(salt, kdf, _derive_key(passphrase, salt, kdf))
 
 
 def save_state(
@@ -63,15 +86,19 @@ def save_state(
 
     A fresh salt is drawn on every save. Tests pass a cheap ``kdf``.
     """
-    salt = random(pwhash.argon2id.SALTBYTES)
+    save_state_with_key(path, derive_state_key(passphrase, kdf), data)
+
+
+def save_state_with_key(path: str | os.PathLike[str], state_key: StateKey, data: dict[str, Any]) -> None:
+    """Like :func:`save_state` with a key derived earlier: no Argon2id, same salt."""
     plaintext = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    box = SecretBox(_derive_key(passphrase, salt, kdf)).encrypt(plaintext)
+    box = SecretBox(state_key.key).encrypt(plaintext)
     document = {
         "version": FILE_VERSION,
         "kdf": KDF_NAME,
-        "opslimit": kdf.opslimit,
-        "memlimit": kdf.memlimit,
-        "salt": b64encode(salt),
+        "opslimit": state_key.kdf.opslimit,
+        "memlimit": state_key.kdf.memlimit,
+        "salt": b64encode(state_key.salt),
         "box": b64encode(bytes(box)),
     }
     target = os.fspath(path)
@@ -103,6 +130,17 @@ def load_state(path: str | os.PathLike[str], passphrase: str | bytes) -> dict[st
     Raises WrongPassphrase for a wrong passphrase or a damaged or tampered
     file; a missing file raises FileNotFoundError.
     """
+    return load_state_with_key(path, passphrase)[0]
+
+
+def load_state_with_key(
+    path: str | os.PathLike[str], passphrase: str | bytes, known: StateKey | None = None
+) -> tuple[dict[str, Any], StateKey]:
+    """Like :func:`load_state`, also returning the key for :func:`save_state_with_key`.
+
+    When the file was saved with ``known``'s salt and cost, ``known`` is used
+    as is and Argon2id does not run again.
+    """
     with open(path, "rb") as handle:
         raw = handle.read()
     try:
@@ -122,12 +160,16 @@ def load_state(path: str | os.PathLike[str], passphrase: str | bytes) -> dict[st
         box = b64decode(document.get("box"))
     except (UnicodeDecodeError, ValueError, CryptoError) as exc:
         raise WrongPassphrase("state file is damaged or was tampered with") from exc
+    kdf = KdfParams(opslimit, memlimit)
     try:
-        key = _derive_key(passphrase, salt, KdfParams(opslimit, memlimit))
-        plaintext = SecretBox(key).decrypt(box)
+        if known is not None and known.salt == salt and known.kdf == kdf:
+            state_key = known
+        else:
+            state_key = StateKey(salt, kdf, _derive_key(passphrase, salt, kdf))
+        plaintext = SecretBox(state_key.key).decrypt(box)
     except _NaclError as exc:
         raise WrongPassphrase("wrong passphrase, or the state file was tampered with") from exc
     data = json.loads(plaintext.decode("utf-8"))
     if not isinstance(data, dict):
         raise WrongPassphrase("state file does not hold an object")
-    return data
+    return data, state_key

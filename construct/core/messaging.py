@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 from twisted.internet.interfaces import IReactorTime
 
 from construct.core.validation import canonical_uuid, decode_base64
-from construct.delivery.types import Accepted, InboxEntry
+from construct.delivery.types import Accepted, InboxEntry, Submission
 from construct.errors import ConstructError
 
 DEFAULT_TTL_SECONDS = 7 * 24 * 3600
@@ -102,14 +102,10 @@ class MessageService:
             raise ConstructError("FORBIDDEN", "'from' must be the authenticated user", 403)
         status = "delivered" if await self._is_online(message["to"]) else "queued"
         accepted = await self._inbox.put(
-            sender_id,
-            message["to"],
-            message["id"],
-            encode_envelope(message),
-            status,
-            self._now_ms(),
-            self._ttl_ms,
-            self._quota,
+            Submission(
+                sender_id, message["to"], message["id"], encode_envelope(message), status,
+                self._now_ms(), self._ttl_ms, self._quota,
+            )
         )
         # Only after the write committed; a duplicate was already announced the first time.
         if not accepted.duplicate:

@@ -6,6 +6,20 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Submission:
+    """A message to store: its parties, id and envelope, and the limits it is stored under."""
+
+    sender_id: str
+    recipient_id: str
+    message_id: str
+    envelope: str
+    status: str
+    now_ms: int
+    ttl_ms: int
+    quota: int
+
+
+@dataclass(frozen=True)
 class Accepted:
     """The outcome of storing a message: what the sender's `ack` says."""
 

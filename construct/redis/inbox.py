@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from construct.delivery.types import Accepted, InboxEntry, Survey
+from construct.delivery.types import Accepted, InboxEntry, Submission, Survey
 from construct.redis.client import RedisClient
 from construct.storage.inbox import duplicate_id_error, inbox_full_error, user_not_found_error
 
@@ -112,31 +112,24 @@ class RedisInbox:
         base = f"{self._prefix}{{{user_id}}}"
         return [f"{base}:inbox", f"{base}:msgs", f"{base}:exp", f"{base}:sent", f"{base}:seq"]
 
-    async def put(
-        self,
-        sender_id: str,
-        recipient_id: str,
-        message_id: str,
-        envelope: str,
-        status: str,
-        now_ms: int,
-        ttl_ms: int,
-        quota: int,
-    ) -> Accepted:
-        if not await self._user_exists(recipient_id):
+    async def put(self, message: Submission) -> Accepted:
+        if not await self._user_exists(message.recipient_id):
             raise user_not_found_error()
         result = await self._redis.eval(
             PUT,
-            self.keys(recipient_id),
-            [message_id, sender_id, envelope, status, now_ms, ttl_ms, quota, KEY_GRACE_MS],
+            self.keys(message.recipient_id),
+            [
+                message.message_id, message.sender_id, message.envelope, message.status,
+                message.now_ms, message.ttl_ms, message.quota, KEY_GRACE_MS,
+            ],
         )
         outcome = result[0]
         if outcome == "other":
             raise duplicate_id_error()
         if outcome == "full":
-            raise inbox_full_error(quota)
+            raise inbox_full_error(message.quota)
         if outcome == "stored":
-            await self._redis.execute("ZADD", self._pending_index, "LT", int(result[2]), recipient_id)
+            await self._redis.execute("ZADD", self._pending_index, "LT", int(result[2]), message.recipient_id)
         return Accepted(result[1], int(result[2]), duplicate=outcome == "duplicate")
 
     async def fetch(self, recipient_id: str, after_seq: int, limit: int, now_ms: int) -> list[InboxEntry]:

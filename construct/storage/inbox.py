@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from construct.delivery.types import Accepted, InboxEntry, Survey
+from construct.delivery.types import Accepted, InboxEntry, Submission, Survey
 from construct.errors import ConstructError
 from construct.storage.database import Database, Txn
 
@@ -23,66 +23,44 @@ class SqlInbox:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def put(
-        self,
-        sender_id: str,
-        recipient_id: str,
-        message_id: str,
-        envelope: str,
-        status: str,
-        now_ms: int,
-        ttl_ms: int,
-        quota: int,
-    ) -> Accepted:
+    async def put(self, message: Submission) -> Accepted:
         """Store a message once (idempotent on its id) or say why not."""
-        args = (sender_id, recipient_id, message_id, envelope, status, now_ms, ttl_ms, quota)
-        return await self._db.run("inbox_put", self._put_txn, *args)
+        return await self._db.run("inbox_put", self._put_txn, message)
 
-    def _put_txn(
-        self,
-        txn: Txn,
-        sender_id: str,
-        recipient_id: str,
-        message_id: str,
-        envelope: str,
-        status: str,
-        now_ms: int,
-        ttl_ms: int,
-        quota: int,
-    ) -> Accepted:
+    def _put_txn(self, txn: Txn, message: Submission) -> Accepted:
+        recipient, message_id = message.recipient_id, message.message_id
         # Locking the recipient's row serialises its inserts, so seq order is commit order
         # and two copies of one id cannot both pass the duplicate check.
         lock = " FOR UPDATE" if self._db.engine.name == "postgres" else ""
-        if txn.execute(f"SELECT id FROM users WHERE id = ?{lock}", (recipient_id,)).fetchone() is None:
+        if txn.execute(f"SELECT id FROM users WHERE id = ?{lock}", (recipient,)).fetchone() is None:
             raise user_not_found_error()
         row = txn.execute(
             "SELECT sender_id, status, expires_at FROM sent_messages WHERE recipient_id = ? AND message_id = ?",
-            (recipient_id, message_id),
+            (recipient, message_id),
         ).fetchone()
-        if row is not None and row[2] > now_ms:
-            if row[0] != sender_id:
+        if row is not None and row[2] > message.now_ms:
+            if row[0] != message.sender_id:
                 raise duplicate_id_error()
             return Accepted(row[1], row[2], duplicate=True)
         if row is not None:
             # The id expired but the sweep has not removed it yet: the new message replaces it.
             for table in ("sent_messages", "inbox"):
-                txn.execute(f"DELETE FROM {table} WHERE recipient_id = ? AND message_id = ?", (recipient_id, message_id))
+                txn.execute(f"DELETE FROM {table} WHERE recipient_id = ? AND message_id = ?", (recipient, message_id))
         pending = txn.execute(
-            "SELECT COUNT(*) FROM inbox WHERE recipient_id = ? AND expires_at > ?", (recipient_id, now_ms)
+            "SELECT COUNT(*) FROM inbox WHERE recipient_id = ? AND expires_at > ?", (recipient, message.now_ms)
         ).fetchone()[0]
-        if pending >= quota:
-            raise inbox_full_error(quota)
-        expires_ms = now_ms + ttl_ms
+        if pending >= message.quota:
+            raise inbox_full_error(message.quota)
+        expires_ms = message.now_ms + message.ttl_ms
         txn.execute(
-            "INSERT INTO sent_messages (recipient_id, message_id, sender_id, status, expires_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (recipient_id, message_id, sender_id, status, expires_ms),
+            "INSERT INTO sent_messages (recipient_id, message_id, sender_id, status, expires_at) VALUES (?, ?, ?, ?, ?)",
+            (recipient, message_id, message.sender_id, message.status, expires_ms),
         )
         txn.execute(
             "INSERT INTO inbox (recipient_id, message_id, envelope, accepted_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-            (recipient_id, message_id, envelope, now_ms, expires_ms),
+            (recipient, message_id, message.envelope, message.now_ms, expires_ms),
         )
-        return Accepted(status, expires_ms, duplicate=False)
+        return Accepted(message.status, expires_ms, duplicate=False)
 
     async def fetch(self, recipient_id: str, after_seq: int, limit: int, now_ms: int) -> list[InboxEntry]:
         """Unexpired messages after `after_seq`, oldest first."""
