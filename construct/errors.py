@@ -24,3 +24,15 @@ def auth_required() -> ConstructError:
 
 def service_unavailable(what: str) -> ConstructError:
     return ConstructError("SERVICE_UNAVAILABLE", f"{what} is unavailable, try again later", 503)
+
+
+def duplicate_id_error() -> ConstructError:
+    return ConstructError("DUPLICATE_MESSAGE", "Another sender already used that message id for this recipient", 409)
+
+
+def inbox_full_error(quota: int) -> ConstructError:
+    return ConstructError("INBOX_FULL", f"The recipient's inbox is full ({quota} messages pending)", 507)
+
+
+def user_not_found_error() -> ConstructError:
+    return ConstructError("USER_NOT_FOUND", "User not found", 404)

@@ -20,7 +20,7 @@ from typing import Awaitable, Callable
 
 from construct.delivery.types import Accepted, InboxEntry, Submission, Survey
 from construct.redis.client import RedisClient
-from construct.storage.inbox import duplicate_id_error, inbox_full_error, user_not_found_error
+from construct.errors import duplicate_id_error, inbox_full_error, user_not_found_error
 
 # Keys of a user survive this long after their last message expires.
 KEY_GRACE_MS = 24 * 3600 * 1000

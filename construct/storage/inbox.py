@@ -3,20 +3,8 @@
 from __future__ import annotations
 
 from construct.delivery.types import Accepted, InboxEntry, Submission, Survey
-from construct.errors import ConstructError
+from construct.errors import duplicate_id_error, inbox_full_error, user_not_found_error
 from construct.storage.database import Database, Txn
-
-
-def duplicate_id_error() -> ConstructError:
-    return ConstructError("DUPLICATE_MESSAGE", "Another sender already used that message id for this recipient", 409)
-
-
-def inbox_full_error(quota: int) -> ConstructError:
-    return ConstructError("INBOX_FULL", f"The recipient's inbox is full ({quota} messages pending)", 507)
-
-
-def user_not_found_error() -> ConstructError:
-    return ConstructError("USER_NOT_FOUND", "User not found", 404)
 
 
 class SqlInbox:
