@@ -23,7 +23,12 @@ setup(
         "msgpack>=1.0",
         "prometheus-client>=0.20",
     ],
-    entry_points={"console_scripts": ["construct-admin = construct.admin:main"]},
+    entry_points={
+        "console_scripts": [
+            "construct-admin = construct.admin:main",
+            "construct-chat = construct.client.cli:main",
+        ]
+    },
     extras_require={
         "test": [
             "pytest>=8",

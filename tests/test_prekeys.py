@@ -257,3 +257,34 @@ async def test_http_prekey_routes_and_lookup(core, http):
     assert (status, error["code"]) == (401, "AUTH_REQUIRED")
     status, error = await http.call("GET", "/v1/keys/prekeys/count")
     assert (status, error["code"]) == (401, "AUTH_REQUIRED")
+
+
+def test_openapi_limits_match_the_implementation():
+    """The documented prekey limits are the code's constants."""
+    from construct.core.keys import MAX_PREKEYS_PER_UPLOAD
+    from tests.test_openapi import load_document
+
+    schemas = load_document()["components"]["schemas"]
+    assert schemas["UploadPrekeysRequest"]["properties"]["prekeys"]["maxItems"] == MAX_PREKEYS_PER_UPLOAD
+    assert schemas["OneTimePrekey"]["properties"]["keyId"]["maximum"] == MAX_PREKEY_ID
+    assert schemas["PrekeyCount"]["properties"]["count"]["maximum"] == MAX_WAITING_PREKEYS
+
+
+@pytest_twisted.ensureDeferred
+async def test_signed_prekey_rotation_is_verified_and_keeps_the_pool(core):
+    """A new signed prekey needs a signature by the registered identity key; rotating leaves the prekeys."""
+    from nacl.signing import SigningKey
+
+    identity = SigningKey.generate()
+    bob = MemoryClient(core)
+    registered = await bob.request(
+        "register", {"username": "bob", "password": PASSWORD, "publicKey": make_bundle(signing_key=identity)}
+    )
+    bob_id = registered["payload"]["userId"]
+    await bob.request("uploadPrekeys", {"prekeys": _prekeys(0, 3)})
+    forged = dict(make_bundle(bob_id), masterIdentityKey=make_bundle(signing_key=identity)["masterIdentityKey"])
+    error = await _error(bob, "rotatePrekey", {"update": forged})
+    assert error == {"code": "INVALID_KEY_BUNDLE", "message": "The signature does not verify against masterIdentityKey"}
+    rotated = make_bundle(bob_id, signing_key=identity)
+    assert (await bob.request("rotatePrekey", {"update": rotated})) == {"type": "keyRotationSuccess"}
+    assert (await bob.request("getPrekeyCount"))["payload"] == {"count": 3}

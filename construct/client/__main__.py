@@ -1,0 +1,5 @@
+"""`python -m construct.client` is `construct-chat`."""
+
+from construct.client.cli import main
+
+main()

@@ -1,0 +1,158 @@
+"""The reference client's Messenger against the real core (SQLite, PostgreSQL, Redis), over TCP in process."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from nacl.pwhash import argon2id
+from twisted.internet import defer, reactor, task
+
+from construct.client import messenger as messenger_module
+from construct.client.crypto import verify_key_bundle
+from construct.client.messenger import Messenger
+from construct.client.state import KdfParams
+from construct.client.store import StateStore
+from construct.client.transport import AuthenticationFailed, ServerAddress, ServerError
+from construct.errors import ConstructError
+from construct.protocol import codec
+from construct.protocol.connection import ConnectionTracker
+from construct.protocol.tcp import JsonLinesFactory
+from tests.helpers import PASSWORD, MemoryClient, register
+
+FAST = KdfParams(argon2id.OPSLIMIT_MIN, argon2id.MEMLIMIT_MIN)
+
+
+class Server:
+    def __init__(self, core) -> None:
+        self.factory = JsonLinesFactory(core, 256 * 1024, ConnectionTracker(reactor))
+        self.connections: list = []
+        build = self.factory.buildProtocol
+
+        def tracked(addr):
+            protocol = build(addr)
+            self.connections.append(protocol)
+            return protocol
+
+        self.factory.buildProtocol = tracked
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.address = ServerAddress.parse(f"tcp://127.0.0.1:{self.port.getHost().port}")
+
+    def cut(self) -> None:
+        """Drop every client connection (a network failure, or a server restart)."""
+        for protocol in self.connections:
+            protocol.transport.abortConnection()
+
+
+@pytest_twisted.async_yield_fixture
+async def server(core):
+    server = Server(core)
+    messengers: list[Messenger] = []
+    server.messengers = messengers
+    yield server
+    for messenger in messengers:
+        await messenger.close()
+    await server.port.stopListening()
+    server.cut()
+
+
+async def _user(server, tmp_path, name: str) -> tuple[Messenger, str]:
+    messenger = Messenger(reactor, StateStore(str(tmp_path / f"{name}.state"), "pw", FAST), server.address, codec.JSON)
+    server.messengers.append(messenger)
+    registered = await messenger.register(str(server.address), name, PASSWORD)
+    return messenger, registered["userId"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_registration_publishes_the_bundle_and_one_time_prekeys(core, server, tmp_path):
+    """After register the bundle names the real user id and 100 one-time prekeys wait on the server."""
+    _, bob_id = await _user(server, tmp_path, "bob")
+    assert await core.keys.count_one_time_prekeys(bob_id) == 100
+    carol, _ = await register(core, "carol")
+    fetched = (await carol.request("getPublicKey", {"userId": bob_id}))["payload"]
+    assert verify_key_bundle(fetched, expected_user_id=bob_id).user_id == bob_id
+    assert fetched["oneTimePrekey"]["keyId"] == 1
+    assert await core.keys.count_one_time_prekeys(bob_id) == 99
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_listen_and_acknowledge(core, server, tmp_path):
+    """Messages sent while the recipient is away arrive decrypted and in order, and leave the server."""
+    alice, _ = await _user(server, tmp_path, "alice")
+    bob, bob_id = await _user(server, tmp_path, "bob")
+    for i in range(3):
+        assert (await alice.send("BOB", f"message {i}")).status in ("queued", "delivered")
+    received: list[dict] = []
+    await bob.listen(received.append, count=3)
+    assert [(m["peerName"], m["text"]) for m in received] == [("alice", f"message {i}") for i in range(3)]
+    assert await core.messaging.pending(bob_id, 10) == []
+    # The first message used one of Bob's one-time prekeys.
+    assert await core.keys.count_one_time_prekeys(bob_id) == 99
+    await bob.send("alice", "thanks")
+    replies: list[dict] = []
+    await alice.listen(replies.append, count=1)
+    assert replies[0]["text"] == "thanks"
+    assert [e["text"] for e in await alice.history("bob")] == [f"message {i}" for i in range(3)] + ["thanks"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unacknowledged_sends_are_resent_unchanged(core, server, tmp_path, monkeypatch):
+    """SERVICE_UNAVAILABLE makes the client resend the same message; when it gives up, the next run does."""
+    monkeypatch.setattr(messenger_module, "RETRY_DELAY_SECONDS", 0.01)
+    alice, _ = await _user(server, tmp_path, "alice")
+    bob, bob_id = await _user(server, tmp_path, "bob")
+    real_send = core.messaging.send
+    attempts: list[str] = []
+    failures = [2]
+
+    async def flaky(sender_id, payload):
+        attempts.append(payload["id"])
+        if failures[0]:
+            failures[0] -= 1
+            raise ConstructError("SERVICE_UNAVAILABLE", "The database is unavailable, try again later", 503)
+        return await real_send(sender_id, payload)
+
+    monkeypatch.setattr(core.messaging, "send", flaky)
+    await alice.send("bob", "first")
+    assert len(attempts) == 3 and len(set(attempts)) == 1
+
+    failures[0] = messenger_module.SEND_ATTEMPTS
+    with pytest.raises(ServerError):
+        await alice.send("bob", "second")
+    assert len(set(attempts)) == 2
+    # The next command sends what is still in the outbox before anything new.
+    await alice.send("bob", "third")
+    assert attempts[-2] == attempts[-3] and len(set(attempts)) == 3
+    received: list[dict] = []
+    await bob.listen(received.append, count=3)
+    assert [m["text"] for m in received] == ["first", "second", "third"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_listen_reconnects_after_the_connection_drops(core, server, tmp_path):
+    """A listener whose connection is cut reconnects, resumes its session and keeps receiving."""
+    alice, _ = await _user(server, tmp_path, "alice")
+    bob, _ = await _user(server, tmp_path, "bob")
+    received: list[dict] = []
+    listening = defer.ensureDeferred(bob.listen(received.append, count=2))
+    await alice.send("bob", "before")
+    while not received:
+        await task.deferLater(reactor, 0.05, lambda: None)
+    server.cut()
+    await alice.send("bob", "after")
+    await listening.addTimeout(15, reactor)
+    assert [m["text"] for m in received] == ["before", "after"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_session_ends_listening(core, server, tmp_path):
+    """When another session changes the password, the listener's session is revoked and listen fails."""
+    bob, _ = await _user(server, tmp_path, "bob")
+    listening = defer.ensureDeferred(bob.listen(lambda entry: None))
+    await task.deferLater(reactor, 0.2, lambda: None)
+    other = MemoryClient(core)
+    assert (await other.request("login", {"username": "bob", "password": PASSWORD}))["type"] == "loginSuccess"
+    new = "BatteryStaple42"
+    change = {"oldPassword": PASSWORD, "newPassword": new, "newPasswordConfirm": new}
+    assert (await other.request("changePassword", change))["type"] == "changePasswordSuccess"
+    with pytest.raises(AuthenticationFailed):
+        await listening.addTimeout(10, reactor)
