@@ -145,6 +145,26 @@ async def test_fetching_your_own_bundle_burns_no_prekey(core):
 
 
 @pytest_twisted.ensureDeferred
+async def test_bundle_without_a_prekey_when_asked(core, http):
+    """"oneTimePrekey": false (or ?oneTimePrekey=false) reads another user's bundle without taking a key."""
+    bob, b = await register(core, "bob")
+    await bob.request("uploadPrekeys", {"prekeys": _prekeys(0, 2)})
+    alice, a = await register(core, "alice")
+    plain = (await alice.request("getPublicKey", {"userId": b["userId"], "oneTimePrekey": False}))["payload"]
+    assert "oneTimePrekey" not in plain
+    status, over_http = await http.call("GET", f"/v1/keys/{b['userId']}?oneTimePrekey=false", token=a["sessionToken"])
+    assert status == 200 and "oneTimePrekey" not in over_http
+    assert (await bob.request("getPrekeyCount"))["payload"] == {"count": 2}
+    bad = await alice.request("getPublicKey", {"userId": b["userId"], "oneTimePrekey": "no"})
+    assert bad["payload"]["code"] == "INVALID_FORMAT"
+    status, error = await http.call("GET", f"/v1/keys/{b['userId']}?oneTimePrekey=maybe", token=a["sessionToken"])
+    assert (status, error["code"]) == (400, "INVALID_FORMAT")
+    taken = (await alice.request("getPublicKey", {"userId": b["userId"]}))["payload"]
+    assert taken["oneTimePrekey"]["keyId"] == 0
+    assert (await bob.request("getPrekeyCount"))["payload"] == {"count": 1}
+
+
+@pytest_twisted.ensureDeferred
 async def test_prekey_pool_limit(core):
     """The pool holds at most MAX_WAITING_PREKEYS keys; past it the upload is refused whole."""
     bob, _ = await register(core, "bob")

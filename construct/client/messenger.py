@@ -200,9 +200,9 @@ class Messenger:
         reply = await self._request("lookupUser", {"username": username})
         return reply["payload"]["userId"], reply["payload"]["username"]
 
-    async def _fetch_bundle(self, user_id: str) -> PeerBundle:
-        """The peer's verified bundle; this hands out one of their one-time prekeys."""
-        payload = (await self._request("getPublicKey", {"userId": user_id}))["payload"]
+    async def _fetch_bundle(self, user_id: str, take_prekey: bool) -> PeerBundle:
+        """The peer's verified bundle, with one of their one-time prekeys when starting a session."""
+        payload = (await self._request("getPublicKey", {"userId": user_id, "oneTimePrekey": take_prekey}))["payload"]
         keys = verify_key_bundle(payload, expected_user_id=user_id)
         return PeerBundle(payload["username"], keys, payload.get("oneTimePrekey"))
 
@@ -212,7 +212,7 @@ class Messenger:
         user_id, name = await self._lookup(username)
         known = await self._store.read(lambda data: data["contacts"].get(user_id))
         if known is None:
-            bundle = await self._fetch_bundle(user_id)
+            bundle = await self._fetch_bundle(user_id, take_prekey=False)
             await self._store.update(partial(account.pin_contact, user_id=user_id, bundle=bundle, now=self._now()))
 
         def compute(data: dict) -> dict:
@@ -250,7 +250,7 @@ class Messenger:
             partial(account.prepare_outgoing, peer_id=user_id, text=text, bundle=None, now=now)
         )
         if message is None:
-            bundle = await self._fetch_bundle(user_id)
+            bundle = await self._fetch_bundle(user_id, take_prekey=True)
             message = await self._store.update(
                 partial(account.prepare_outgoing, peer_id=user_id, text=text, bundle=bundle, now=now)
             )
@@ -353,7 +353,7 @@ class Messenger:
         sender: PeerBundle | str
         while True:
             try:
-                sender = await self._fetch_bundle(sender_id)
+                sender = await self._fetch_bundle(sender_id, take_prekey=False)
                 break
             except ServerError as e:
                 if e.code == "USER_NOT_FOUND":

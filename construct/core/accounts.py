@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from construct.core.keys import validate_bundle
 from construct.core.validation import check_password_strength, normalize_username
-from construct.errors import ConstructError
+from construct.errors import ConstructError, user_not_found_error
 from construct.storage.accounts import AccountStore, User
 
 SESSION_TTL_SECONDS = 30 * 24 * 3600
@@ -142,7 +142,7 @@ class AccountService:
         """The account with this username (any letter case); USER_NOT_FOUND otherwise."""
         user = await self._store.get_user_by_name(normalize_username(username))
         if user is None:
-            raise ConstructError("USER_NOT_FOUND", "User not found", 404)
+            raise user_not_found_error()
         return user
 
     async def logout(self, identity: Identity) -> None:

@@ -11,7 +11,7 @@ from nacl.signing import VerifyKey
 from twisted.internet.interfaces import IReactorTime
 
 from construct.core.validation import canonical_uuid, decode_base64
-from construct.errors import ConstructError
+from construct.errors import ConstructError, user_not_found_error
 from construct.storage.keys import KeyStore, OneTimePrekeyRecord, PublishedBundle, StoredBundle
 
 MAX_BUNDLE_DATA_BYTES = 16384
@@ -136,7 +136,7 @@ class KeyService:
         claim = requester_id is not None and requester_id != user_id
         published = await self._store.get_bundle(user_id, claim_one_time_prekey=claim)
         if published is None:
-            raise ConstructError("USER_NOT_FOUND", "User not found", 404)
+            raise user_not_found_error()
         return published
 
     async def upload_one_time_prekeys(self, user_id: str, raw_prekeys: Any) -> int:

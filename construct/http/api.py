@@ -117,7 +117,13 @@ class HttpApi:
 
     @app.route("/keys/<string:user_id>", methods=["GET"])
     def get_keys(self, request: Any, user_id: str) -> Deferred:
-        return self._call(request, "getPublicKey", lambda: {"userId": user_id}, True)
+        def payload() -> dict:
+            flag = request.args.get(b"oneTimePrekey", [b"true"])[0]
+            if flag not in (b"true", b"false"):
+                raise invalid_format("'oneTimePrekey' must be true or false")
+            return {"userId": user_id, "oneTimePrekey": flag == b"true"}
+
+        return self._call(request, "getPublicKey", payload, True)
 
     @app.route("/keys/prekeys", methods=["POST"])
     def upload_prekeys(self, request: Any) -> Deferred:

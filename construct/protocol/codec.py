@@ -63,6 +63,14 @@ def decode(data: bytes, encoding: str) -> Frame:
     return Frame(message_type, payload, request_id)
 
 
+def request_id_of(data: bytes, encoding: str) -> str | None:
+    """The requestId of a frame, if it has a readable one (for replies to frames not acted on)."""
+    try:
+        return decode(data, encoding).request_id
+    except FrameError as e:
+        return e.request_id
+
+
 def to_json_value(value: Any) -> Any:
     """Replace bytes with standard base64 strings, recursively."""
     if isinstance(value, bytes):

@@ -59,7 +59,11 @@ class ClientConnection:
             return
         if self._draining:
             # Nothing was done with it: the client resends after reconnecting elsewhere.
-            self._send_error(ConstructError("SERVICE_UNAVAILABLE", "The server is shutting down", 503), None, encoding)
+            self._send_error(
+                ConstructError("SERVICE_UNAVAILABLE", "The server is shutting down", 503),
+                codec.request_id_of(data, encoding),
+                encoding,
+            )
             return
         self._push_encoding = encoding
         if len(data) > self._max_frame_bytes:

@@ -77,7 +77,11 @@ async def connect(core: Core, client: Client, payload: dict) -> Reply:
 async def get_public_key(core: Core, client: Client, payload: dict) -> Reply:
     identity = _authenticated(client)
     user_id = canonical_uuid(payload.get("userId"), "userId", "INVALID_USER_ID")
-    published = await core.keys.get(user_id, requester_id=identity.user_id)
+    # "oneTimePrekey": false asks for the bundle only, e.g. to verify a sender, sparing their pool.
+    wants_prekey = payload.get("oneTimePrekey", True)
+    if not isinstance(wants_prekey, bool):
+        raise ConstructError("INVALID_FORMAT", "'oneTimePrekey' must be true or false")
+    published = await core.keys.get(user_id, requester_id=identity.user_id if wants_prekey else None)
     bundle = published.bundle
     identity_key, signed_prekey = first_suite_keys(bundle)
     reply = {

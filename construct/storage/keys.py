@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from construct.errors import ConstructError
+from construct.errors import ConstructError, user_not_found_error
 from construct.storage.database import Database, Txn
 
 
@@ -102,7 +102,7 @@ class KeyStore:
         # Locking the owner's row serialises its uploads, so two cannot both pass the limit.
         lock = " FOR UPDATE" if self._db.engine.name == "postgres" else ""
         if txn.execute(f"SELECT id FROM users WHERE id = ?{lock}", (user_id,)).fetchone() is None:
-            raise ConstructError("USER_NOT_FOUND", "User not found", 404)
+            raise user_not_found_error()
         if prekeys:
             values = ", ".join("(?, ?, ?, ?)" for _ in prekeys)
             params = [value for p in prekeys for value in (user_id, p.key_id, p.public_key, now_ms)]
