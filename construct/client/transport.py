@@ -356,6 +356,15 @@ class Link:
         self, message_type: str, payload: dict | None = None, timeout: float = REQUEST_TIMEOUT,
         fail_after: int | None = None,
     ) -> dict:
+        """One request on the current connection. A connection that drops under the request is
+        replaced and the request sent once more: everything this client sends is safe to repeat
+        (sends and acknowledgements are idempotent by message id)."""
+        channel = await self.channel(fail_after)
+        try:
+            return await channel.request(message_type, payload, timeout)
+        except ConnectionClosed:
+            if not self._running:
+                raise
         channel = await self.channel(fail_after)
         return await channel.request(message_type, payload, timeout)
 
