@@ -96,6 +96,13 @@ class MemoryClient:
         self.connection.connection_lost()
 
 
+async def error_reply(client: MemoryClient, message_type: str, payload: dict) -> dict:
+    """The payload of the `error` the request must get."""
+    reply = await client.request(message_type, payload)
+    assert reply["type"] == "error", reply
+    return reply["payload"]
+
+
 async def register(core, username: str, encoding: str = codec.JSON) -> tuple[MemoryClient, dict]:
     """A MemoryClient registered (and so logged in) as `username`; returns it and registerSuccess's payload."""
     client = MemoryClient(core, encoding)

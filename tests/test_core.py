@@ -10,13 +10,7 @@ import pytest
 import pytest_twisted
 
 from construct.protocol import codec
-from tests.helpers import PASSWORD, MemoryClient, chat_message, make_bundle, register
-
-
-async def _error(client: MemoryClient, message_type: str, payload: dict) -> dict:
-    reply = await client.request(message_type, payload)
-    assert reply["type"] == "error", reply
-    return reply["payload"]
+from tests.helpers import MemoryClient, PASSWORD, chat_message, error_reply, make_bundle, register
 
 
 # Accounts
@@ -38,7 +32,7 @@ async def test_usernames_are_unique_case_insensitively(core):
     """ALICE and alice are one account."""
     await register(core, "alice")
     other = MemoryClient(core)
-    error = await _error(other, "register", {"username": "ALICE", "password": PASSWORD, "publicKey": make_bundle()})
+    error = await error_reply(other, "register", {"username": "ALICE", "password": PASSWORD, "publicKey": make_bundle()})
     assert error["code"] == "USERNAME_TAKEN"
 
 
@@ -62,7 +56,7 @@ async def test_usernames_are_unique_case_insensitively(core):
 async def test_register_rejects_bad_usernames_and_passwords(core, username, password, code):
     """Each username and password rule has its own clear error."""
     client = MemoryClient(core)
-    error = await _error(client, "register", {"username": username, "password": password, "publicKey": make_bundle()})
+    error = await error_reply(client, "register", {"username": username, "password": password, "publicKey": make_bundle()})
     assert error["code"] == code
 
 
@@ -92,7 +86,7 @@ def _tampered_signature() -> dict:
 async def test_register_rejects_bad_key_bundles(core, bundle):
     """The bundle is parsed and its Ed25519 signature verified before anything is stored."""
     client = MemoryClient(core)
-    error = await _error(client, "register", {"username": "alice", "password": PASSWORD, "publicKey": bundle})
+    error = await error_reply(client, "register", {"username": "alice", "password": PASSWORD, "publicKey": bundle})
     assert error["code"] == "INVALID_KEY_BUNDLE"
     # Nothing was created: the name is still free.
     assert (await register(core, "alice"))[1]["username"] == "alice"
@@ -106,10 +100,10 @@ async def test_login_and_uniform_invalid_credentials(core):
     ok = await client.request("login", {"username": "ALICE", "password": PASSWORD})
     assert ok["type"] == "loginSuccess" and ok["payload"]["userId"] == registered["userId"]
     assert ok["payload"]["sessionToken"] != registered["sessionToken"]
-    wrong = await _error(client, "login", {"username": "alice", "password": "WrongHorse99"})
-    unknown = await _error(client, "login", {"username": "nobody", "password": PASSWORD})
+    wrong = await error_reply(client, "login", {"username": "alice", "password": "WrongHorse99"})
+    unknown = await error_reply(client, "login", {"username": "nobody", "password": PASSWORD})
     assert wrong == unknown == {"code": "INVALID_CREDENTIALS", "message": "Invalid credentials"}
-    too_long = await _error(client, "login", {"username": "alice", "password": PASSWORD + "x" * 100})
+    too_long = await error_reply(client, "login", {"username": "alice", "password": PASSWORD + "x" * 100})
     assert too_long["code"] == "INVALID_CREDENTIALS"
 
 
@@ -120,8 +114,8 @@ async def test_connect_resumes_expires_and_rejects(core, clock):
     client = MemoryClient(core)
     ok = await client.request("connect", {"sessionToken": registered["sessionToken"]})
     assert ok == {"type": "connectSuccess", "payload": {"userId": registered["userId"], "username": "alice"}}
-    assert (await _error(client, "connect", {"sessionToken": "forged"}))["code"] == "INVALID_TOKEN"
-    assert (await _error(client, "connect", {}))["code"] == "INVALID_FORMAT"
+    assert (await error_reply(client, "connect", {"sessionToken": "forged"}))["code"] == "INVALID_TOKEN"
+    assert (await error_reply(client, "connect", {}))["code"] == "INVALID_FORMAT"
     clock.advance(30 * 24 * 3600 + 1)
     assert (await client.request("connect", {"sessionToken": registered["sessionToken"]})) == {"type": "sessionExpired"}
 
@@ -141,7 +135,7 @@ async def test_logout_revokes_token_and_unbinds(core):
     """After logout the token is dead and the connection is no longer authenticated."""
     client, registered = await register(core, "alice")
     assert (await client.request("logout", {"sessionToken": registered["sessionToken"]})) == {"type": "logoutSuccess"}
-    assert (await _error(client, "getPublicKey", {"userId": registered["userId"]}))["code"] == "AUTH_REQUIRED"
+    assert (await error_reply(client, "getPublicKey", {"userId": registered["userId"]}))["code"] == "AUTH_REQUIRED"
     assert (await client.request("connect", {"sessionToken": registered["sessionToken"]})) == {"type": "sessionExpired"}
     assert not await core.hub.is_online(registered["userId"])
 
@@ -162,7 +156,7 @@ async def test_change_password_revokes_other_sessions(core):
     assert (await second.request("connect", {"sessionToken": login["payload"]["sessionToken"]})) == {"type": "sessionExpired"}
     assert (await first.request("ping"))["type"] == "pong"
     assert (await MemoryClient(core).request("login", {"username": "alice", "password": new}))["type"] == "loginSuccess"
-    assert (await _error(second, "login", {"username": "alice", "password": PASSWORD}))["code"] == "INVALID_CREDENTIALS"
+    assert (await error_reply(second, "login", {"username": "alice", "password": PASSWORD}))["code"] == "INVALID_CREDENTIALS"
 
 
 @pytest.mark.parametrize(
@@ -180,7 +174,7 @@ async def test_change_password_errors(core, old, new, confirm, code):
     """Each changePassword failure has its own code and changes nothing."""
     client, registered = await register(core, "alice")
     payload = {"oldPassword": old, "newPassword": new, "newPasswordConfirm": confirm}
-    assert (await _error(client, "changePassword", payload))["code"] == code
+    assert (await error_reply(client, "changePassword", payload))["code"] == code
     assert (await MemoryClient(core).request("login", {"username": "alice", "password": PASSWORD}))["type"] == "loginSuccess"
 
 
@@ -194,7 +188,7 @@ async def test_get_public_key_returns_the_verifiable_bundle(core):
     bob = MemoryClient(core)
     registered = (await bob.request("register", {"username": "bob", "password": PASSWORD, "publicKey": bundle}))["payload"]
     stranger = MemoryClient(core)
-    assert (await _error(stranger, "getPublicKey", {"userId": registered["userId"]}))["code"] == "AUTH_REQUIRED"
+    assert (await error_reply(stranger, "getPublicKey", {"userId": registered["userId"]}))["code"] == "AUTH_REQUIRED"
     alice, _ = await register(core, "alice")
     reply = await alice.request("getPublicKey", {"userId": registered["userId"].upper()})
     assert reply["type"] == "publicKeyBundle"
@@ -210,8 +204,8 @@ async def test_get_public_key_returns_the_verifiable_bundle(core):
         "masterIdentityKey": bundle["masterIdentityKey"],
         "bundleData": bundle["bundleData"],
     }
-    assert (await _error(alice, "getPublicKey", {"userId": str(uuid.uuid4())}))["code"] == "USER_NOT_FOUND"
-    assert (await _error(alice, "getPublicKey", {"userId": "not-a-uuid"}))["code"] == "INVALID_USER_ID"
+    assert (await error_reply(alice, "getPublicKey", {"userId": str(uuid.uuid4())}))["code"] == "USER_NOT_FOUND"
+    assert (await error_reply(alice, "getPublicKey", {"userId": "not-a-uuid"}))["code"] == "INVALID_USER_ID"
 
 
 @pytest_twisted.ensureDeferred
@@ -234,12 +228,12 @@ async def test_rotate_prekey_only_for_own_account_and_same_identity(core):
     fetched = (await bob.request("getPublicKey", {"userId": user_id}))["payload"]
     assert fetched["bundleData"] == update["bundleData"]
 
-    forbidden = await _error(bob, "rotatePrekey", {"userId": user_id, "update": make_bundle(user_id)})
+    forbidden = await error_reply(bob, "rotatePrekey", {"userId": user_id, "update": make_bundle(user_id)})
     assert forbidden["code"] == "FORBIDDEN"
-    new_identity = await _error(alice, "rotatePrekey", {"userId": user_id, "update": make_bundle(user_id)})
+    new_identity = await error_reply(alice, "rotatePrekey", {"userId": user_id, "update": make_bundle(user_id)})
     assert new_identity["code"] == "INVALID_KEY_BUNDLE"
     wrong_owner = make_bundle(bob_registered["userId"], signing_key=signing_key)
-    assert (await _error(alice, "rotatePrekey", {"userId": user_id, "update": wrong_owner}))["code"] == "INVALID_KEY_BUNDLE"
+    assert (await error_reply(alice, "rotatePrekey", {"userId": user_id, "update": wrong_owner}))["code"] == "INVALID_KEY_BUNDLE"
     assert (await bob.request("getPublicKey", {"userId": user_id}))["payload"]["bundleData"] == update["bundleData"]
 
 
@@ -312,7 +306,7 @@ async def test_resent_id_gets_same_ack_and_is_delivered_once(core):
     assert bob.pending() == []
     carol, c = await register(core, "carol")
     stolen = dict(message, **{"from": c["userId"]})
-    assert (await _error(carol, "sendMessage", stolen))["code"] == "DUPLICATE_MESSAGE"
+    assert (await error_reply(carol, "sendMessage", stolen))["code"] == "DUPLICATE_MESSAGE"
 
 
 @pytest_twisted.ensureDeferred
@@ -327,15 +321,15 @@ async def test_send_rejects_bad_messages(core):
         "INVALID_MESSAGE_FORMAT": dict(good, ephemeralPublicKey=b"short"),
     }
     for code, message in cases.items():
-        assert (await _error(alice, "sendMessage", message))["code"] == code
+        assert (await error_reply(alice, "sendMessage", message))["code"] == code
     for field, value in [("id", "x"), ("to", None), ("messageNumber", -1), ("messageNumber", 2**32),
                          ("content", ""), ("timestamp", "now"), ("ephemeralPublicKey", "!!")]:
-        assert (await _error(alice, "sendMessage", dict(good, **{field: value})))["code"] == "INVALID_MESSAGE_FORMAT"
+        assert (await error_reply(alice, "sendMessage", dict(good, **{field: value})))["code"] == "INVALID_MESSAGE_FORMAT"
     too_large = dict(good, content="A" * (64 * 1024 + 1))
-    assert (await _error(alice, "sendMessage", too_large))["code"] == "MESSAGE_TOO_LARGE"
+    assert (await error_reply(alice, "sendMessage", too_large))["code"] == "MESSAGE_TOO_LARGE"
     assert (await alice.request("sendMessage", dict(good, content="A" * 64 * 1024)))["type"] == "ack"
     anonymous = MemoryClient(core)
-    assert (await _error(anonymous, "sendMessage", good))["code"] == "AUTH_REQUIRED"
+    assert (await error_reply(anonymous, "sendMessage", good))["code"] == "AUTH_REQUIRED"
 
 
 @pytest_twisted.ensureDeferred
@@ -349,7 +343,7 @@ async def test_inbox_quota(core_factory):
         message = chat_message(a["userId"], b["userId"])
         sent.append(message["id"])
         assert (await alice.request("sendMessage", message))["type"] == "ack"
-    assert (await _error(alice, "sendMessage", chat_message(a["userId"], b["userId"])))["code"] == "INBOX_FULL"
+    assert (await error_reply(alice, "sendMessage", chat_message(a["userId"], b["userId"])))["code"] == "INBOX_FULL"
     assert [(await bob.next())["payload"]["id"] for _ in range(2)] == sent
     bob.send("ackMessage", {"messageIds": sent[:1]})
     assert (await bob.request("ping"))["type"] == "pong"
@@ -439,7 +433,7 @@ async def test_malformed_frames_get_errors_and_the_connection_continues(core):
     reply = await client.next()
     assert reply["payload"]["code"] == "UNKNOWN_TYPE" and reply["requestId"] == "r10"
     for bad in [None, [], ["nope"], [str(uuid.uuid4())] * 1001]:
-        assert (await _error(client, "ackMessage", {"messageIds": bad}))["code"] == "INVALID_FORMAT"
+        assert (await error_reply(client, "ackMessage", {"messageIds": bad}))["code"] == "INVALID_FORMAT"
     client.send_raw(b"x" * (300 * 1024), codec.JSON)
     assert (await client.next())["payload"]["code"] == "MESSAGE_TOO_LARGE"
     assert (await client.request("ping"))["type"] == "pong"

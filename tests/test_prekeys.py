@@ -19,7 +19,7 @@ from construct.storage.accounts import AccountStore, User
 from construct.storage.database import Database, PostgresEngine
 from construct.storage.keys import KeyStore, OneTimePrekeyRecord, StoredBundle
 from tests.clients import HttpClient
-from tests.helpers import PASSWORD, MemoryClient, b64, make_bundle, register
+from tests.helpers import MemoryClient, PASSWORD, b64, error_reply, make_bundle, register
 
 NOW_MS = 1_800_000_000_000
 BUNDLE = StoredBundle("master", "data", "signature")
@@ -37,12 +37,6 @@ async def _user(database, name: str) -> str:
     user = User(str(uuid.uuid4()), name, "hash")
     await AccountStore(database).create_account(user, BUNDLE, uuid.uuid4().hex, NOW_MS, NOW_MS + 60_000)
     return user.id
-
-
-async def _error(client: MemoryClient, message_type: str, payload: dict) -> dict:
-    reply = await client.request(message_type, payload)
-    assert reply["type"] == "error", reply
-    return reply["payload"]
 
 
 # Storage
@@ -170,7 +164,7 @@ async def test_prekey_pool_limit(core):
     bob, _ = await register(core, "bob")
     for start in range(0, MAX_WAITING_PREKEYS, 100):
         assert (await bob.request("uploadPrekeys", {"prekeys": _prekeys(start, 100)}))["type"] == "prekeysUploaded"
-    error = await _error(bob, "uploadPrekeys", {"prekeys": _prekeys(MAX_WAITING_PREKEYS, 1)})
+    error = await error_reply(bob, "uploadPrekeys", {"prekeys": _prekeys(MAX_WAITING_PREKEYS, 1)})
     assert error["code"] == "TOO_MANY_PREKEYS"
     assert (await bob.request("getPrekeyCount"))["payload"] == {"count": MAX_WAITING_PREKEYS}
 
@@ -195,7 +189,7 @@ async def test_upload_rejects_bad_prekeys(core):
         ([{"keyId": 1, "publicKey": key}, {"keyId": 1, "publicKey": key}], "keyId 1 appears more than once"),
     ]
     for prekeys, expected in cases:
-        error = await _error(bob, "uploadPrekeys", {"prekeys": prekeys})
+        error = await error_reply(bob, "uploadPrekeys", {"prekeys": prekeys})
         assert error["code"] == "INVALID_KEY_BUNDLE" and error["message"].startswith(expected), (prekeys, error)
     assert (await bob.request("getPrekeyCount"))["payload"] == {"count": 0}
 
@@ -223,7 +217,7 @@ async def test_prekey_and_lookup_messages_need_a_session(core):
         ("getPrekeyCount", {}),
         ("lookupUser", {"username": "bob"}),
     ):
-        assert (await _error(stranger, message_type, payload))["code"] == "AUTH_REQUIRED"
+        assert (await error_reply(stranger, message_type, payload))["code"] == "AUTH_REQUIRED"
 
 
 @pytest_twisted.ensureDeferred
@@ -233,9 +227,9 @@ async def test_lookup_user_by_name(core):
     alice, _ = await register(core, "alice")
     reply = await alice.request("lookupUser", {"username": "BOB"})
     assert reply == {"type": "userFound", "payload": {"userId": b["userId"], "username": "bob"}}
-    assert (await _error(alice, "lookupUser", {"username": "nobody"}))["code"] == "USER_NOT_FOUND"
-    assert (await _error(alice, "lookupUser", {"username": "no way"}))["code"] == "INVALID_USERNAME"
-    assert (await _error(alice, "lookupUser", {}))["code"] == "INVALID_FORMAT"
+    assert (await error_reply(alice, "lookupUser", {"username": "nobody"}))["code"] == "USER_NOT_FOUND"
+    assert (await error_reply(alice, "lookupUser", {"username": "no way"}))["code"] == "INVALID_USERNAME"
+    assert (await error_reply(alice, "lookupUser", {}))["code"] == "INVALID_FORMAT"
 
 
 # HTTP, in process
@@ -303,7 +297,7 @@ async def test_signed_prekey_rotation_is_verified_and_keeps_the_pool(core):
     bob_id = registered["payload"]["userId"]
     await bob.request("uploadPrekeys", {"prekeys": _prekeys(0, 3)})
     forged = dict(make_bundle(bob_id), masterIdentityKey=make_bundle(signing_key=identity)["masterIdentityKey"])
-    error = await _error(bob, "rotatePrekey", {"update": forged})
+    error = await error_reply(bob, "rotatePrekey", {"update": forged})
     assert error == {"code": "INVALID_KEY_BUNDLE", "message": "The signature does not verify against masterIdentityKey"}
     rotated = make_bundle(bob_id, signing_key=identity)
     assert (await bob.request("rotatePrekey", {"update": rotated})) == {"type": "keyRotationSuccess"}
