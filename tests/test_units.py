@@ -132,3 +132,14 @@ def test_tcp_oversize_line_is_skipped_once_and_the_stream_recovers():
     protocol.dataReceived(b'z\n{"ok":1}\n')
     assert recorder.too_large == 1
     assert recorder.frames == [b'{"ok":1}']
+
+
+def test_seed_clients_messagepack_frames_are_understood_byte_for_byte():
+    """The seed's own MessagePack bytes decode here, and a payload-less reply encodes exactly as the seed's."""
+    login = bytes.fromhex(
+        "82a474797065a56c6f67696ea77061796c6f616482a8757365726e616d65a5616c696365a870617373776f7264ad"
+        "436f7272656374486f72736539"
+    )
+    frame = codec.decode(login, codec.MSGPACK)
+    assert (frame.type, frame.payload, frame.request_id) == ("login", {"username": "alice", "password": "CorrectHorse9"}, None)
+    assert codec.encode("sessionExpired", None, None, codec.MSGPACK) == bytes.fromhex("81a474797065ae73657373696f6e45787069726564")

@@ -40,6 +40,9 @@ class HealthResource(Resource):
             except Exception as e:
                 results[name] = f"down: {type(e).__name__}: {str(e)[:200]}"
         healthy = all(result == "ok" for result in results.values())
+        if request._disconnected:
+            # The prober gave up while the checks ran; there is no one to answer.
+            return
         request.setResponseCode(200 if healthy else 503)
         request.setHeader(b"content-type", b"application/json")
         request.write(json.dumps({"status": "ok" if healthy else "unavailable", "checks": results}).encode())
