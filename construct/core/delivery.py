@@ -65,7 +65,11 @@ class DeliveryHub:
 
     def attach(self, connection: LiveConnection, user_id: str, token_hash: str) -> None:
         """Bind a connection to a user and push everything still unacknowledged, in order."""
-        self.detach(connection)
+        if self._user_of.get(connection) == user_id:
+            # Authenticated again as the same user: start over without leaving presence.
+            self._retire(self._by_user[user_id][connection])
+        else:
+            self.detach(connection)
         cursor = _Cursor(connection, user_id, token_hash, self._clock.seconds())
         first = not self.holds(user_id)
         self._by_user.setdefault(user_id, {})[connection] = cursor
@@ -79,13 +83,16 @@ class DeliveryHub:
         if user_id is None:
             return
         cursors = self._by_user[user_id]
-        cursor = cursors.pop(connection)
-        cursor.attached = False
-        if cursor.retry_call is not None and cursor.retry_call.active():
-            cursor.retry_call.cancel()
+        self._retire(cursors.pop(connection))
         if not cursors:
             del self._by_user[user_id]
         self._maybe_detached(user_id)
+
+    @staticmethod
+    def _retire(cursor: _Cursor) -> None:
+        cursor.attached = False
+        if cursor.retry_call is not None and cursor.retry_call.active():
+            cursor.retry_call.cancel()
 
     def holds(self, user_id: str) -> bool:
         """A live connection or a waiting long-poll of the user is here."""
