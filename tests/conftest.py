@@ -163,3 +163,19 @@ def pytest_configure(config):
 
 
 __all__ = ["pytest_twisted", "make_options"]
+
+
+@pytest_twisted.async_yield_fixture
+async def http(core):
+    """The /v1 API of `core` on a loopback port, and a client for it."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from construct.http.api import HttpApi
+    from tests.clients import HttpClient
+
+    root = Resource()
+    root.putChild(b"v1", HttpApi(core).app.resource())
+    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+    yield HttpClient(port.getHost().port)
+    await port.stopListening()

@@ -178,6 +178,27 @@ async def test_change_password_errors(core, old, new, confirm, code):
     assert (await MemoryClient(core).request("login", {"username": "alice", "password": PASSWORD}))["type"] == "loginSuccess"
 
 
+@pytest_twisted.ensureDeferred
+async def test_http_change_password(core, http):
+    """PUT /v1/accounts/current/password changes the password and ends the account's other sessions."""
+    live, registered = await register(core, "alice")
+    status, session = await http.call("POST", "/v1/sessions", {"username": "alice", "password": PASSWORD})
+    assert status == 200
+    new = "BatteryStaple42"
+    body = {"oldPassword": "WrongHorse99", "newPassword": new, "newPasswordConfirm": new}
+    status, error = await http.call("PUT", "/v1/accounts/current/password", body, token=session["sessionToken"])
+    assert (status, error["code"]) == (401, "INVALID_PASSWORD")
+    body["oldPassword"] = PASSWORD
+    assert (await http.call("PUT", "/v1/accounts/current/password", body))[0] == 401
+    status, _ = await http.call("PUT", "/v1/accounts/current/password", body, token=session["sessionToken"])
+    assert status == 204
+    assert (await live.next()) == {"type": "sessionExpired"}
+    status, error = await http.call("GET", "/v1/messages", token=registered["sessionToken"])
+    assert (status, error["code"]) == (401, "SESSION_EXPIRED")
+    assert (await http.call("GET", "/v1/messages", token=session["sessionToken"]))[0] == 200
+    assert (await http.call("POST", "/v1/sessions", {"username": "alice", "password": new}))[0] == 200
+
+
 # Keys
 
 

@@ -9,16 +9,12 @@ import uuid
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from construct.core.keys import MAX_PREKEY_ID, MAX_WAITING_PREKEYS
 from construct.errors import ConstructError
-from construct.http.api import HttpApi
 from construct.storage.accounts import AccountStore, User
 from construct.storage.database import Database, PostgresEngine
 from construct.storage.keys import KeyStore, OneTimePrekeyRecord, StoredBundle
-from tests.clients import HttpClient
 from tests.helpers import MemoryClient, PASSWORD, b64, error_reply, make_bundle, register
 
 NOW_MS = 1_800_000_000_000
@@ -232,16 +228,7 @@ async def test_lookup_user_by_name(core):
     assert (await error_reply(alice, "lookupUser", {}))["code"] == "INVALID_FORMAT"
 
 
-# HTTP, in process
-
-
-@pytest_twisted.async_yield_fixture
-async def http(core):
-    root = Resource()
-    root.putChild(b"v1", HttpApi(core).app.resource())
-    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
-    yield HttpClient(port.getHost().port)
-    await port.stopListening()
+# HTTP, in process (the `http` fixture is in conftest.py)
 
 
 @pytest_twisted.ensureDeferred

@@ -111,6 +111,10 @@ class HttpApi:
     def logout(self, request: Any) -> Deferred:
         return self._call(request, "logout", dict, True)
 
+    @app.route("/accounts/current/password", methods=["PUT"])
+    def change_password(self, request: Any) -> Deferred:
+        return self._call(request, "changePassword", lambda: self._body(request), True)
+
     @app.route("/keys", methods=["PUT"])
     def rotate_keys(self, request: Any) -> Deferred:
         return self._call(request, "rotatePrekey", lambda: self._body(request), True)
