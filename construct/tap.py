@@ -58,6 +58,7 @@ class Options(SettingsOptions):
         Setting("health", "tcp:3000:interface=127.0.0.1", "health and metrics endpoint", non_empty),
         Setting("data-dir", "construct-data", "directory of the embedded SQLite database", non_empty),
         Setting("database", None, "postgresql://user@host/db URL: PostgreSQL instead of SQLite", non_empty),
+        Setting("database-pool", 10, "most PostgreSQL connections of this process", int_between(1, 200)),
         Setting("redis", None, "redis://host:port/db URL: production mode, inboxes in Redis", redis_address),
         Setting("redis-prefix", "construct:", "prefix of every Redis key and channel", non_empty),
         Setting("instance-id", None, "stable id of this instance (default: host name and listen port)", non_empty),
@@ -92,10 +93,10 @@ def default_instance_id(listen: str) -> str:
     return f"{socket.gethostname()}-{port}"
 
 
-def open_database(program: str, database_url: str | None, data_dir: str, reactor: Any) -> Database:
+def open_database(program: str, database_url: str | None, data_dir: str, pool_size: int, reactor: Any) -> Database:
     """Create or upgrade the schema now, so an unreachable database stops startup with one line."""
     try:
-        engine = engine_from_options(database_url, data_dir)
+        engine = engine_from_options(database_url, data_dir, pool_size)
     except ValueError as e:
         raise SystemExit(f"{program}: {e}") from None
     try:
@@ -186,7 +187,7 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     if reactor is None:
         from twisted.internet import reactor
     endpoints = {name: parse_endpoint(reactor, PROGRAM, name, options[name]) for name in ("listen", "tcp", "health")}
-    db = open_database(PROGRAM, options["database"], options["data-dir"], reactor)
+    db = open_database(PROGRAM, options["database"], options["data-dir"], options["database-pool"], reactor)
     metrics = Metrics()
     threads = reactor.getThreadPool()
 

@@ -120,13 +120,13 @@ class PostgresEngine(Engine):
         return f"PostgreSQL database {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
 
 
-def engine_from_options(database_url: str | None, data_dir: str) -> Engine:
+def engine_from_options(database_url: str | None, data_dir: str, pool_size: int = 10) -> Engine:
     """`--database postgresql://…` selects PostgreSQL; otherwise SQLite in the data directory."""
     if database_url:
         scheme = urlsplit(database_url).scheme
         if scheme not in ("postgres", "postgresql"):
             raise ValueError(f"--database must be a postgresql:// URL, not {scheme or database_url!r}")
-        return PostgresEngine(database_url)
+        return PostgresEngine(database_url, pool_size)
     return SqliteEngine(os.path.join(data_dir, "construct.sqlite3"))
 
 
