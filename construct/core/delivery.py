@@ -112,9 +112,6 @@ class DeliveryHub:
     def online_users(self) -> list[str]:
         return list(set(self._by_user) | set(self._waiters))
 
-    def connection_count(self) -> int:
-        return sum(len(cursors) for cursors in self._by_user.values())
-
     def on_pending(self, user_id: str) -> None:
         """The user's inbox has new messages: feed every connection of theirs, wake long-polls."""
         for cursor in list(self._by_user.get(user_id, {}).values()):
