@@ -178,7 +178,8 @@ class RedisInbox:
         while True:
             cursor, page = await self._redis.execute("ZSCAN", self._pending_index, cursor, "COUNT", SWEEP_BATCH)
             for user_id in page[::2]:
-                _, accepted, user_depth = await self._sweep_user(user_id, now_ms)
+                # Expiring is expire()'s job, which counts what it removes: look only (time 0).
+                _, accepted, user_depth = await self._sweep_user(user_id, 0)
                 depth += user_depth
                 if accepted is not None and accepted < accepted_before_ms:
                     stale.append(user_id)
