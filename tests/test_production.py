@@ -9,6 +9,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 
 from construct.core.worker import DeliveryWorker
+from construct.errors import ConstructError
 from construct.metrics import Metrics
 from construct.redis.client import RedisAddress, RedisClient, RedisLeases
 from construct.redis.inbox import RedisInbox
@@ -130,7 +131,8 @@ async def test_redis_down_means_service_unavailable_not_a_false_ack(database):
         alice, a = await register(core, "alice")
         reply = await alice.request("sendMessage", chat_message(a["userId"], a["userId"]))
         assert reply["type"] == "error" and reply["payload"]["code"] == "SERVICE_UNAVAILABLE"
-        with pytest.raises(Exception):
+        with pytest.raises(ConstructError) as refused:
             await redis.ping()
+        assert refused.value.code == "SERVICE_UNAVAILABLE"
     finally:
         await redis.stop()

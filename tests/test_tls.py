@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseNeverReceived
 
 from construct.protocol import codec
 from tests.clients import TcpClient, WsClient, _LineProtocol, _WsProtocol
@@ -116,13 +116,14 @@ async def test_tls_on_websocket_tcp_http_and_health(tmp_path):
         health = await http.get(f"https://localhost:{server.ports['health']}/health")
         assert health.code == 200
 
-        with pytest.raises(Exception):
+        with pytest.raises(ConnectionError, match="certificate verify failed"):
             await _wss(server.ports["http"], other_ca_pem)
-        with pytest.raises(Exception):
-            untrusting = treq.client.HTTPClient(
-                Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(other_ca_pem)))
-            )
+        untrusting = treq.client.HTTPClient(
+            Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(other_ca_pem)))
+        )
+        with pytest.raises(ResponseNeverReceived) as refused:
             await untrusting.get(f"https://localhost:{server.ports['health']}/health")
+        assert "certificate verify failed" in repr(refused.value.reasons[0].value)
         await ws.close()
         await lines.close()
     finally:

@@ -7,6 +7,7 @@ import json
 import msgpack
 import pytest
 from twisted.internet.testing import StringTransport
+from twisted.python import usage
 
 from construct.config import Setting, SettingsOptions, int_between
 from construct.errors import ConstructError
@@ -45,7 +46,7 @@ def test_bad_values_and_secrets_on_the_command_line_are_refused(tmp_path):
         DemoOptions(environ={}).parseOptions(["--size", "x"])
     with pytest.raises(SystemExit, match="cannot read"):
         DemoOptions(environ={"CONSTRUCT_NAME_FILE": str(tmp_path / "missing")}).parseOptions([])
-    with pytest.raises(Exception):
+    with pytest.raises(usage.UsageError, match="token"):
         DemoOptions(environ={}).parseOptions(["--token", "visible-in-ps"])
     from_environment = DemoOptions(environ={"CONSTRUCT_TOKEN": "s3"})
     from_environment.parseOptions([])
