@@ -36,6 +36,8 @@ class _Cursor:
     token_hash: str
     attached_at: float
     after_seq: int = 0
+    # Set by redeliver: start again from the beginning of the inbox at the next fetch.
+    rewind: bool = False
     running: bool = False
     again: bool = False
     attached: bool = True
@@ -138,7 +140,7 @@ class DeliveryHub:
         """
         for cursor in list(self._by_user.get(user_id, {}).values()):
             if cursor.attached_at < attached_before:
-                cursor.after_seq = 0
+                cursor.rewind = True
                 self._pump(cursor)
 
     def wait_for_pending(self, user_id: str, timeout: float) -> Deferred:
@@ -182,11 +184,16 @@ class DeliveryHub:
         try:
             while cursor.attached:
                 cursor.again = False
+                if cursor.rewind:
+                    cursor.rewind, cursor.after_seq = False, 0
                 entries = await self._inbox.fetch(
                     cursor.user_id, cursor.after_seq, FETCH_BATCH, int(self._clock.seconds() * 1000)
                 )
                 if not cursor.attached:
                     return
+                if cursor.rewind:
+                    # A redelivery came in while fetching; this batch would move the cursor past it.
+                    continue
                 path = "live" if cursor.drained_once else "inbox"
                 for entry in entries:
                     cursor.after_seq = entry.seq

@@ -1,0 +1,82 @@
+"""The delivery hub against a scripted inbox and a fake clock: ordering races, decided exactly."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import defer, task
+
+from construct.core.delivery import DeliveryHub
+from construct.delivery.types import InboxEntry
+from construct.metrics import Metrics
+
+
+class ScriptedInbox:
+    """Each fetch waits until the test answers it."""
+
+    def __init__(self) -> None:
+        self.fetches: list[tuple[int, defer.Deferred]] = []
+
+    def fetch(self, user_id: str, after_seq: int, limit: int, now_ms: int) -> defer.Deferred:
+        answer: defer.Deferred = defer.Deferred()
+        self.fetches.append((after_seq, answer))
+        return answer
+
+
+class Connection:
+    def __init__(self) -> None:
+        self.pushed: list[str] = []
+
+    def push_message(self, message: dict) -> None:
+        self.pushed.append(message["id"])
+
+    def session_revoked(self) -> None:
+        raise AssertionError("not expected")
+
+
+def _entry(seq: int) -> InboxEntry:
+    envelope = json.dumps({"id": f"m{seq}", "ephemeralPublicKey": ""})
+    return InboxEntry(seq, f"m{seq}", envelope)
+
+
+def test_redelivery_during_a_fetch_is_not_lost():
+    """A redeliver arriving while a fetch is in flight restarts from the inbox's start after that fetch."""
+    clock = task.Clock()
+    clock.advance(100)
+    inbox = ScriptedInbox()
+    hub = DeliveryHub(inbox, clock, Metrics())
+    connection = Connection()
+    hub.attach(connection, "bob", "token")
+    after, answer = inbox.fetches.pop()
+    assert after == 0
+    answer.callback([_entry(1), _entry(2)])
+    assert connection.pushed == ["m1", "m2"]
+
+    hub.on_pending("bob")
+    after, in_flight = inbox.fetches.pop()
+    assert after == 2
+    hub.redeliver("bob", attached_before=clock.seconds() + 1)
+    in_flight.callback([_entry(3)])
+    # The batch fetched before the redelivery is dropped; the next fetch starts over.
+    after, answer = inbox.fetches.pop()
+    assert after == 0
+    answer.callback([_entry(1), _entry(2), _entry(3)])
+    assert connection.pushed == ["m1", "m2", "m1", "m2", "m3"]
+    assert inbox.fetches == []
+
+
+def test_redelivery_spares_connections_attached_after_the_cutoff():
+    """Only connections attached before the cutoff can have held a message that long."""
+    clock = task.Clock()
+    inbox = ScriptedInbox()
+    hub = DeliveryHub(inbox, clock, Metrics())
+    old, new = Connection(), Connection()
+    hub.attach(old, "bob", "token")
+    inbox.fetches.pop()[1].callback([])
+    clock.advance(60)
+    hub.attach(new, "bob", "token")
+    inbox.fetches.pop()[1].callback([])
+    hub.redeliver("bob", attached_before=30)
+    assert [after for after, _ in inbox.fetches] == [0]
+    inbox.fetches.pop()[1].callback([_entry(1)])
+    assert (old.pushed, new.pushed) == (["m1"], [])
