@@ -90,14 +90,18 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])) do
   redis.call('HDEL', KEYS[4], id)
   redis.call('ZREM', KEYS[3], id)
 end
-local next_expiry = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')[2] or ''
+return {expired, redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')[2] or ''}
+"""
+
+# Read only: when the oldest pending message was accepted, and how many are pending.
+SURVEY_USER = """
 local accepted = ''
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
 if oldest then
-  local record = redis.call('HGET', KEYS[4], oldest)
+  local record = redis.call('HGET', KEYS[2], oldest)
   if record then accepted = string.match(record, '(%d+)$') end
 end
-return {expired, next_expiry, accepted, redis.call('ZCARD', KEYS[1])}
+return {accepted, redis.call('ZCARD', KEYS[1])}
 """
 
 
@@ -146,9 +150,9 @@ class RedisInbox:
     async def depth(self, recipient_id: str, now_ms: int) -> int:
         return int(await self._redis.execute("ZCARD", self.keys(recipient_id)[0]))
 
-    async def _sweep_user(self, user_id: str, now_ms: int) -> tuple[int, int | None, int]:
-        """Expire one user's old messages; return (expired, accepted time of the oldest left, depth)."""
-        expired, next_expiry, accepted, depth = await self._redis.eval(SWEEP_USER, self.keys(user_id)[:4], [now_ms])
+    async def _sweep_user(self, user_id: str, now_ms: int) -> int:
+        """Expire one user's old messages and re-index the user; return how many expired."""
+        expired, next_expiry = await self._redis.eval(SWEEP_USER, self.keys(user_id)[:4], [now_ms])
         if next_expiry:
             await self._redis.execute("ZADD", self._pending_index, int(float(next_expiry)), user_id)
         else:
@@ -157,7 +161,7 @@ class RedisInbox:
             racing = await self._redis.execute("ZRANGE", self.keys(user_id)[2], 0, 0, "WITHSCORES")
             if racing:
                 await self._redis.execute("ZADD", self._pending_index, "LT", int(float(racing[1])), user_id)
-        return int(expired), int(accepted) if accepted else None, int(depth)
+        return int(expired)
 
     async def expire(self, now_ms: int) -> int:
         """Expire every due message; returns how many were still unacknowledged."""
@@ -167,7 +171,7 @@ class RedisInbox:
                 "ZRANGEBYSCORE", self._pending_index, "-inf", now_ms, "LIMIT", 0, SWEEP_BATCH
             )
             for user_id in due:
-                total += (await self._sweep_user(user_id, now_ms))[0]
+                total += await self._sweep_user(user_id, now_ms)
             if len(due) < SWEEP_BATCH:
                 return total
 
@@ -178,10 +182,10 @@ class RedisInbox:
         while True:
             cursor, page = await self._redis.execute("ZSCAN", self._pending_index, cursor, "COUNT", SWEEP_BATCH)
             for user_id in page[::2]:
-                # Expiring is expire()'s job, which counts what it removes: look only (time 0).
-                _, accepted, user_depth = await self._sweep_user(user_id, 0)
-                depth += user_depth
-                if accepted is not None and accepted < accepted_before_ms:
+                keys = self.keys(user_id)
+                accepted, user_depth = await self._redis.eval(SURVEY_USER, [keys[0], keys[3]], [])
+                depth += int(user_depth)
+                if accepted and int(accepted) < accepted_before_ms:
                     stale.append(user_id)
             if cursor == "0":
                 return Survey(stale, depth)
