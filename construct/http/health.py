@@ -26,10 +26,15 @@ class HealthResource(Resource):
         self._clock = clock
 
     def render_GET(self, request: Any) -> Any:
-        ensureDeferred(self._respond(request))
+        gone: list = []
+        # Fires (with a failure) if the prober disconnects; appending consumes that failure.
+        request.notifyFinish().addBoth(gone.append)
+        ensureDeferred(self._respond(request, gone)).addErrback(
+            lambda failure: self.log.failure("health check response failed", failure)
+        )
         return NOT_DONE_YET
 
-    async def _respond(self, request: Any) -> None:
+    async def _respond(self, request: Any, gone: list) -> None:
         results = {}
         for name, check in self._checks.items():
             try:
@@ -40,7 +45,7 @@ class HealthResource(Resource):
             except Exception as e:
                 results[name] = f"down: {type(e).__name__}: {str(e)[:200]}"
         healthy = all(result == "ok" for result in results.values())
-        if request._disconnected:
+        if gone:
             # The prober gave up while the checks ran; there is no one to answer.
             return
         request.setResponseCode(200 if healthy else 503)
