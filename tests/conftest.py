@@ -162,9 +162,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "integration: starts real server processes")
 
 
-__all__ = ["pytest_twisted", "make_options"]
-
-
 @pytest_twisted.async_yield_fixture
 async def http(core):
     """The /v1 API of `core` on a loopback port, and a client for it."""
