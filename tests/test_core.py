@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer, reactor, task
 
 from construct.protocol import codec
 from tests.helpers import MemoryClient, PASSWORD, chat_message, error_reply, make_bundle, register
@@ -458,3 +459,20 @@ async def test_malformed_frames_get_errors_and_the_connection_continues(core):
     client.send_raw(b"x" * (300 * 1024), codec.JSON)
     assert (await client.next())["payload"]["code"] == "MESSAGE_TOO_LARGE"
     assert (await client.request("ping"))["type"] == "pong"
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_long_poll_rejects_bad_waits_and_wakes_on_a_send(core, http):
+    """GET /v1/messages refuses a bad wait and returns as soon as a message arrives."""
+    alice, a = await register(core, "alice")
+    _, b = await register(core, "bob")
+    for wait in ("abc", "-1", "61"):
+        status, error = await http.call("GET", f"/v1/messages?wait={wait}", token=b["sessionToken"])
+        assert (status, error["code"]) == (400, "INVALID_FORMAT"), wait
+    poll = defer.ensureDeferred(http.call("GET", "/v1/messages?wait=30", token=b["sessionToken"]))
+    await task.deferLater(reactor, 0.2, lambda: None)
+    assert not poll.called
+    message = chat_message(a["userId"], b["userId"])
+    await alice.request("sendMessage", message)
+    status, pending = await poll.addTimeout(10, reactor)
+    assert status == 200 and [m["id"] for m in pending["messages"]] == [message["id"]]

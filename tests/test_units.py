@@ -144,3 +144,54 @@ def test_seed_clients_messagepack_frames_are_understood_byte_for_byte():
     frame = codec.decode(login, codec.MSGPACK)
     assert (frame.type, frame.payload, frame.request_id) == ("login", {"username": "alice", "password": "CorrectHorse9"}, None)
     assert codec.encode("sessionExpired", None, None, codec.MSGPACK) == bytes.fromhex("81a474797065ae73657373696f6e45787069726564")
+
+
+class _ScriptedRedisFactory:
+    """Stands in for txredisapi's factory: one live connection answering as the test says."""
+
+    def __init__(self, answer) -> None:
+        self.size = 1
+        self.handler = self
+        self._answer = answer
+
+    def execute_command(self, *args):
+        return self._answer()
+
+
+def _redis_client(answer, clock):
+    from construct.redis.client import RedisAddress, RedisClient
+
+    client = RedisClient(RedisAddress.parse("redis://127.0.0.1:6379/0"), clock)
+    client._factory = _ScriptedRedisFactory(answer)
+    return client
+
+
+def _outcome(deferred):
+    results = []
+    deferred.addBoth(results.append)
+    return results[0] if results else None
+
+
+def test_redis_refusals_and_silence_are_service_unavailable_and_bugs_are_not():
+    """READONLY/OOM replies, a missing connection and a reply that never comes are SERVICE_UNAVAILABLE;
+    any other error reply is a bug and propagates."""
+    import txredisapi
+    from twisted.internet import defer, task
+
+    clock = task.Clock()
+    for reply in ("READONLY You can't write against a read only replica.", "OOM command not allowed"):
+        client = _redis_client(lambda reply=reply: defer.fail(txredisapi.ResponseError(reply)), clock)
+        failure = _outcome(defer.ensureDeferred(client.execute("SET", "k", "v")))
+        assert failure.value.code == "SERVICE_UNAVAILABLE"
+    broken = _redis_client(lambda: defer.fail(txredisapi.ResponseError("ERR wrong number of arguments")), clock)
+    assert _outcome(defer.ensureDeferred(broken.execute("SET"))).check(txredisapi.ResponseError)
+
+    silent = _redis_client(defer.Deferred, clock)
+    pending = defer.ensureDeferred(silent.execute("GET", "k"))
+    assert not pending.called
+    clock.advance(3.0)
+    assert _outcome(pending).value.code == "SERVICE_UNAVAILABLE"
+
+    disconnected = _redis_client(lambda: defer.succeed("never asked"), clock)
+    disconnected._factory.size = 0
+    assert _outcome(defer.ensureDeferred(disconnected.execute("GET", "k"))).value.code == "SERVICE_UNAVAILABLE"
