@@ -14,18 +14,20 @@ setup(
     install_requires=[
         "twisted[tls]>=24.7",
         "autobahn[twisted]>=24.4",
-        "txredisapi>=1.4.10",
+        "hiredis>=2.1",
         "psycopg2-binary>=2.9",
         "pynacl>=1.5",
         "bcrypt>=4.1",
         "service-identity>=24.1",
         "klein>=24.8",
         "msgpack>=1.0",
+        "orjson>=3.8",
         "prometheus-client>=0.20",
     ],
     entry_points={
         "console_scripts": [
             "construct-admin = construct.admin:main",
+            "construct-bench = construct.bench.cli:main",
             "construct-chat = construct.client.cli:main",
         ]
     },

@@ -20,7 +20,6 @@ from construct.config import Setting, SettingsOptions, non_empty
 from construct.redis.client import RedisClient
 from construct.redis.inbox import RedisInbox
 from construct.redis.presence import RedisPresence
-from construct.storage.accounts import AccountStore
 from construct.storage.admin import AdminStore
 from construct.storage.database import SCHEMA_VERSION, Database, engine_from_options, prepare_database, schema_version
 from construct.storage.inbox import SqlInbox
@@ -121,7 +120,7 @@ class Admin:
             if time.monotonic() > deadline:
                 raise SystemExit(f"{PROGRAM}: cannot reach Redis at {self._options['redis'].host}:{self._options['redis'].port}")
             await task.deferLater(self._reactor, 0.05, lambda: None)
-        return RedisInbox(self._redis, self._options["redis-prefix"], AccountStore(db).user_exists)
+        return RedisInbox(self._redis, self._options["redis-prefix"], self._reactor)
 
     def _now_ms(self) -> int:
         return int(self._reactor.seconds() * 1000)

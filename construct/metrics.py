@@ -51,8 +51,8 @@ class Metrics:
     def connection_closed(self, transport: str) -> None:
         self.connections.labels(transport).dec()
 
-    def delivered(self, path: str) -> None:
-        self.messages_delivered.labels(path).inc()
+    def delivered(self, path: str, count: int = 1) -> None:
+        self.messages_delivered.labels(path).inc(count)
 
     def acknowledged(self, latency_seconds: float) -> None:
         self.messages_acknowledged.inc()

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from twisted.internet.threads import deferToThreadPool
 
 from construct.config import Setting, SettingsOptions, int_between, non_empty
-from construct.core.accounts import AccountService, PasswordHasher
+from construct.core.accounts import AccountService, KnownUsers, PasswordHasher
 from construct.core.app import Core
 from construct.core.delivery import DeliveryHub
 from construct.core.keys import KeyService
@@ -170,13 +170,14 @@ def build_production(
     """
     address, prefix = options["redis"], options["redis-prefix"]
     redis = RedisClient(address, reactor)
-    accounts = AccountStore(db)
-    inbox = RedisInbox(redis, prefix, accounts.user_exists)
+    known_users = KnownUsers(AccountStore(db).user_exists, clock)
+    inbox = RedisInbox(redis, prefix, clock, known_users.exists, options["instance-id"])
     hub = DeliveryHub(inbox, clock, metrics)
     presence = InstancePresence(redis, prefix, clock, options["instance-id"], hub)
     hub.listener = presence
+    # The send script itself reads presence and wakes other instances: here, only local state.
     core = assemble_core(
-        db, inbox, hub, presence.is_online, presence.pending, presence.sessions_revoked, clock, options, metrics,
+        db, inbox, hub, hub.is_online, hub.on_pending, presence.sessions_revoked, clock, options, metrics,
         run_blocking,
     )
     subscriber = RedisSubscriber(address, reactor, [presence.channel], presence.event_received, presence.subscribed)

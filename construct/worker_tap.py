@@ -96,7 +96,7 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     redis = RedisClient(address, reactor)
     presence = RedisPresence(redis, prefix, reactor)
     # The worker only reads inboxes that already exist; it never stores messages.
-    inbox = RedisInbox(redis, prefix, user_exists=None)
+    inbox = RedisInbox(redis, prefix, reactor)
 
     async def wake(user_id: str) -> None:
         await presence.notify(user_id, "pending")

@@ -124,7 +124,7 @@ class HttpClient:
         token = token or self.token
         if token:
             headers["Authorization"] = [f"Bearer {token}"]
-        data = raw if raw is not None else (json.dumps(codec.to_json_value(body)).encode() if body is not None else None)
+        data = raw if raw is not None else (codec.json_bytes(body) if body is not None else None)
         response = await treq.request(method, self.base + path, data=data, headers=headers).addTimeout(TIMEOUT, reactor)
         content = await treq.content(response)
         return response.code, (json.loads(content) if content else None)

@@ -72,7 +72,8 @@ async def _eventually(check, seconds: float = 30.0):
 
 @pytest_twisted.ensureDeferred
 async def test_service_outages_refuse_sends_and_recover_without_restart(tmp_path, postgres_url, redis_prefix):
-    """While Redis or PostgreSQL is cut, sends get SERVICE_UNAVAILABLE and /health says what is down; then all recovers."""
+    """While Redis is cut, sends get SERVICE_UNAVAILABLE; while PostgreSQL is, registrations do but sends still
+    work; /health says what is down; then all recovers."""
     redis_port = int(REDIS_URL.rsplit(":", 1)[1].split("/")[0])
     redis_proxy, pg_proxy = CuttableProxy("127.0.0.1", redis_port), CuttableProxy("127.0.0.1", 5432)
     await redis_proxy.up()
@@ -99,10 +100,26 @@ async def test_service_outages_refuse_sends_and_recover_without_restart(tmp_path
             assert reply["payload"]["code"] == "SERVICE_UNAVAILABLE", reply
             return False
 
+        async def register_once():
+            carol = await TcpClient.connect(server.ports["tcp"])
+            reply = await carol.request(
+                "register", {"username": f"carol{len(acked)}", "password": PASSWORD, "publicKey": make_bundle()}
+            )
+            await carol.close()
+            if reply["type"] == "registerSuccess":
+                return True
+            assert reply["payload"]["code"] == "SERVICE_UNAVAILABLE", reply
+            return False
+
         assert await send_once()
         for proxy, name in ((redis_proxy, "redis"), (pg_proxy, "database")):
             await proxy.down()
-            assert not await send_once(), f"a send was acknowledged with {name} down"
+            if name == "redis":
+                assert not await send_once(), "a send was acknowledged with Redis down"
+            else:
+                # Accounts are down, messaging between known users is not: a send needs no SQL.
+                assert not await register_once(), "a registration succeeded with the database down"
+                assert await send_once(), "a send between known users failed with the database down"
             code, body = await _health(server)
             assert code == 503 and body["checks"][name].startswith("down"), body
             await proxy.up()

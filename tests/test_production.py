@@ -35,7 +35,7 @@ def _worker(redis_prefix: str, clock, redelivery_seconds: float = 60) -> tuple[D
     async def redeliver(user_id, attached_before):
         await presence.notify(user_id, "redeliver", attachedBefore=attached_before)
 
-    inbox = RedisInbox(redis, redis_prefix, user_exists=None)
+    inbox = RedisInbox(redis, redis_prefix, clock)
     leases = RedisLeases(redis, redis_prefix, "worker-1")
     return DeliveryWorker(inbox, presence.is_online, wake, redeliver, leases, clock, Metrics(), redelivery_seconds), redis
 

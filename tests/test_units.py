@@ -146,24 +146,16 @@ def test_seed_clients_messagepack_frames_are_understood_byte_for_byte():
     assert codec.encode("sessionExpired", None, None, codec.MSGPACK) == bytes.fromhex("81a474797065ae73657373696f6e45787069726564")
 
 
-class _ScriptedRedisFactory:
-    """Stands in for txredisapi's factory: one live connection answering as the test says."""
+def _redis_client(clock, url: str = "redis://127.0.0.1:6379/0"):
+    """A RedisClient whose connection is a real RespProtocol on an in-memory transport."""
+    from twisted.internet.testing import StringTransport
 
-    def __init__(self, answer) -> None:
-        self.size = 1
-        self.handler = self
-        self._answer = answer
-
-    def execute_command(self, *args):
-        return self._answer()
-
-
-def _redis_client(answer, clock):
     from construct.redis.client import RedisAddress, RedisClient
 
-    client = RedisClient(RedisAddress.parse("redis://127.0.0.1:6379/0"), clock)
-    client._factory = _ScriptedRedisFactory(answer)
-    return client
+    client = RedisClient(RedisAddress.parse(url), clock)
+    protocol = client._new_protocol()
+    protocol.makeConnection(StringTransport())
+    return client, protocol
 
 
 def _outcome(deferred):
@@ -175,23 +167,109 @@ def _outcome(deferred):
 def test_redis_refusals_and_silence_are_service_unavailable_and_bugs_are_not():
     """READONLY/OOM replies, a missing connection and a reply that never comes are SERVICE_UNAVAILABLE;
     any other error reply is a bug and propagates."""
-    import txredisapi
-    from twisted.internet import defer, task
+    from twisted.internet import defer
+    from twisted.internet.testing import MemoryReactorClock
 
-    clock = task.Clock()
-    for reply in ("READONLY You can't write against a read only replica.", "OOM command not allowed"):
-        client = _redis_client(lambda reply=reply: defer.fail(txredisapi.ResponseError(reply)), clock)
-        failure = _outcome(defer.ensureDeferred(client.execute("SET", "k", "v")))
-        assert failure.value.code == "SERVICE_UNAVAILABLE"
-    broken = _redis_client(lambda: defer.fail(txredisapi.ResponseError("ERR wrong number of arguments")), clock)
-    assert _outcome(defer.ensureDeferred(broken.execute("SET"))).check(txredisapi.ResponseError)
+    from construct.redis.client import ResponseError
 
-    silent = _redis_client(defer.Deferred, clock)
+    clock = MemoryReactorClock()
+    for reply in (b"-READONLY You can't write against a read only replica.\r\n", b"-OOM command not allowed\r\n"):
+        client, protocol = _redis_client(clock)
+        pending = defer.ensureDeferred(client.execute("SET", "k", "v"))
+        protocol.dataReceived(reply)
+        assert _outcome(pending).value.code == "SERVICE_UNAVAILABLE"
+    client, protocol = _redis_client(clock)
+    pending = defer.ensureDeferred(client.execute("SET"))
+    protocol.dataReceived(b"-ERR wrong number of arguments\r\n")
+    assert _outcome(pending).check(ResponseError)
+
+    silent, protocol = _redis_client(clock)
     pending = defer.ensureDeferred(silent.execute("GET", "k"))
+    clock.advance(2.9)
     assert not pending.called
-    clock.advance(3.0)
+    clock.advance(0.1)
     assert _outcome(pending).value.code == "SERVICE_UNAVAILABLE"
+    assert protocol.transport.disconnecting, "a silent connection is dropped so a new one is made"
 
-    disconnected = _redis_client(lambda: defer.succeed("never asked"), clock)
-    disconnected._factory.size = 0
-    assert _outcome(defer.ensureDeferred(disconnected.execute("GET", "k"))).value.code == "SERVICE_UNAVAILABLE"
+    gone, protocol = _redis_client(clock)
+    protocol.connectionLost(None)
+    assert not gone.connected
+    assert _outcome(defer.ensureDeferred(gone.execute("GET", "k"))).value.code == "SERVICE_UNAVAILABLE"
+
+
+def test_redis_commands_pipeline_in_order_and_scripts_load_once():
+    """Commands are written at once and answered in order; a script Redis lacks is sent in full once."""
+    import hiredis
+    from twisted.internet import defer
+    from twisted.internet.testing import MemoryReactorClock
+
+    from construct.redis.client import Script
+
+    client, protocol = _redis_client(MemoryReactorClock())
+    first = defer.ensureDeferred(client.execute("GET", "a"))
+    second = defer.ensureDeferred(client.execute("INCR", "b"))
+    assert protocol.transport.value() == hiredis.pack_command(("GET", "a")) + hiredis.pack_command(("INCR", "b"))
+    protocol.dataReceived(b"$1\r\nx\r\n:")
+    assert _outcome(first) == "x" and not second.called
+    protocol.dataReceived(b"7\r\n")
+    assert _outcome(second) == 7
+
+    script = Script("return ARGV[1]")
+    protocol.transport.clear()
+    result = defer.ensureDeferred(client.eval(script, ["k"], [5]))
+    assert protocol.transport.value() == hiredis.pack_command(("EVALSHA", script.sha, 1, "k", 5))
+    protocol.transport.clear()
+    protocol.dataReceived(b"-NOSCRIPT No matching script.\r\n")
+    assert protocol.transport.value() == hiredis.pack_command(("EVAL", script.text, 1, "k", 5))
+    protocol.dataReceived(b"$1\r\n5\r\n")
+    assert _outcome(result) == "5"
+
+
+def test_redis_connection_authenticates_before_it_is_used():
+    """AUTH and SELECT go first; the client takes commands only once both succeeded, and a refusal drops the connection."""
+    import hiredis
+    from twisted.internet.testing import MemoryReactorClock
+
+    client, protocol = _redis_client(MemoryReactorClock(), "redis://app:s3cret@127.0.0.1:6379/3")
+    assert protocol.transport.value() == hiredis.pack_command(("AUTH", "app", "s3cret"))
+    assert not client.connected
+    protocol.dataReceived(b"+OK\r\n")
+    assert protocol.transport.value().endswith(hiredis.pack_command(("SELECT", 3)))
+    protocol.dataReceived(b"+OK\r\n")
+    assert client.connected
+
+    refused, protocol = _redis_client(MemoryReactorClock(), "redis://:wrong@127.0.0.1:6379/0")
+    protocol.dataReceived(b"-WRONGPASS invalid username-password pair\r\n")
+    assert not refused.connected and protocol.transport.disconnecting
+
+
+def test_redis_subscriber_subscribes_after_each_connect_and_survives_a_bad_handler():
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from construct.redis.client import RedisAddress, RedisSubscriber
+
+    received, subscriptions = [], []
+
+    def on_message(channel, message):
+        if message == "boom":
+            raise ValueError("handler bug")
+        received.append((channel, message))
+
+    subscriber = RedisSubscriber(
+        RedisAddress.parse("redis://127.0.0.1:6379/0"), MemoryReactorClock(), ["a", "b"], on_message,
+        lambda: subscriptions.append(True),
+    )
+    for _ in range(2):
+        protocol = subscriber._new_protocol()
+        protocol.makeConnection(StringTransport())
+        assert b"SUBSCRIBE" in protocol.transport.value()
+        protocol.dataReceived(b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n")
+        assert not subscriber.connected
+        protocol.dataReceived(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n")
+        assert subscriber.connected
+        protocol.dataReceived(b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$4\r\nboom\r\n")
+        protocol.dataReceived(b"*3\r\n$7\r\nmessage\r\n$1\r\nb\r\n$2\r\nhi\r\n")
+        protocol.connectionLost(None)
+        assert not subscriber.connected
+    assert subscriptions == [True, True]
+    assert received == [("b", "hi"), ("b", "hi")]

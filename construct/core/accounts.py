@@ -7,7 +7,7 @@ import re
 import secrets
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import bcrypt
 from twisted.internet.defer import Deferred
@@ -53,6 +53,41 @@ class IssuedSession:
     identity: Identity
     token: str
     expires: int
+
+
+class KnownUsers:
+    """Which user ids exist, remembered for a while, so a send costs no SQL query.
+
+    Only existence is remembered: an account is found the moment it is registered. An account
+    deleted meanwhile can still be sent to for up to `ttl_seconds`; those messages expire unread.
+    """
+
+    def __init__(
+        self,
+        lookup: Callable[[str], Awaitable[bool]],
+        clock: IReactorTime,
+        ttl_seconds: float = 60.0,
+        capacity: int = 100_000,
+    ) -> None:
+        self._lookup = lookup
+        self._clock = clock
+        self._ttl = ttl_seconds
+        self._capacity = capacity
+        # user id -> when it was last seen to exist; insertion order is age order.
+        self._seen: dict[str, float] = {}
+
+    async def exists(self, user_id: str) -> bool:
+        now = self._clock.seconds()
+        seen = self._seen.get(user_id)
+        if seen is not None and now - seen < self._ttl:
+            return True
+        found = await self._lookup(user_id)
+        self._seen.pop(user_id, None)
+        if found:
+            if len(self._seen) >= self._capacity:
+                del self._seen[next(iter(self._seen))]
+            self._seen[user_id] = now
+        return found
 
 
 class PasswordHasher:

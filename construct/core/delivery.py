@@ -194,11 +194,11 @@ class DeliveryHub:
                 if cursor.rewind:
                     # A redelivery came in while fetching; this batch would move the cursor past it.
                     continue
-                path = "live" if cursor.drained_once else "inbox"
                 for entry in entries:
                     cursor.after_seq = entry.seq
                     cursor.connection.push_message(decode_envelope(entry.envelope))
-                    self._metrics.delivered(path)
+                if entries:
+                    self._metrics.delivered("live" if cursor.drained_once else "inbox", len(entries))
                 if len(entries) < FETCH_BATCH:
                     cursor.drained_once = True
                     if not cursor.again:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+import orjson
 from twisted.internet.interfaces import IReactorTime
 
 from construct.core.validation import canonical_uuid, decode_base64
@@ -57,11 +57,11 @@ def parse_chat_message(payload: dict, max_content_bytes: int) -> dict:
 
 def encode_envelope(message: dict) -> str:
     stored = dict(message, ephemeralPublicKey=base64.b64encode(message["ephemeralPublicKey"]).decode("ascii"))
-    return json.dumps(stored, separators=(",", ":"))
+    return orjson.dumps(stored).decode("utf-8")
 
 
 def decode_envelope(envelope: str) -> dict:
-    message = json.loads(envelope)
+    message = orjson.loads(envelope)
     message["ephemeralPublicKey"] = base64.b64decode(message["ephemeralPublicKey"])
     return message
 

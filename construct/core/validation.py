@@ -11,6 +11,7 @@ from typing import Any
 from construct.errors import ConstructError, invalid_format
 
 USERNAME_PATTERN = re.compile(r"[a-z0-9_.\-]{3,32}")
+CANONICAL_UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def require(payload: dict, name: str, kind: type | tuple[type, ...] = str) -> Any:
@@ -25,6 +26,8 @@ def require(payload: dict, name: str, kind: type | tuple[type, ...] = str) -> An
 
 def canonical_uuid(value: Any, field: str, code: str = "INVALID_FORMAT") -> str:
     """Lower-case hyphenated form; the server keys everything by this form."""
+    if isinstance(value, str) and CANONICAL_UUID_PATTERN.fullmatch(value):
+        return value
     if not isinstance(value, str) or len(value) > 64:
         raise ConstructError(code, f"'{field}' must be a UUID string")
     try:

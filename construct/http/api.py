@@ -6,10 +6,10 @@ Request and response bodies are the payloads of the matching protocol messages w
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from typing import Any
 
+import orjson
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -73,7 +73,7 @@ class HttpApi:
     @staticmethod
     def _body(request: Any) -> dict:
         try:
-            body = json.loads(request.content.read().decode("utf-8"))
+            body = orjson.loads(request.content.read())
         except Exception:
             raise invalid_format("The request body must be a JSON object") from None
         if not isinstance(body, dict):
@@ -84,7 +84,7 @@ class HttpApi:
     def _json(request: Any, status: int, payload: Any) -> bytes:
         request.setResponseCode(status)
         request.setHeader("content-type", "application/json")
-        return json.dumps(codec.to_json_value(payload), separators=(",", ":")).encode("utf-8")
+        return codec.json_bytes(payload)
 
     async def _run(self, request: Any, message_type: str, payload_of: Any, authenticated: bool, status: int) -> bytes:
         client = HttpClient(await self._identity(request) if authenticated else None)

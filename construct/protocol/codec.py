@@ -7,11 +7,11 @@ MessagePack bin, or standard base64 strings in JSON.
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import orjson
 
 from construct.errors import ConstructError
 
@@ -45,7 +45,7 @@ def decode(data: bytes, encoding: str) -> Frame:
         if encoding == MSGPACK:
             message = msgpack.unpackb(data, raw=False, strict_map_key=True)
         else:
-            message = json.loads(data.decode("utf-8"))
+            message = orjson.loads(data)
     except Exception:
         kind = "MessagePack" if encoding == MSGPACK else "JSON"
         raise _invalid(f"Invalid message format: not a {kind} message") from None
@@ -71,15 +71,15 @@ def request_id_of(data: bytes, encoding: str) -> str | None:
         return e.request_id
 
 
-def to_json_value(value: Any) -> Any:
-    """Replace bytes with standard base64 strings, recursively."""
+def _bytes_as_base64(value: Any) -> str:
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
-    if isinstance(value, dict):
-        return {key: to_json_value(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [to_json_value(item) for item in value]
-    return value
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def json_bytes(value: Any) -> bytes:
+    """Compact JSON, bytes as standard base64 strings."""
+    return orjson.dumps(value, default=_bytes_as_base64)
 
 
 def encode(message_type: str, payload: dict | None, request_id: str | None, encoding: str) -> bytes:
@@ -90,4 +90,4 @@ def encode(message_type: str, payload: dict | None, request_id: str | None, enco
         message["requestId"] = request_id
     if encoding == MSGPACK:
         return msgpack.packb(message, use_bin_type=True)
-    return json.dumps(to_json_value(message), separators=(",", ":")).encode("utf-8")
+    return json_bytes(message)

@@ -49,12 +49,9 @@ class JsonLinesProtocol(Protocol):
     def _lines_received(self, data: bytes) -> None:
         if self._connection is None:
             return
-        self._buffer += data
-        while True:
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                break
-            line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+        lines = (self._buffer + data).split(b"\n")
+        self._buffer = lines.pop()
+        for line in lines:
             if self._discarding:
                 self._discarding = False
                 continue

@@ -34,6 +34,14 @@ def instance_channel(prefix: str, instance_id: str) -> str:
     return f"{prefix}instance:{instance_id}"
 
 
+def presence_key(prefix: str, user_id: str) -> str:
+    return f"{prefix}{{{user_id}}}:presence"
+
+
+def event_message(event: str, user_id: str, **fields: Any) -> str:
+    return json.dumps({"event": event, "userId": user_id, **fields})
+
+
 class RedisPresence:
     """Looks up where users are connected and sends events to those instances."""
 
@@ -45,7 +53,7 @@ class RedisPresence:
         self._clock = clock
 
     def key(self, user_id: str) -> str:
-        return f"{self._prefix}{{{user_id}}}:presence"
+        return presence_key(self._prefix, user_id)
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
@@ -59,7 +67,7 @@ class RedisPresence:
     async def notify(self, user_id: str, event: str, **fields: Any) -> list[str]:
         """Publish an event about a user to every instance holding them; returns those instances."""
         holders = await self.holders(user_id)
-        message = json.dumps({"event": event, "userId": user_id, **fields})
+        message = event_message(event, user_id, **fields)
         for instance_id in holders:
             await self._redis.execute("PUBLISH", instance_channel(self._prefix, instance_id), message)
         return holders
@@ -76,12 +84,6 @@ class InstancePresence(RedisPresence):
     @property
     def channel(self) -> str:
         return instance_channel(self._prefix, self.instance_id)
-
-    async def is_online(self, user_id: str) -> bool:
-        # This instance answers for itself from memory; its Redis entry may lag a detach.
-        if self._hub.holds(user_id):
-            return True
-        return any(holder != self.instance_id for holder in await self.holders(user_id))
 
     # Hub listener: the first connection of a user attached, the last one detached.
 
@@ -106,17 +108,12 @@ class InstancePresence(RedisPresence):
 
     # Core callbacks
 
-    def pending(self, user_id: str) -> None:
-        """A message for the user was stored: feed local connections, wake the other holders."""
-        self._hub.on_pending(user_id)
-        self._background(self._notify_others(user_id, "pending"), "waking other instances")
-
     def sessions_revoked(self, user_id: str, token_hashes: list[str]) -> None:
         self._hub.on_sessions_revoked(user_id, token_hashes)
         self._background(self._notify_others(user_id, "revoked", tokenHashes=token_hashes), "revoking sessions")
 
     async def _notify_others(self, user_id: str, event: str, **fields: Any) -> None:
-        message = json.dumps({"event": event, "userId": user_id, **fields})
+        message = event_message(event, user_id, **fields)
         for instance_id in await self.holders(user_id):
             if instance_id != self.instance_id:
                 await self._redis.execute("PUBLISH", instance_channel(self._prefix, instance_id), message)
