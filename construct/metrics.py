@@ -44,6 +44,8 @@ class Metrics:
             registry=self.registry,
         )
         self.errors = Counter("construct_errors", "Error replies by code", ["code"], registry=self.registry)
+        # Resolved once: a label lookup on every delivery is measurable.
+        self._delivered_by_path = {path: self.messages_delivered.labels(path) for path in ("live", "inbox")}
 
     def connection_opened(self, transport: str) -> None:
         self.connections.labels(transport).inc()
@@ -52,7 +54,7 @@ class Metrics:
         self.connections.labels(transport).dec()
 
     def delivered(self, path: str, count: int = 1) -> None:
-        self.messages_delivered.labels(path).inc(count)
+        self._delivered_by_path[path].inc(count)
 
     def acknowledged(self, latency_seconds: float) -> None:
         self.messages_acknowledged.inc()

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import threading
+from typing import Any, Callable
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from construct.storage.database import Database
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+
+# Hashing threads yield the CPU to the reactor thread (nice 0).
+LOW_PRIORITY_NICE = 10
 
 class ListenerService(Service):
     """Listens on an endpoint string, logs the bound address, and fails startup loudly."""
@@ -92,6 +99,40 @@ class GuardedTimer(TimerService):
 
     def _run(self) -> Any:
         return ensureDeferred(self._job()).addErrback(lambda f: self.log.failure("{label} failed", f, label=self._label))
+
+
+class HashingThreads(Service):
+    """Threads for password hashing only, few and at low CPU priority.
+
+    bcrypt releases the GIL and takes a quarter of a second at cost 12: on the shared thread
+    pool a login storm would take every core from the reactor and stall everyone's messages.
+    Here at most `size` hashes run at once, at nice +10, so the reactor thread comes first.
+    """
+
+    def __init__(self, size: int, reactor: Any) -> None:
+        self._pool = ThreadPool(minthreads=0, maxthreads=size, name="construct-hashing")
+        self._reactor = reactor
+        self._lowered = threading.local()
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return deferToThread(self._pool.stop)
+
+    def run(self, fn: Callable, *args: Any) -> Deferred:
+        return deferToThreadPool(self._reactor, self._pool, self._at_low_priority, fn, *args)
+
+    def _at_low_priority(self, fn: Callable, *args: Any) -> Any:
+        if not getattr(self._lowered, "done", False):
+            self._lowered.done = True
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY_NICE)
+            except OSError:
+                pass  # not permitted here: the size limit still protects the reactor
+        return fn(*args)
 
 
 class DatabaseService(Service):

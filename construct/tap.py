@@ -12,7 +12,6 @@ import re
 import socket
 from typing import Any, Callable
 
-from twisted.internet.threads import deferToThreadPool
 
 from construct.config import Setting, SettingsOptions, int_between, non_empty
 from construct.core.accounts import AccountService, KnownUsers, PasswordHasher
@@ -33,7 +32,14 @@ from construct.redis.inbox import RedisInbox
 from construct.redis.presence import HEARTBEAT_SECONDS, InstancePresence
 from construct.redis.service import RedisService
 from construct.protocol.connection import ConnectionTracker
-from construct.services import DatabaseService, GuardedTimer, ListenerService, SequentialMultiService, parse_endpoint
+from construct.services import (
+    DatabaseService,
+    GuardedTimer,
+    HashingThreads,
+    ListenerService,
+    SequentialMultiService,
+    parse_endpoint,
+)
 from construct.storage.accounts import AccountStore
 from construct.storage.database import Database, engine_from_options, prepare_database
 from construct.storage.inbox import SqlInbox
@@ -63,6 +69,12 @@ class Options(SettingsOptions):
         Setting("redis-prefix", "construct:", "prefix of every Redis key and channel", non_empty),
         Setting("instance-id", None, "stable id of this instance (default: host name and listen port)", non_empty),
         Setting("bcrypt-cost", 12, "bcrypt work factor", int_between(4, 31)),
+        Setting(
+            "hash-threads",
+            max(1, (os.cpu_count() or 2) - 1),
+            "most passwords hashed at once (default: one less than the CPU count)",
+            int_between(1, 64),
+        ),
         Setting("message-ttl", 7 * 24 * 3600, "seconds a message waits for its acknowledgement", int_between(60, 10**8)),
         Setting("inbox-quota", 10_000, "most pending messages per recipient", int_between(1, 10**7)),
         Setting("max-message-bytes", 64 * 1024, "largest message 'content' in bytes", int_between(1024, 2**24)),
@@ -112,7 +124,7 @@ def assemble_core(
     inbox: Any,
     hub: DeliveryHub,
     is_online: Callable,
-    notify_pending: Callable[[str], None],
+    on_stored: Callable[[str, int | None, dict], None],
     on_sessions_revoked: Callable[[str, list[str]], None],
     clock: Any,
     options: Options,
@@ -127,7 +139,7 @@ def assemble_core(
         messaging=MessageService(
             inbox,
             is_online,
-            notify_pending,
+            on_stored,
             clock,
             ttl_seconds=options["message-ttl"],
             quota=options["inbox-quota"],
@@ -146,7 +158,7 @@ def build_embedded(
     inbox = SqlInbox(db)
     hub = DeliveryHub(inbox, clock, metrics)
     core = assemble_core(
-        db, inbox, hub, hub.is_online, hub.on_pending, hub.on_sessions_revoked, clock, options, metrics, run_blocking
+        db, inbox, hub, hub.is_online, hub.on_stored, hub.on_sessions_revoked, clock, options, metrics, run_blocking
     )
 
     async def wake(user_id: str) -> None:
@@ -177,7 +189,7 @@ def build_production(
     hub.listener = presence
     # The send script itself reads presence and wakes other instances: here, only local state.
     core = assemble_core(
-        db, inbox, hub, hub.is_online, hub.on_pending, presence.sessions_revoked, clock, options, metrics,
+        db, inbox, hub, hub.is_online, hub.on_stored, presence.sessions_revoked, clock, options, metrics,
         run_blocking,
     )
     subscriber = RedisSubscriber(address, reactor, [presence.channel], presence.event_received, presence.subscribed)
@@ -190,12 +202,10 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     endpoints = {name: parse_endpoint(reactor, PROGRAM, name, options[name]) for name in ("listen", "tcp", "health")}
     db = open_database(PROGRAM, options["database"], options["data-dir"], options["database-pool"], reactor)
     metrics = Metrics()
-    threads = reactor.getThreadPool()
-
-    def run_blocking(fn: Callable, *args: Any) -> Any:
-        return deferToThreadPool(reactor, threads, fn, *args)
-
     root = SequentialMultiService()
+    hashing = HashingThreads(options["hash-threads"], reactor)
+    hashing.setServiceParent(root)
+    run_blocking = hashing.run
     DatabaseService(db).setServiceParent(root)
     checks: dict[str, Callable] = {"database": db.check}
     if options["redis"] is None:

@@ -80,3 +80,32 @@ def test_redelivery_spares_connections_attached_after_the_cutoff():
     assert [after for after, _ in inbox.fetches] == [0]
     inbox.fetches.pop()[1].callback([_entry(1)])
     assert (old.pushed, new.pushed) == (["m1"], [])
+
+
+def test_a_stored_message_goes_straight_to_a_caught_up_connection_and_never_out_of_order():
+    """A connection that pushed everything up to seq-1 gets the message without a fetch; one behind,
+    or still fetching, or with a numbering the inbox cannot promise (None) reads it from the inbox."""
+    clock = task.Clock()
+    inbox = ScriptedInbox()
+    hub = DeliveryHub(inbox, clock, Metrics())
+    connection = Connection()
+    hub.attach(connection, "bob", "token")
+    in_flight = inbox.fetches.pop()[1]
+    hub.on_stored("bob", 1, {"id": "m1"})
+    assert connection.pushed == [], "a fetch is in flight: it, not the sender, delivers m1"
+    in_flight.callback([_entry(1)])
+    assert connection.pushed == ["m1"]
+    inbox.fetches.pop()[1].callback([])  # the fetch the store asked for finds nothing newer
+
+    hub.on_stored("bob", 2, {"id": "m2"})
+    assert connection.pushed == ["m1", "m2"] and inbox.fetches == []
+
+    hub.on_stored("bob", 4, {"id": "m4"})  # seq 3 was stored by another instance
+    assert connection.pushed == ["m1", "m2"]
+    after, answer = inbox.fetches.pop()
+    assert after == 2
+    answer.callback([_entry(3), _entry(4)])
+    assert connection.pushed == ["m1", "m2", "m3", "m4"]
+
+    hub.on_stored("bob", None, {"id": "m5"})
+    assert connection.pushed == ["m1", "m2", "m3", "m4"] and [after for after, _ in inbox.fetches] == [4]

@@ -6,6 +6,7 @@ import json
 
 import msgpack
 import pytest
+import pytest_twisted
 from twisted.internet.testing import StringTransport
 from twisted.python import usage
 
@@ -273,3 +274,33 @@ def test_redis_subscriber_subscribes_after_each_connect_and_survives_a_bad_handl
         assert not subscriber.connected
     assert subscriptions == [True, True]
     assert received == [("b", "hi"), ("b", "hi")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_hashing_runs_on_few_threads_at_low_priority():
+    """A login storm must leave the reactor a core: at most `size` hashes at once, each thread at nice +10."""
+    import os
+    import threading
+    import time
+
+    from twisted.internet import defer, reactor
+
+    from construct.services import LOW_PRIORITY_NICE, HashingThreads
+
+    hashing = HashingThreads(1, reactor)
+    hashing.startService()
+    running, peak, lock = [], [0], threading.Lock()
+
+    def hash_password():
+        with lock:
+            running.append(1)
+            peak[0] = max(peak[0], len(running))
+        time.sleep(0.02)
+        with lock:
+            running.pop()
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    niceness = await defer.gatherResults([hashing.run(hash_password) for _ in range(4)])
+    await hashing.stopService()
+    assert peak[0] == 1
+    assert niceness == [LOW_PRIORITY_NICE] * 4

@@ -29,7 +29,7 @@ class LiveConnection(Protocol):
     def session_revoked(self) -> None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Cursor:
     connection: LiveConnection
     user_id: str
@@ -118,12 +118,30 @@ class DeliveryHub:
         """The user's inbox has new messages: feed every connection of theirs, wake long-polls."""
         for cursor in list(self._by_user.get(user_id, {}).values()):
             self._pump(cursor)
+        self._wake_waiters(user_id)
+
+    def _wake_waiters(self, user_id: str) -> None:
         waiters = self._waiters.pop(user_id, [])
         for waiter in waiters:
             if not waiter.called:
                 waiter.callback(True)
         if waiters:
             self._maybe_detached(user_id)
+
+    def on_stored(self, user_id: str, seq: int | None, message: dict) -> None:
+        """A message for the user was stored here as `seq`: hand it straight to each connection
+        that has pushed everything before it, and let the others read it back from the inbox."""
+        delivered = 0
+        for cursor in list(self._by_user.get(user_id, {}).values()):
+            if seq is not None and not cursor.running and not cursor.rewind and cursor.after_seq == seq - 1:
+                cursor.after_seq = seq
+                cursor.connection.push_message(message)
+                delivered += 1
+            else:
+                self._pump(cursor)
+        if delivered:
+            self._metrics.delivered("live", delivered)
+        self._wake_waiters(user_id)
 
     def on_sessions_revoked(self, user_id: str, token_hashes: list[str]) -> None:
         revoked = set(token_hashes)

@@ -79,7 +79,7 @@ class MessageService:
         self,
         inbox: Any,
         is_online: Callable[[str], Awaitable[bool]],
-        notify_pending: Callable[[str], None],
+        on_stored: Callable[[str, int | None, dict], None],
         clock: IReactorTime,
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
         quota: int = DEFAULT_QUOTA,
@@ -87,7 +87,7 @@ class MessageService:
     ) -> None:
         self._inbox = inbox
         self._is_online = is_online
-        self._notify_pending = notify_pending
+        self._on_stored = on_stored
         self._clock = clock
         self._ttl_ms = int(ttl_seconds * 1000)
         self._quota = quota
@@ -109,7 +109,7 @@ class MessageService:
         )
         # Only after the write committed; a duplicate was already announced the first time.
         if not accepted.duplicate:
-            self._notify_pending(message["to"])
+            self._on_stored(message["to"], accepted.seq, message)
         return SendResult(message["id"], accepted)
 
     async def ack(self, user_id: str, message_ids: Any) -> list[float]:

@@ -26,6 +26,9 @@ class Accepted:
     status: str
     expires_at_ms: int
     duplicate: bool
+    # The message's place in the recipient's inbox, where the inbox numbers each recipient's
+    # messages consecutively (Redis); None where it does not (SQL: one sequence for all).
+    seq: int | None = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ receives pushes from the delivery hub once the client is authenticated.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
@@ -26,6 +25,12 @@ RESUME_BACKLOG = 8
 
 class ClientConnection:
     log = Logger()
+    # Thousands are open at once, most of them idle: no per-instance __dict__.
+    __slots__ = (
+        "identity", "_core", "_transport_name", "_write", "_pause_reading", "_resume_reading",
+        "_max_frame_bytes", "_push_encoding", "_backlog", "_busy", "_paused", "_open", "_draining",
+        "_idle_waiters",
+    )
 
     def __init__(
         self,
@@ -44,7 +49,8 @@ class ClientConnection:
         self._resume_reading = resume_reading
         self._max_frame_bytes = max_frame_bytes
         self._push_encoding = codec.JSON
-        self._backlog: deque[tuple[bytes, str]] = deque()
+        # A list, not a deque: an empty deque costs over 500 bytes, and the backlog stays short.
+        self._backlog: list[tuple[bytes, str]] = []
         self._busy = False
         self._paused = False
         self._open = True
@@ -137,7 +143,7 @@ class ClientConnection:
     async def _process_backlog(self) -> None:
         try:
             while self._backlog and self._open:
-                data, encoding = self._backlog.popleft()
+                data, encoding = self._backlog.pop(0)
                 if self._paused and not self._draining and len(self._backlog) <= RESUME_BACKLOG:
                     self._paused = False
                     self._resume_reading()

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from construct.delivery.types import Accepted, InboxEntry, Submission, Survey
 from construct.redis.client import RedisClient, Script
-from construct.redis.presence import event_message, instance_channel, presence_key
+from construct.redis.presence import instance_channel, pending_event, presence_key
 from construct.errors import duplicate_id_error, inbox_full_error, user_not_found_error
 
 # Keys of a user survive this long after their last message expires.
@@ -64,7 +64,7 @@ for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl + tonumber(ARGV[8])) end
 for _, holder in ipairs(holders) do
   if holder ~= ARGV[10] then redis.call('PUBLISH', ARGV[9] .. holder, ARGV[11]) end
 end
-return {'stored', status, string.format('%d', expires)}
+return {'stored', status, string.format('%d', expires), seq}
 """)
 
 # Scans past expired entries (not yet swept) so a batch is full whenever more live ones exist.
@@ -163,7 +163,7 @@ class RedisInbox:
             [
                 message.message_id, message.sender_id, message.envelope, message.status,
                 message.now_ms, message.ttl_ms, message.quota, KEY_GRACE_MS,
-                instance_channel(self._prefix, ""), self._instance_id, event_message("pending", recipient),
+                instance_channel(self._prefix, ""), self._instance_id, pending_event(recipient),
             ],
         )
         outcome = result[0]
@@ -173,9 +173,10 @@ class RedisInbox:
             raise duplicate_id_error()
         if outcome == "full":
             raise inbox_full_error(message.quota)
-        if outcome == "stored":
-            self._index_later(recipient, int(result[2]))
-        return Accepted(result[1], int(result[2]), duplicate=outcome == "duplicate")
+        if outcome == "duplicate":
+            return Accepted(result[1], int(result[2]), duplicate=True)
+        self._index_later(recipient, int(result[2]))
+        return Accepted(result[1], int(result[2]), duplicate=False, seq=result[3])
 
     def _index_later(self, user_id: str, expires_ms: int) -> None:
         """Add the user to the pending index with the sends of this reactor turn, in one ZADD.

@@ -42,6 +42,11 @@ def event_message(event: str, user_id: str, **fields: Any) -> str:
     return json.dumps({"event": event, "userId": user_id, **fields})
 
 
+def pending_event(user_id: str) -> str:
+    """event_message("pending", user_id), built without a JSON encoder: it goes with every send."""
+    return f'{{"event": "pending", "userId": "{user_id}"}}'
+
+
 class RedisPresence:
     """Looks up where users are connected and sends events to those instances."""
 
