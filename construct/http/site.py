@@ -7,7 +7,7 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from construct.http.api import HttpApi
 
@@ -51,9 +51,28 @@ class ConstructSite(Site):
         """No access log: it would record client addresses and who talks when."""
 
 
+class UpgradeResource(WebSocketResource):
+    """Autobahn's WebSocket upgrade, letting go of the HTTP side once the socket is handed over.
+
+    The request is never finished, and the HTTP channel stays the socket's registered producer,
+    keeps its idle timer and forms a cycle with the request: kilobytes per connection, held for
+    the connection's life. Releasing all three frees both at once.
+    """
+
+    def render(self, request: Request) -> Any:
+        result = super().render(request)
+        if result is NOT_DONE_YET:  # the socket was handed over (else an HTTP error reply is under way)
+            channel = request.channel
+            channel.setTimeout(None)
+            channel.requests = []
+            if getattr(request.transport, "producer", None) is channel:
+                request.transport.unregisterProducer()
+        return result
+
+
 def build_site(ws_factory: Any, api: HttpApi, max_body_bytes: int) -> ConstructSite:
     root = Resource()
-    websocket = WebSocketResource(ws_factory)
+    websocket = UpgradeResource(ws_factory)
     root.putChild(b"", websocket)
     root.putChild(b"ws", websocket)
     root.putChild(b"v1", api.app.resource())

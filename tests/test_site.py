@@ -1,0 +1,47 @@
+"""The public site in-process: what a WebSocket upgrade leaves behind."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.web.http import HTTPChannel, Request
+
+from construct.http.api import HttpApi
+from construct.http.site import build_site
+from construct.protocol.connection import ConnectionTracker
+from construct.protocol.ws import ConstructWebSocketFactory
+from tests.clients import WsClient
+
+
+@pytest.fixture
+def backend():
+    return "sqlite"
+
+
+def _alive(kind: type) -> int:
+    return sum(1 for candidate in gc.get_objects() if isinstance(candidate, kind))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upgraded_connection_keeps_no_http_channel_or_request(core):
+    """After the upgrade only the WebSocket protocol remains: the HTTP channel and request are freed
+    at once (no timer, no cycle), and the handshake text is dropped."""
+    tracker = ConnectionTracker(reactor)
+    site = build_site(ConstructWebSocketFactory(core, 1 << 16, tracker), HttpApi(core), 1 << 16)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    gc.collect()
+    channels, requests = _alive(HTTPChannel), _alive(Request)
+    clients = [await WsClient.connect(port.getHost().port) for _ in range(3)]
+    try:
+        for client in clients:
+            assert (await client.request("ping", {}))["type"] == "pong"
+        assert (_alive(HTTPChannel), _alive(Request)) == (channels, requests)
+        for protocol in tracker._protocols:
+            assert protocol.http_request_data is None and protocol.http_headers is None
+    finally:
+        for client in clients:
+            await client.close()
+        await port.stopListening()
