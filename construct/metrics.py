@@ -1,33 +1,69 @@
-"""Prometheus metrics for one process, in a registry of its own (no global state)."""
+"""Prometheus metrics for one process, in a registry of its own (no global state).
+
+The per-message figures (accepted, delivered, acknowledged, send-to-ack latency) are plain
+tallies read at scrape time: prometheus_client's own types take a lock and check their state
+on every update, a measurable share of what a message costs.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from bisect import bisect_left
+from typing import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+SEND_TO_ACK_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600, 86400, 604800)
+DELIVERY_PATHS = ("live", "inbox")
+
+
+class _MessageTallies:
+    """Collector of the per-message counters and the send-to-ack histogram."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.delivered = dict.fromkeys(DELIVERY_PATHS, 0)
+        self.acknowledged = 0
+        # One count per bucket of SEND_TO_ACK_BUCKETS, and one for above the last.
+        self.ack_latency_counts = [0] * (len(SEND_TO_ACK_BUCKETS) + 1)
+        self.ack_latency_sum = 0.0
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "construct_messages_accepted", "Messages stored and acknowledged to the sender", value=self.accepted
+        )
+        delivered = CounterMetricFamily(
+            "construct_messages_delivered",
+            "Messages pushed to a connection, live or from the inbox after a (re)connect",
+            labels=["path"],
+        )
+        for path, count in self.delivered.items():
+            delivered.add_metric([path], count)
+        yield delivered
+        yield CounterMetricFamily(
+            "construct_messages_acknowledged",
+            "Messages removed by the recipient's ackMessage",
+            value=self.acknowledged,
+        )
+        cumulative, buckets = 0, []
+        for bound, count in zip((*SEND_TO_ACK_BUCKETS, float("inf")), self.ack_latency_counts):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else str(float(bound)), cumulative))
+        yield HistogramMetricFamily(
+            "construct_send_to_ack_seconds",
+            "Time from a message's acceptance to its recipient's acknowledgement",
+            buckets=buckets,
+            sum_value=self.ack_latency_sum,
+        )
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._tallies = _MessageTallies()
+        self.registry.register(self._tallies)
         self.connections = Gauge(
             "construct_connections", "Open client connections", ["transport"], registry=self.registry
-        )
-        self.messages_accepted = Counter(
-            "construct_messages_accepted", "Messages stored and acknowledged to the sender", registry=self.registry
-        )
-        self.messages_delivered = Counter(
-            "construct_messages_delivered",
-            "Messages pushed to a connection, live or from the inbox after a (re)connect",
-            ["path"],
-            registry=self.registry,
-        )
-        self.messages_acknowledged = Counter(
-            "construct_messages_acknowledged", "Messages removed by the recipient's ackMessage", registry=self.registry
-        )
-        self.send_to_ack_seconds = Histogram(
-            "construct_send_to_ack_seconds",
-            "Time from a message's acceptance to its recipient's acknowledgement",
-            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600, 86400, 604800),
-            registry=self.registry,
         )
         self.inbox_depth = Gauge(
             "construct_inbox_depth", "Unacknowledged messages in all inboxes, at the last sweep", registry=self.registry
@@ -44,8 +80,6 @@ class Metrics:
             registry=self.registry,
         )
         self.errors = Counter("construct_errors", "Error replies by code", ["code"], registry=self.registry)
-        # Resolved once: a label lookup on every delivery is measurable.
-        self._delivered_by_path = {path: self.messages_delivered.labels(path) for path in ("live", "inbox")}
 
     def connection_opened(self, transport: str) -> None:
         self.connections.labels(transport).inc()
@@ -53,12 +87,19 @@ class Metrics:
     def connection_closed(self, transport: str) -> None:
         self.connections.labels(transport).dec()
 
-    def delivered(self, path: str, count: int = 1) -> None:
-        self._delivered_by_path[path].inc(count)
+    def accepted(self) -> None:
+        self._tallies.accepted += 1
 
-    def acknowledged(self, latency_seconds: float) -> None:
-        self.messages_acknowledged.inc()
-        self.send_to_ack_seconds.observe(latency_seconds)
+    def delivered(self, path: str, count: int = 1) -> None:
+        self._tallies.delivered[path] += count
+
+    def acknowledged(self, latencies_seconds: Iterable[float]) -> None:
+        tallies = self._tallies
+        counts = tallies.ack_latency_counts
+        for latency in latencies_seconds:
+            tallies.acknowledged += 1
+            tallies.ack_latency_sum += latency
+            counts[bisect_left(SEND_TO_ACK_BUCKETS, latency)] += 1
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()

@@ -130,6 +130,7 @@ def assemble_core(
     options: Options,
     metrics: Metrics,
     run_blocking: Callable,
+    recipient_exists: Callable | None = None,
 ) -> Core:
     return Core(
         accounts=AccountService(
@@ -144,6 +145,7 @@ def assemble_core(
             ttl_seconds=options["message-ttl"],
             quota=options["inbox-quota"],
             max_content_bytes=options["max-message-bytes"],
+            recipient_exists=recipient_exists,
         ),
         hub=hub,
         metrics=metrics,
@@ -183,14 +185,14 @@ def build_production(
     address, prefix = options["redis"], options["redis-prefix"]
     redis = RedisClient(address, reactor)
     known_users = KnownUsers(AccountStore(db).user_exists, clock)
-    inbox = RedisInbox(redis, prefix, clock, known_users.exists, options["instance-id"])
+    inbox = RedisInbox(redis, prefix, clock, options["instance-id"])
     hub = DeliveryHub(inbox, clock, metrics)
     presence = InstancePresence(redis, prefix, clock, options["instance-id"], hub)
     hub.listener = presence
     # The send script itself reads presence and wakes other instances: here, only local state.
     core = assemble_core(
         db, inbox, hub, hub.is_online, hub.on_stored, presence.sessions_revoked, clock, options, metrics,
-        run_blocking,
+        run_blocking, recipient_exists=known_users.exists,
     )
     subscriber = RedisSubscriber(address, reactor, [presence.channel], presence.event_received, presence.subscribed)
     return core, presence, redis, subscriber

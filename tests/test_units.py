@@ -304,3 +304,31 @@ async def test_password_hashing_runs_on_few_threads_at_low_priority():
     await hashing.stopService()
     assert peak[0] == 1
     assert niceness == [LOW_PRIORITY_NICE] * 4
+
+
+def test_message_tallies_render_as_prometheus_counters_and_histogram():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from construct.metrics import Metrics
+
+    metrics = Metrics()
+    for _ in range(3):
+        metrics.accepted()
+    metrics.delivered("live", 2)
+    metrics.delivered("inbox")
+    metrics.acknowledged([0.01, 0.2, 10**7])
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+    }
+    assert samples[("construct_messages_accepted_total", ())] == 3
+    assert samples[("construct_messages_delivered_total", (("path", "live"),))] == 2
+    assert samples[("construct_messages_delivered_total", (("path", "inbox"),))] == 1
+    assert samples[("construct_messages_acknowledged_total", ())] == 3
+    bucket = "construct_send_to_ack_seconds_bucket"
+    assert samples[(bucket, (("le", "0.01"),))] == 1, "a bound is inclusive"
+    assert samples[(bucket, (("le", "0.5"),))] == 2
+    assert samples[(bucket, (("le", "604800.0"),))] == 2
+    assert samples[(bucket, (("le", "+Inf"),))] == 3
+    assert samples[("construct_send_to_ack_seconds_sum", ())] == pytest.approx(10**7 + 0.21)

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import orjson
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 
 from construct.core.validation import canonical_uuid, decode_base64
 from construct.delivery.types import Accepted, InboxEntry, Submission
-from construct.errors import ConstructError
+from construct.errors import ConstructError, user_not_found_error
 
 DEFAULT_TTL_SECONDS = 7 * 24 * 3600
 DEFAULT_QUOTA = 10_000
@@ -84,7 +85,9 @@ class MessageService:
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
         quota: int = DEFAULT_QUOTA,
         max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
+        recipient_exists: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
+        """`recipient_exists` is for an inbox that cannot check it in its own store (Redis)."""
         self._inbox = inbox
         self._is_online = is_online
         self._on_stored = on_stored
@@ -92,25 +95,54 @@ class MessageService:
         self._ttl_ms = int(ttl_seconds * 1000)
         self._quota = quota
         self.max_content_bytes = max_content_bytes
+        self._recipient_exists = recipient_exists
+        # sender id -> fires when that sender's latest store may be followed by the next one.
+        self._store_turns: dict[str, Deferred] = {}
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
 
     async def send(self, sender_id: str, payload: dict) -> SendResult:
-        message = parse_chat_message(payload, self.max_content_bytes)
-        if message["from"] != sender_id:
-            raise ConstructError("FORBIDDEN", "'from' must be the authenticated user", 403)
-        status = "delivered" if await self._is_online(message["to"]) else "queued"
-        accepted = await self._inbox.put(
-            Submission(
+        """Store a message; one sender's messages are stored in the order of these calls, also
+        when a connection makes the next call before this one is answered (FIFO per recipient)."""
+        previous, turn = self._take_turn(sender_id)
+        try:
+            message = parse_chat_message(payload, self.max_content_bytes)
+            if message["from"] != sender_id:
+                raise ConstructError("FORBIDDEN", "'from' must be the authenticated user", 403)
+            if self._recipient_exists is not None and not await self._recipient_exists(message["to"]):
+                raise user_not_found_error()
+            status = "delivered" if await self._is_online(message["to"]) else "queued"
+            submission = Submission(
                 sender_id, message["to"], message["id"], encode_envelope(message), status,
                 self._now_ms(), self._ttl_ms, self._quota,
             )
-        )
+            if previous is not None:
+                await previous
+            stored = ensureDeferred(self._inbox.put(submission))
+            # An inbox whose stores take effect in the order issued (one pipelined Redis
+            # connection) lets the next one go now; any other, once this one has committed.
+            if self._inbox.stores_in_issue_order:
+                self._pass_turn(sender_id, turn)
+            accepted = await stored
+        finally:
+            self._pass_turn(sender_id, turn)
         # Only after the write committed; a duplicate was already announced the first time.
         if not accepted.duplicate:
             self._on_stored(message["to"], accepted.seq, message)
         return SendResult(message["id"], accepted)
+
+    def _take_turn(self, sender_id: str) -> tuple[Deferred | None, Deferred]:
+        previous = self._store_turns.get(sender_id)
+        turn: Deferred = Deferred()
+        self._store_turns[sender_id] = turn
+        return previous, turn
+
+    def _pass_turn(self, sender_id: str, turn: Deferred) -> None:
+        if self._store_turns.get(sender_id) is turn:
+            del self._store_turns[sender_id]
+        if not turn.called:
+            turn.callback(None)
 
     async def ack(self, user_id: str, message_ids: Any) -> list[float]:
         """Remove acknowledged messages; return, for each one removed, seconds since it was accepted."""

@@ -1,8 +1,8 @@
 """One live client connection (WebSocket or TCP), independent of framing.
 
-The transport hands over whole frames; this object decodes them, runs them one at a time
-(so a client's sends are accepted in the order it sent them), writes the replies, and
-receives pushes from the delivery hub once the client is authenticated.
+The transport hands over whole frames; this object decodes them, runs them in order (sends
+may overlap, stored still in the order sent), writes the replies in the order of the frames,
+and receives pushes from the delivery hub once the client is authenticated.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from construct.protocol import codec, operations
 # Past this many frames waiting, stop reading the socket until the backlog shrinks.
 PAUSE_BACKLOG = 32
 RESUME_BACKLOG = 8
+# Operations that may start before the frames ahead of them are answered: the core keeps one
+# sender's stores in order, and the connection keeps replies in order.
+PIPELINED = frozenset({"sendMessage"})
+MAX_IN_FLIGHT = 32
 
 
 class ClientConnection:
@@ -29,7 +33,7 @@ class ClientConnection:
     __slots__ = (
         "identity", "_core", "_transport_name", "_write", "_pause_reading", "_resume_reading",
         "_max_frame_bytes", "_push_encoding", "_backlog", "_busy", "_paused", "_open", "_draining",
-        "_idle_waiters",
+        "_idle_waiters", "_in_flight", "_slot", "_last_answered",
     )
 
     def __init__(
@@ -56,6 +60,10 @@ class ClientConnection:
         self._open = True
         self._draining = False
         self._idle_waiters: list[Deferred] = []
+        self._in_flight = 0
+        self._slot: Deferred | None = None
+        # Fires once the latest frame started has been answered (None: all have been).
+        self._last_answered: Deferred | None = None
         core.metrics.connection_opened(transport_name)
 
     # Transport side
@@ -101,7 +109,7 @@ class ClientConnection:
         if not self._paused:
             self._paused = True
             self._pause_reading()
-        if not self._busy:
+        if not self._busy and not self._in_flight:
             return succeed(None)
         waiter: Deferred = Deferred()
         self._idle_waiters.append(waiter)
@@ -147,28 +155,70 @@ class ClientConnection:
                 if self._paused and not self._draining and len(self._backlog) <= RESUME_BACKLOG:
                     self._paused = False
                     self._resume_reading()
-                await self._process(data, encoding)
+                try:
+                    frame = codec.decode(data, encoding)
+                except codec.FrameError as e:
+                    await self._all_answered()
+                    self._send_error(e, e.request_id, encoding)
+                    continue
+                if frame.type in PIPELINED and self.identity is not None:
+                    while self._in_flight >= MAX_IN_FLIGHT:
+                        self._slot = Deferred()
+                        await self._slot
+                    answered: Deferred = Deferred()
+                    previous, self._last_answered = self._last_answered, answered
+                    self._in_flight += 1
+                    ensureDeferred(self._run_pipelined(frame, encoding, previous, answered))
+                else:
+                    await self._all_answered()
+                    reply = await self._outcome(frame, encoding)
+                    if reply is not None:
+                        self._send(*reply)
         finally:
             self._busy = False
+            self._notify_if_idle()
+
+    async def _all_answered(self) -> None:
+        """Wait until every frame before the current one has been answered."""
+        last, self._last_answered = self._last_answered, None
+        if last is not None:
+            await last
+
+    async def _run_pipelined(self, frame: codec.Frame, encoding: str, previous: Deferred | None, answered: Deferred) -> None:
+        """Run now, answer after the frame before: replies keep the order of the frames."""
+        try:
+            reply = await self._outcome(frame, encoding)
+            if previous is not None:
+                await previous
+            if reply is not None:
+                self._send(*reply)
+        finally:
+            self._in_flight -= 1
+            if self._last_answered is answered:
+                self._last_answered = None
+            answered.callback(None)
+            if self._slot is not None and not self._slot.called:
+                self._slot.callback(None)
+            self._notify_if_idle()
+
+    def _notify_if_idle(self) -> None:
+        if not self._busy and not self._in_flight:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
 
-    async def _process(self, data: bytes, encoding: str) -> None:
-        request_id = None
+    async def _outcome(self, frame: codec.Frame, encoding: str) -> tuple | None:
+        """The reply to a frame as `_send` arguments (None for none); an error is a reply too."""
         try:
-            frame = codec.decode(data, encoding)
-            request_id = frame.request_id
             reply = await operations.run(self._core, self, frame.type, frame.payload)
-            if reply is not None:
-                self._send(reply.type, reply.payload, request_id, encoding)
-        except codec.FrameError as e:
-            self._send_error(e, e.request_id, encoding)
+            return None if reply is None else (reply.type, reply.payload, frame.request_id, encoding)
         except ConstructError as e:
-            self._send_error(e, request_id, encoding)
+            error = e
         except Exception:
             self.log.failure("operation failed on a {transport} connection", transport=self._transport_name)
-            self._send_error(ConstructError("SERVER_ERROR", "Internal server error", 500), request_id, encoding)
+            error = ConstructError("SERVER_ERROR", "Internal server error", 500)
+        self._core.metrics.error(error.code)
+        return "error", {"code": error.code, "message": error.message}, frame.request_id, encoding
 
     def _send_error(self, error: ConstructError, request_id: str | None, encoding: str) -> None:
         self._core.metrics.error(error.code)

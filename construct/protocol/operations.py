@@ -121,7 +121,7 @@ async def send_message(core: Core, client: Client, payload: dict) -> Reply:
     identity = _authenticated(client)
     result = await core.messaging.send(identity.user_id, payload)
     if not result.accepted.duplicate:
-        core.metrics.messages_accepted.inc()
+        core.metrics.accepted()
     return Reply(
         "ack",
         {
@@ -134,8 +134,7 @@ async def send_message(core: Core, client: Client, payload: dict) -> Reply:
 
 async def ack_message(core: Core, client: Client, payload: dict) -> None:
     identity = _authenticated(client)
-    for latency in await core.messaging.ack(identity.user_id, payload.get("messageIds")):
-        core.metrics.acknowledged(latency)
+    core.metrics.acknowledged(await core.messaging.ack(identity.user_id, payload.get("messageIds")))
     return None
 
 

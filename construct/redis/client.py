@@ -188,14 +188,23 @@ class RedisClient(_Connection):
     def __init__(self, address: RedisAddress, reactor: Any) -> None:
         super().__init__(address, reactor, self._new_protocol)
         self._protocol: RespProtocol | None = None
+        self._scripts: list[Script] = []
         # (deadline, waiter) in the order sent, so the oldest is always first.
         self._deadlines: deque[tuple[float, defer.Deferred, RespProtocol]] = deque()
         self._deadline_call: Any = None
 
+    def preload(self, *scripts: Script) -> None:
+        """Load these scripts on every new connection before it takes commands.
+
+        Else the first EVALSHA after a Redis restart fails and is sent again as EVAL, and a
+        script issued in between could run first: one sender's messages out of order.
+        """
+        self._scripts.extend(script for script in scripts if script not in self._scripts)
+
     def _new_protocol(self) -> RespProtocol:
-        return RespProtocol(
-            _handshake(self.address.password, self.address.username, self.address.db), self._ready, self._lost
-        )
+        handshake = _handshake(self.address.password, self.address.username, self.address.db)
+        handshake += [("SCRIPT", "LOAD", script.text) for script in self._scripts]
+        return RespProtocol(handshake, self._ready, self._lost)
 
     def _ready(self, protocol: RespProtocol) -> None:
         self._protocol = protocol

@@ -16,7 +16,7 @@ also carry a TTL, so nothing outlives its messages for long even if the index mi
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -130,20 +130,21 @@ class RedisInbox:
     a send wakes every other instance holding the recipient."""
 
     log = Logger()
+    # Every command goes down one pipelined connection: scripts run in the order issued.
+    stores_in_issue_order = True
 
     def __init__(
         self,
         redis: RedisClient,
         prefix: str,
         clock: IReactorTime,
-        user_exists: Callable[[str], Awaitable[bool]] | None = None,
         instance_id: str = "",
     ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._clock = clock
-        self._user_exists = user_exists
         self._instance_id = instance_id
+        redis.preload(PUT, FETCH, ACK, SWEEP_USER, SURVEY_USER)
         self._pending_index = f"{prefix}pending"
         # user id -> earliest expiry (ms) not yet written to the pending index.
         self._unindexed: dict[str, int] = {}
@@ -154,8 +155,7 @@ class RedisInbox:
         return [f"{base}:inbox", f"{base}:msgs", f"{base}:exp", f"{base}:sent", f"{base}:seq"]
 
     async def put(self, message: Submission) -> Accepted:
-        if self._user_exists is None or not await self._user_exists(message.recipient_id):
-            raise user_not_found_error()
+        """The caller has checked that the recipient exists (KnownUsers)."""
         recipient = message.recipient_id
         result = await self._redis.eval(
             PUT,

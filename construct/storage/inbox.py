@@ -8,6 +8,9 @@ from construct.storage.database import Database, Txn
 
 
 class SqlInbox:
+    # Stores run on a pool of connections and may commit in another order than issued.
+    stores_in_issue_order = False
+
     def __init__(self, db: Database) -> None:
         self._db = db
 

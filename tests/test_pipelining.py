@@ -1,0 +1,103 @@
+"""Overlapping sends on one connection: stores keep the order sent, replies the order of the frames."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet import defer, task
+
+from construct.core.accounts import Identity
+from construct.core.messaging import MessageService
+from construct.delivery.types import Accepted
+from construct.metrics import Metrics
+from construct.protocol import codec
+from construct.protocol.connection import ClientConnection
+from tests.helpers import chat_message
+
+ALICE = "3f2b8c1e-7a4d-4e2b-9c61-0d5e8f7a1b2c"
+BOB = "9a7c4e12-5b3f-4d8e-a1c6-2f0b9d8e7c65"
+CAROL = "0b5e9d7c-1a2b-4c3d-8e9f-a0b1c2d3e4f5"
+
+
+class OrderedInbox:
+    """Records the order stores are issued in; each one is answered when the test says."""
+
+    stores_in_issue_order = True
+
+    def __init__(self) -> None:
+        self.stored: list[str] = []
+        self.answers: list[defer.Deferred] = []
+
+    def put(self, submission) -> defer.Deferred:
+        self.stored.append(submission.message_id)
+        answer: defer.Deferred = defer.Deferred()
+        self.answers.append(answer)
+        return answer
+
+
+def test_a_slow_recipient_lookup_does_not_let_a_later_send_store_first():
+    """Send 1 waits for its recipient lookup, send 2 (known recipient) starts meanwhile: 2 is stored after 1."""
+    lookups: dict[str, defer.Deferred] = {}
+
+    def recipient_exists(user_id: str) -> defer.Deferred:
+        return lookups.setdefault(user_id, defer.Deferred()) if user_id == BOB else defer.succeed(True)
+
+    async def nobody_online(user_id: str) -> bool:
+        return False
+
+    inbox = OrderedInbox()
+    service = MessageService(inbox, nobody_online, lambda *args: None, task.Clock(), recipient_exists=recipient_exists)
+    first, second = chat_message(ALICE, BOB), chat_message(ALICE, CAROL)
+    sending = [defer.ensureDeferred(service.send(ALICE, message)) for message in (first, second)]
+    assert inbox.stored == [], "send 2 must wait for send 1's turn"
+    lookups[BOB].callback(True)
+    assert inbox.stored == [first["id"], second["id"]]
+    for answer in inbox.answers:
+        answer.callback(Accepted("queued", 1000, duplicate=False, seq=1))
+    assert all(result.called for result in sending)
+
+
+@dataclass
+class _Result:
+    message_id: str
+    accepted: Accepted
+
+
+class ScriptedMessaging:
+    def __init__(self) -> None:
+        self.sends: list[defer.Deferred] = []
+
+    def send(self, user_id: str, payload: dict) -> defer.Deferred:
+        answer: defer.Deferred = defer.Deferred()
+        self.sends.append(answer)
+        return answer.addCallback(lambda accepted: _Result(payload["id"], accepted))
+
+
+class ScriptedCore:
+    def __init__(self) -> None:
+        self.messaging = ScriptedMessaging()
+        self.metrics = Metrics()
+
+
+def test_replies_keep_frame_order_and_other_operations_wait_for_sends_in_flight():
+    core = ScriptedCore()
+    written: list[dict] = []
+    connection = ClientConnection(
+        core, "memory", lambda data, encoding: written.append(codec.decode(data, encoding)),
+        lambda: None, lambda: None, 1 << 16,
+    )
+    connection.identity = Identity(ALICE, "alice", "token-hash")
+    messages = [chat_message(ALICE, BOB) for _ in range(3)]
+    for number, message in enumerate(messages):
+        connection.frame_received(codec.encode("sendMessage", message, f"r{number}", codec.JSON), codec.JSON)
+    connection.frame_received(codec.encode("ping", {}, "p", codec.JSON), codec.JSON)
+    assert len(core.messaging.sends) == 3, "all three sends started before any was answered"
+
+    core.messaging.sends[2].callback(Accepted("queued", 5000, duplicate=False))
+    core.messaging.sends[1].errback(Exception("the inbox broke"))
+    assert written == [], "nothing is answered before the first frame"
+    core.messaging.sends[0].callback(Accepted("delivered", 5000, duplicate=False))
+    assert [(frame.type, frame.request_id) for frame in written] == [
+        ("ack", "r0"), ("error", "r1"), ("ack", "r2"), ("pong", "p"),
+    ]
+    assert written[1].payload["code"] == "SERVER_ERROR"
