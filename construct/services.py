@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from typing import Any, Callable
@@ -21,6 +22,8 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 
 # Hashing threads yield the CPU to the reactor thread (nice 0).
 LOW_PRIORITY_NICE = 10
+# Allocations between young-generation collections (CPython's default is 700).
+YOUNG_GENERATION_THRESHOLD = 50_000
 
 class ListenerService(Service):
     """Listens on an endpoint string, logs the bound address, and fails startup loudly."""
@@ -99,6 +102,26 @@ class GuardedTimer(TimerService):
 
     def _run(self) -> Any:
         return ensureDeferred(self._job()).addErrback(lambda f: self.log.failure("{label} failed", f, label=self._label))
+
+
+class CollectorTuning(Service):
+    """Fewer garbage collections on the message path, and none that walk the startup objects.
+
+    Every message allocates Deferreds, coroutines and dicts, so with the default thresholds
+    (700, 10, 10) a young-generation collection runs every few messages and a full one often,
+    each walking every object the process holds; profiles showed a sixth of the reactor's time
+    there. Objects alive once started (modules, the service tree) are frozen out of collection.
+    """
+
+    def __init__(self, young_threshold: int = YOUNG_GENERATION_THRESHOLD) -> None:
+        self._young_threshold = young_threshold
+
+    def startService(self) -> None:
+        super().startService()
+        # No gc.collect() first: it would hold up startup for the little garbage it frees.
+        gc.freeze()
+        _, middle, old = gc.get_threshold()
+        gc.set_threshold(self._young_threshold, middle, old)
 
 
 class HashingThreads(Service):

@@ -33,6 +33,7 @@ from construct.redis.presence import HEARTBEAT_SECONDS, InstancePresence
 from construct.redis.service import RedisService
 from construct.protocol.connection import ConnectionTracker
 from construct.services import (
+    CollectorTuning,
     DatabaseService,
     GuardedTimer,
     HashingThreads,
@@ -205,6 +206,7 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     db = open_database(PROGRAM, options["database"], options["data-dir"], options["database-pool"], reactor)
     metrics = Metrics()
     root = SequentialMultiService()
+    CollectorTuning().setServiceParent(root)
     hashing = HashingThreads(options["hash-threads"], reactor)
     hashing.setServiceParent(root)
     run_blocking = hashing.run

@@ -332,3 +332,18 @@ def test_message_tallies_render_as_prometheus_counters_and_histogram():
     assert samples[(bucket, (("le", "604800.0"),))] == 2
     assert samples[(bucket, (("le", "+Inf"),))] == 3
     assert samples[("construct_send_to_ack_seconds_sum", ())] == pytest.approx(10**7 + 0.21)
+
+
+def test_collector_tuning_freezes_startup_objects_and_collects_the_young_generation_less_often():
+    import gc
+
+    from construct.services import YOUNG_GENERATION_THRESHOLD, CollectorTuning
+
+    threshold = gc.get_threshold()
+    try:
+        CollectorTuning().startService()
+        assert gc.get_threshold() == (YOUNG_GENERATION_THRESHOLD, *threshold[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
