@@ -1,0 +1,3 @@
+from construct.bench.cli import main
+
+main()
