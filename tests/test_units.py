@@ -347,3 +347,35 @@ def test_collector_tuning_freezes_startup_objects_and_collects_the_young_generat
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+def test_known_users_remember_existence_for_a_while_and_never_absence():
+    from twisted.internet import defer, task
+
+    from construct.core.accounts import KnownUsers
+
+    clock = task.Clock()
+    accounts = {"a", "b", "c"}
+    lookups: list[str] = []
+
+    def lookup(user_id: str) -> defer.Deferred:
+        lookups.append(user_id)
+        return defer.succeed(user_id in accounts)
+
+    known = KnownUsers(lookup, clock, ttl_seconds=60, capacity=2)
+
+    def exists(user_id: str) -> bool:
+        return _outcome(defer.ensureDeferred(known.exists(user_id)))
+
+    assert exists("a") and exists("a") and lookups == ["a"]
+    assert not exists("new") and not exists("new") and lookups == ["a", "new", "new"], "absence is not remembered"
+    accounts.add("new")
+    assert exists("new"), "an account registered a moment ago is found at once"
+    clock.advance(61)
+    accounts.discard("a")
+    assert not exists("a"), "after the TTL the store is asked again"
+    lookups.clear()
+    assert exists("b") and exists("c") and exists("new")
+    assert lookups == ["b", "c", "new"], "at capacity the oldest entry gives way"
+    assert exists("new") and exists("c") and lookups == ["b", "c", "new"]
+    assert exists("b") and lookups == ["b", "c", "new", "b"]

@@ -122,7 +122,8 @@ class RespProtocol(Protocol):
         self._on_ready(self)
 
     def _start_failed(self, failure: Failure) -> None:
-        self.log.warn("Redis refused the connection's AUTH or SELECT; retrying: {error}", error=failure.value)
+        self.log.warn("Redis refused setting up the connection (AUTH, SELECT, SCRIPT LOAD); retrying: {error}",
+                      error=failure.value)
         self.transport.abortConnection()
 
     def send(self, command: tuple | list) -> defer.Deferred:
@@ -189,7 +190,7 @@ class RedisClient(_Connection):
         super().__init__(address, reactor, self._new_protocol)
         self._protocol: RespProtocol | None = None
         self._scripts: list[Script] = []
-        # (deadline, waiter) in the order sent, so the oldest is always first.
+        # (deadline, waiter, connection) in the order sent, so the oldest is always first.
         self._deadlines: deque[tuple[float, defer.Deferred, RespProtocol]] = deque()
         self._deadline_call: Any = None
 
@@ -222,7 +223,11 @@ class RedisClient(_Connection):
         if protocol is None:
             raise service_unavailable("Redis")
         waiter = protocol.send(command)
-        self._deadlines.append((self._reactor.seconds() + COMMAND_TIMEOUT_SECONDS, waiter, protocol))
+        deadlines = self._deadlines
+        # Replies come in order: answered commands leave from the front, so this stays short.
+        while deadlines and deadlines[0][1].called:
+            deadlines.popleft()
+        deadlines.append((self._reactor.seconds() + COMMAND_TIMEOUT_SECONDS, waiter, protocol))
         if self._deadline_call is None:
             self._deadline_call = self._reactor.callLater(COMMAND_TIMEOUT_SECONDS, self._check_deadlines)
         return waiter
