@@ -18,6 +18,8 @@ from construct.errors import ConstructError
 JSON = "json"
 MSGPACK = "msgpack"
 MAX_REQUEST_ID_LENGTH = 128
+# One packer for the process (the reactor thread): msgpack.packb builds a new one every call.
+_PACKER = msgpack.Packer(use_bin_type=True)
 
 
 @dataclass(frozen=True)
@@ -89,5 +91,5 @@ def encode(message_type: str, payload: dict | None, request_id: str | None, enco
     if request_id is not None:
         message["requestId"] = request_id
     if encoding == MSGPACK:
-        return msgpack.packb(message, use_bin_type=True)
+        return _PACKER.pack(message)
     return json_bytes(message)
