@@ -113,15 +113,12 @@ class CollectorTuning(Service):
     there. Objects alive once started (modules, the service tree) are frozen out of collection.
     """
 
-    def __init__(self, young_threshold: int = YOUNG_GENERATION_THRESHOLD) -> None:
-        self._young_threshold = young_threshold
-
     def startService(self) -> None:
         super().startService()
         # No gc.collect() first: it would hold up startup for the little garbage it frees.
         gc.freeze()
         _, middle, old = gc.get_threshold()
-        gc.set_threshold(self._young_threshold, middle, old)
+        gc.set_threshold(YOUNG_GENERATION_THRESHOLD, middle, old)
 
 
 class HashingThreads(Service):

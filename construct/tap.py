@@ -12,7 +12,6 @@ import re
 import socket
 from typing import Any, Callable
 
-
 from construct.config import Setting, SettingsOptions, int_between, non_empty
 from construct.core.accounts import AccountService, KnownUsers, PasswordHasher
 from construct.core.app import Core

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+# The benchmark tool starts servers the same way: one twistd command and one "listening" line.
+from construct.bench.server import LISTENING, TWISTD, child_environment
+
 REPO = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"\b(\w+) listening on ([\d.]+):(\d+)")
-TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
 
 
 def process_env(**extra: str) -> dict:
     """The repository first on the path, so the processes run this tree's code and plugins."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSTRUCT_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env = child_environment()
     env.update(extra)
     return env
 

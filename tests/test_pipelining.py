@@ -11,7 +11,7 @@ from construct.core.messaging import MessageService
 from construct.delivery.types import Accepted
 from construct.metrics import Metrics
 from construct.protocol import codec
-from construct.protocol.connection import ClientConnection
+from construct.protocol.connection import MAX_IN_FLIGHT, ClientConnection
 from tests.helpers import chat_message
 
 ALICE = "3f2b8c1e-7a4d-4e2b-9c61-0d5e8f7a1b2c"
@@ -79,14 +79,20 @@ class ScriptedCore:
         self.metrics = Metrics()
 
 
-def test_replies_keep_frame_order_and_other_operations_wait_for_sends_in_flight():
+def _alice_connected() -> tuple[ScriptedCore, ClientConnection, list]:
+    """A connection authenticated as alice on a scripted core, and the frames written to it."""
     core = ScriptedCore()
-    written: list[dict] = []
+    written: list = []
     connection = ClientConnection(
         core, "memory", lambda data, encoding: written.append(codec.decode(data, encoding)),
         lambda: None, lambda: None, 1 << 16,
     )
     connection.identity = Identity(ALICE, "alice", "token-hash")
+    return core, connection, written
+
+
+def test_replies_keep_frame_order_and_other_operations_wait_for_sends_in_flight():
+    core, connection, written = _alice_connected()
     messages = [chat_message(ALICE, BOB) for _ in range(3)]
     for number, message in enumerate(messages):
         connection.frame_received(codec.encode("sendMessage", message, f"r{number}", codec.JSON), codec.JSON)
@@ -101,3 +107,25 @@ def test_replies_keep_frame_order_and_other_operations_wait_for_sends_in_flight(
         ("ack", "r0"), ("error", "r1"), ("ack", "r2"), ("pong", "p"),
     ]
     assert written[1].payload["code"] == "SERVER_ERROR"
+
+
+def test_an_unreadable_frame_is_answered_in_its_place_and_at_most_32_sends_run_at_once():
+    core, connection, written = _alice_connected()
+    connection.frame_received(codec.encode("sendMessage", chat_message(ALICE, BOB), "first", codec.JSON), codec.JSON)
+    connection.frame_received(b"{not json", codec.JSON)
+    for number in range(MAX_IN_FLIGHT + 5):
+        message = chat_message(ALICE, BOB)
+        connection.frame_received(codec.encode("sendMessage", message, f"r{number}", codec.JSON), codec.JSON)
+    assert len(core.messaging.sends) == 1, "nothing after the bad frame starts before it is answered"
+    core.messaging.sends[0].callback(Accepted("queued", 5000, duplicate=False))
+    assert [(frame.type, frame.request_id) for frame in written] == [("ack", "first"), ("error", None)]
+    assert written[1].payload["code"] == "INVALID_FORMAT"
+    assert len(core.messaging.sends) == 1 + MAX_IN_FLIGHT, "the rest wait for room"
+    core.messaging.sends[1].callback(Accepted("queued", 5000, duplicate=False))
+    assert len(core.messaging.sends) == 2 + MAX_IN_FLIGHT, "one answered, one more started"
+    answered = 2
+    while answered < len(core.messaging.sends):
+        core.messaging.sends[answered].callback(Accepted("queued", 5000, duplicate=False))
+        answered += 1
+    assert answered == 1 + MAX_IN_FLIGHT + 5
+    assert [frame.request_id for frame in written[2:]] == [f"r{number}" for number in range(MAX_IN_FLIGHT + 5)]

@@ -379,3 +379,15 @@ def test_known_users_remember_existence_for_a_while_and_never_absence():
     assert lookups == ["b", "c", "new"], "at capacity the oldest entry gives way"
     assert exists("new") and exists("c") and lookups == ["b", "c", "new"]
     assert exists("b") and lookups == ["b", "c", "new", "b"]
+
+
+def test_unreadable_redis_data_drops_the_connection_and_fails_its_commands():
+    from twisted.internet import defer
+    from twisted.internet.testing import MemoryReactorClock
+
+    client, protocol = _redis_client(MemoryReactorClock())
+    pending = defer.ensureDeferred(client.execute("GET", "k"))
+    protocol.dataReceived(b"!not a reply type\r\n")
+    assert protocol.transport.disconnecting
+    protocol.connectionLost(None)
+    assert _outcome(pending).value.code == "SERVICE_UNAVAILABLE"

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import base64
-import os
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgpack
-from nacl.signing import SigningKey
 from orjson import dumps as json_dumps, loads as json_loads
+
+from construct.client.crypto import IdentityKeys, SignedPrekey, make_key_bundle
 
 WS_MSGPACK = "ws-msgpack"
 WS_JSON = "ws-json"
@@ -114,19 +114,5 @@ def sent_ns_of(content: str) -> int:
 
 
 def key_bundle() -> dict:
-    """A publicKey whose signature verifies, as `register` requires."""
-    key = SigningKey.generate()
-    data = json_dumps(
-        {
-            "userId": "",
-            "timestamp": "2026-01-01T00:00:00Z",
-            "supportedSuites": [
-                {"suiteId": 1, "identityKey": _base64(os.urandom(32)), "signedPrekey": _base64(os.urandom(32))}
-            ],
-        }
-    )
-    return {
-        "masterIdentityKey": _base64(bytes(key.verify_key)),
-        "bundleData": _base64(data),
-        "signature": _base64(key.sign(data).signature),
-    }
+    """A publicKey whose signature verifies, as `register` requires: the reference client's own."""
+    return make_key_bundle(IdentityKeys.generate(), SignedPrekey.generate())

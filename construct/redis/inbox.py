@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from construct.delivery.types import Accepted, InboxEntry, Submission, Survey
 from construct.redis.client import RedisClient, Script
-from construct.redis.presence import instance_channel, pending_event, presence_key
+from construct.redis.presence import event_message, instance_channel, presence_key
 from construct.errors import duplicate_id_error, inbox_full_error, user_not_found_error
 
 # Keys of a user survive this long after their last message expires.
@@ -163,7 +163,7 @@ class RedisInbox:
             [
                 message.message_id, message.sender_id, message.envelope, message.status,
                 message.now_ms, message.ttl_ms, message.quota, KEY_GRACE_MS,
-                instance_channel(self._prefix, ""), self._instance_id, pending_event(recipient),
+                instance_channel(self._prefix, ""), self._instance_id, event_message("pending", recipient),
             ],
         )
         outcome = result[0]

@@ -13,8 +13,9 @@ Every event is a hint: the inbox is the truth, and a subscriber that reconnects 
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import orjson
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -39,12 +40,7 @@ def presence_key(prefix: str, user_id: str) -> str:
 
 
 def event_message(event: str, user_id: str, **fields: Any) -> str:
-    return json.dumps({"event": event, "userId": user_id, **fields})
-
-
-def pending_event(user_id: str) -> str:
-    """event_message("pending", user_id), built without a JSON encoder: it goes with every send."""
-    return f'{{"event": "pending", "userId": "{user_id}"}}'
+    return orjson.dumps({"event": event, "userId": user_id, **fields}).decode("utf-8")
 
 
 class RedisPresence:
@@ -104,7 +100,7 @@ class InstancePresence(RedisPresence):
         await self._redis.execute("PEXPIRE", key, PRESENCE_TTL_SECONDS * 1000)
         if announce:
             # Only after the presence entry exists, so a worker acting on it finds this instance.
-            message = json.dumps({"userId": user_id, "instanceId": self.instance_id})
+            message = orjson.dumps({"userId": user_id, "instanceId": self.instance_id}).decode("utf-8")
             await self._redis.execute("PUBLISH", online_channel(self._prefix), message)
 
     async def heartbeat(self) -> None:
@@ -126,7 +122,7 @@ class InstancePresence(RedisPresence):
     # Subscriber callbacks
 
     def event_received(self, channel: str, message: str) -> None:
-        event = json.loads(message)
+        event = orjson.loads(message)
         user_id = event["userId"]
         if event["event"] == "pending":
             self._hub.on_pending(user_id)
