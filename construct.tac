@@ -25,6 +25,11 @@ from construct.tap import Options, makeService  # noqa: E402
 options = Options()
 options.parseOptions([])
 
+# twistd starts its log observer after running this file: the privacy filter comes first.
+from construct.logs import install_privacy_filter  # noqa: E402
+
+install_privacy_filter(options["log-client-addresses"])
+
 application = service.Application("construct")
 makeService(options).setServiceParent(application)
 

@@ -13,13 +13,15 @@ import time
 from typing import Any
 
 from twisted.internet import task
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python import usage
 
 from construct.config import Setting, SettingsOptions, non_empty
+from construct.core.deletion import AccountDeletion
 from construct.redis.client import RedisClient
 from construct.redis.inbox import RedisInbox
 from construct.redis.presence import RedisPresence
+from construct.storage.accounts import AccountStore
 from construct.storage.admin import AdminStore
 from construct.storage.database import SCHEMA_VERSION, Database, engine_from_options, prepare_database, schema_version
 from construct.storage.inbox import SqlInbox
@@ -41,7 +43,7 @@ class DeleteOptions(UsernameOptions):
 class UserOptions(usage.Options):
     subCommands = [
         ["show", None, UsernameOptions, "show a user's account, sessions, keys and pending messages"],
-        ["delete", None, DeleteOptions, "delete a user: account, keys, sessions and inbox"],
+        ["delete", None, DeleteOptions, "delete a user and everything the server holds about them"],
     ]
 
     def postOptions(self) -> None:
@@ -156,13 +158,27 @@ class Admin:
         if not confirmed and not self._confirm(f"Delete {user.username} ({user.id}) with its keys, sessions and messages?"):
             print("nothing deleted (pass --yes to delete without a question)", file=sys.stderr)
             return 1
-        token_hashes = await store.delete_user(user.id)
+        notices: list[Deferred] = []
+        presence = None
         if isinstance(inbox, RedisInbox):
-            # The SQL inbox went with the account; the Redis one is deleted here.
-            await inbox.delete_user(user.id)
-            # Live connections of the user, on any instance, are told their session ended.
             presence = RedisPresence(self._redis, self._options["redis-prefix"], self._reactor)
-            await presence.notify(user.id, "revoked", tokenHashes=token_hashes)
+
+        def revoked(user_id: str, token_hashes: list[str]) -> None:
+            # Live connections of the user, on any instance, are told their session ended. The
+            # presence lookup goes out now, ahead of the inbox deletion that removes presence.
+            if presence is not None:
+                notices.append(ensureDeferred(presence.notify(user_id, "revoked", tokenHashes=token_hashes)))
+
+        # The same deletion as the user's own deleteAccount (construct.core.deletion).
+        deletion = await AccountDeletion(AccountStore(db), inbox, revoked).delete(user.id)
+        for notice in notices:
+            await notice
+        if deletion is None:
+            print(f"{PROGRAM}: no user {username!r}", file=sys.stderr)
+            return 1
+        if not deletion.inbox_cleared:
+            print(f"{PROGRAM}: the account is deleted, but its pending messages could not be removed now;"
+                  " they expire by themselves", file=sys.stderr)
         self._print({"deleted": user.id}, [f"deleted {user.username} ({user.id})"])
         return 0
 

@@ -25,6 +25,8 @@ class Setting:
     secret: bool = False
     # The environment variable, when CONSTRUCT_<NAME> would mean something else to another program.
     env: str | None = None
+    # An on/off switch: `--name` takes no value; the environment says true or false (see `boolean`).
+    flag: bool = False
 
     @property
     def variable(self) -> str:
@@ -48,6 +50,15 @@ def int_between(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, not {text!r}")
+
+
 def non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -66,8 +77,11 @@ class SettingsOptions(usage.Options):
         cls.optParameters = [
             [s.name, None, None, f"{s.help} [env {s.variable}; default: {s.default}]"]
             for s in cls.settings
-            if not s.secret
+            if not s.secret and not s.flag
         ]
+        flags = [[s.name, None, f"{s.help} [env {s.variable}=true]"] for s in cls.settings if s.flag and not s.secret]
+        if flags:
+            cls.optFlags = list(cls.__dict__.get("optFlags", [])) + flags
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
@@ -79,6 +93,9 @@ class SettingsOptions(usage.Options):
 
     def _resolve(self, setting: Setting) -> Any:
         raw, source = self.get(setting.name), f"--{setting.name}"
+        if setting.flag:
+            # usage.Options sets an absent flag to 0: only a given flag overrides the environment.
+            raw = "true" if raw else None
         variable = setting.variable
         if raw is None and variable in self._environ:
             raw, source = self._environ[variable], variable

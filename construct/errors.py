@@ -1,17 +1,24 @@
 """The one error type the core raises; every transport maps it to its own framing."""
 
+import math
+
 
 class ConstructError(Exception):
     """A failure a client may see: a stable `code`, a human `message` and an HTTP status."""
 
     http_status = 400
 
-    def __init__(self, code: str, message: str, http_status: int | None = None) -> None:
+    def __init__(self, code: str, message: str, http_status: int | None = None, **details: object) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        # Extra fields of the error payload, e.g. retryAfter.
+        self.details = details
         if http_status is not None:
             self.http_status = http_status
+
+    def payload(self) -> dict:
+        return {"code": self.code, "message": self.message, **self.details}
 
 
 def invalid_format(message: str) -> ConstructError:
@@ -36,3 +43,9 @@ def inbox_full_error(quota: int) -> ConstructError:
 
 def user_not_found_error() -> ConstructError:
     return ConstructError("USER_NOT_FOUND", "User not found", 404)
+
+
+def rate_limited(retry_after: float, what: str = "Too many requests") -> ConstructError:
+    """`retryAfter` is whole seconds, at least 1, as in HTTP's Retry-After."""
+    seconds = max(1, math.ceil(retry_after))
+    return ConstructError("RATE_LIMITED", f"{what}; retry after {seconds} s", 429, retryAfter=seconds)

@@ -12,11 +12,14 @@ import re
 import socket
 from typing import Any, Callable
 
-from construct.config import Setting, SettingsOptions, int_between, non_empty
+from construct.config import Setting, SettingsOptions, boolean, int_between, non_empty
+from construct.core.abuse import AbuseLimits, AbuseSettings
 from construct.core.accounts import AccountService, KnownUsers, PasswordHasher
 from construct.core.app import Core
+from construct.core.deletion import AccountDeletion
 from construct.core.delivery import DeliveryHub
 from construct.core.keys import KeyService
+from construct.core.limits import Limit, MemoryCounters
 from construct.core.messaging import MessageService
 from construct.core.worker import DEFAULT_REDELIVERY_SECONDS, DeliveryWorker, MemoryLeases
 from construct.http.api import HttpApi
@@ -28,9 +31,10 @@ from construct.protocol.tcp import JsonLinesFactory
 from construct.protocol.ws import ConstructWebSocketFactory
 from construct.redis.client import RedisAddress, RedisClient, RedisSubscriber
 from construct.redis.inbox import RedisInbox
+from construct.redis import limits as redis_limits
 from construct.redis.presence import HEARTBEAT_SECONDS, InstancePresence
 from construct.redis.service import RedisService
-from construct.protocol.connection import ConnectionTracker
+from construct.protocol.connection import AddressCounts, ConnectionLimits, ConnectionTracker
 from construct.services import (
     CollectorTuning,
     DatabaseService,
@@ -48,12 +52,55 @@ from construct.storage.keys import KeyStore
 PROGRAM = "construct"
 SWEEP_INTERVAL_SECONDS = 10
 SESSION_CLEANUP_INTERVAL_SECONDS = 600
+# How often connections are checked against the auth, idle and slow-client timeouts.
+CONNECTION_SWEEP_SECONDS = 5
 # Room for the envelope around the largest allowed content (base64 key, ids, JSON quoting).
 FRAME_OVERHEAD_BYTES = 16 * 1024
 
 
 def redis_address(text: str) -> RedisAddress:
     return RedisAddress.parse(text.strip())
+
+
+def per_period(text: str) -> Limit:
+    """COUNT/SECONDS, e.g. 600/60; 0 turns the limit off."""
+    count, slash, seconds = text.strip().partition("/")
+    try:
+        limit = Limit(int(count), float(seconds) if slash else 1.0)
+    except ValueError:
+        raise ValueError(f"must be COUNT/SECONDS such as 600/60, or 0 for off, not {text!r}") from None
+    if limit.count < 0 or (limit.enabled and not 0 < limit.period <= 86400 * 7):
+        raise ValueError(f"must be COUNT/SECONDS with a count of 0 or more and 1 to 604800 seconds, not {text!r}")
+    return limit
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origins(text: str) -> list[str]:
+    """Patterns (* wildcards) for Autobahn, which matches them against scheme://host:port: a
+    pattern written without a port, as browsers send it, gets its scheme's default port."""
+    patterns = []
+    for pattern in (part.strip() for part in text.split(",")):
+        match = re.fullmatch(r"(https?)://[^:/]+", pattern)
+        patterns.append(f"{pattern}:{DEFAULT_PORTS[match.group(1)]}" if match else pattern)
+    if not all(patterns):
+        raise ValueError(f"must be comma-separated origin patterns such as https://chat.example.org or *, not {text!r}")
+    return patterns
+
+
+ABUSE_OPTIONS = {
+    "limit-messages": ("messages_per_sender", "messages a user may send"),
+    "limit-messages-per-recipient": ("messages_per_pair", "messages a user may send to one recipient"),
+    "limit-registrations": ("registrations_per_address", "registrations from one client address"),
+    "limit-key-fetches": ("key_fetches_per_pair", "fetches of one user's key bundle by one user"),
+    "limit-prekeys-served": ("prekeys_served_per_user", "one-time prekeys handed out per user (then bundles come without)"),
+    "limit-login-failures": ("login_failures_per_address", "failed logins from one client address"),
+    "limit-login-failures-per-account": ("login_failures_per_account_address", "failed logins on one account from one address"),
+    "limit-login-failures-account-wide": (
+        "login_failures_per_account", "failed logins on one account, after which each address gets one try per window",
+    ),
+}
 
 
 class Options(SettingsOptions):
@@ -84,8 +131,22 @@ class Options(SettingsOptions):
             "seconds before an unacknowledged push is pushed again (embedded mode)",
             int_between(5, 86400),
         ),
+        *(
+            Setting(name, getattr(AbuseSettings, field), f"{what}, as COUNT/SECONDS (0: no limit)", per_period)
+            for name, (field, what) in ABUSE_OPTIONS.items()
+        ),
+        Setting("max-connections-per-address", ConnectionLimits.per_address, "open connections per client address (0: no limit)", int_between(0, 10**6)),
+        Setting("max-connections-per-user", ConnectionLimits.per_user, "open connections per user (0: no limit)", int_between(0, 10**6)),
+        Setting("auth-timeout", int(ConnectionLimits.auth_timeout), "seconds a connection has to authenticate (0: no limit)", int_between(0, 86400)),
+        Setting("idle-timeout", int(ConnectionLimits.idle_timeout), "seconds a TCP connection may send nothing (0: no limit)", int_between(0, 86400)),
+        Setting(
+            "slow-client-timeout", int(ConnectionLimits.slow_client_timeout),
+            "seconds a client may leave the server's output unread (0: no limit)", int_between(0, 86400),
+        ),
+        Setting("allowed-origins", ["*"], "comma-separated Origin patterns browsers may open a WebSocket from", origins),
         Setting("log-format", "text", "text, or json for one JSON object a line", log_format),
         Setting("log-salt", None, "secret salt for the hashes of user ids in logs", non_empty, secret=True),
+        Setting("log-client-addresses", False, "log client IP addresses (off: never logged)", boolean, flag=True),
     )
 
     def postOptions(self) -> None:
@@ -130,18 +191,22 @@ def assemble_core(
     options: Options,
     metrics: Metrics,
     run_blocking: Callable,
+    counters: Any,
     recipient_exists: Callable | None = None,
 ) -> Core:
+    # The log salt, when set, is the secret every instance shares: it hides the limits' keys too.
+    limits = AbuseLimits(counters, abuse_settings(options), options["log-salt"])
     return Core(
         accounts=AccountService(
-            AccountStore(db), PasswordHasher(options["bcrypt-cost"], run_blocking), clock, on_sessions_revoked
+            AccountStore(db), PasswordHasher(options["bcrypt-cost"], run_blocking), clock, on_sessions_revoked, limits
         ),
-        keys=KeyService(KeyStore(db), clock),
+        keys=KeyService(KeyStore(db), clock, limits),
         messaging=MessageService(
             inbox,
             is_online,
             on_stored,
             clock,
+            limits,
             ttl_seconds=options["message-ttl"],
             quota=options["inbox-quota"],
             max_content_bytes=options["max-message-bytes"],
@@ -150,6 +215,21 @@ def assemble_core(
         hub=hub,
         metrics=metrics,
         log_id=user_id_hasher(options["log-salt"]),
+        deletion=AccountDeletion(AccountStore(db), inbox, on_sessions_revoked),
+    )
+
+
+def abuse_settings(options: Options) -> AbuseSettings:
+    return AbuseSettings(**{field: options[name] for name, (field, _) in ABUSE_OPTIONS.items()})
+
+
+def connection_limits(options: Options) -> ConnectionLimits:
+    return ConnectionLimits(
+        per_address=options["max-connections-per-address"],
+        per_user=options["max-connections-per-user"],
+        auth_timeout=options["auth-timeout"],
+        idle_timeout=options["idle-timeout"],
+        slow_client_timeout=options["slow-client-timeout"],
     )
 
 
@@ -160,7 +240,8 @@ def build_embedded(
     inbox = SqlInbox(db)
     hub = DeliveryHub(inbox, clock, metrics)
     core = assemble_core(
-        db, inbox, hub, hub.is_online, hub.on_stored, hub.on_sessions_revoked, clock, options, metrics, run_blocking
+        db, inbox, hub, hub.is_online, hub.on_stored, hub.on_sessions_revoked, clock, options, metrics, run_blocking,
+        MemoryCounters(clock),
     )
 
     async def wake(user_id: str) -> None:
@@ -192,7 +273,7 @@ def build_production(
     # The send script itself reads presence and wakes other instances: here, only local state.
     core = assemble_core(
         db, inbox, hub, hub.is_online, hub.on_stored, presence.sessions_revoked, clock, options, metrics,
-        run_blocking, recipient_exists=known_users.exists,
+        run_blocking, redis_limits.RedisCounters(redis, prefix), recipient_exists=known_users.exists,
     )
     subscriber = RedisSubscriber(address, reactor, [presence.channel], presence.event_received, presence.subscribed)
     return core, presence, redis, subscriber
@@ -224,11 +305,19 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     ).setServiceParent(root)
 
     max_frame = options["max-message-bytes"] * 2 + FRAME_OVERHEAD_BYTES
+    limits = connection_limits(options)
+    # One count per address over both listeners.
+    addresses = AddressCounts(limits.per_address)
     websockets, tcp_connections = ConnectionTracker(reactor), ConnectionTracker(reactor)
-    site = build_site(ConstructWebSocketFactory(core, max_frame, websockets), HttpApi(core), max_frame)
+    ws_factory = ConstructWebSocketFactory(
+        core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"]
+    )
+    site = build_site(ws_factory, HttpApi(core), max_frame)
     ListenerService(PROGRAM, "http", endpoints["listen"], site, websockets).setServiceParent(root)
-    tcp_factory = JsonLinesFactory(core, max_frame, tcp_connections)
+    tcp_factory = JsonLinesFactory(core, max_frame, tcp_connections, addresses, limits, reactor)
     ListenerService(PROGRAM, "tcp", endpoints["tcp"], tcp_factory, tcp_connections).setServiceParent(root)
+    for tracker in (websockets, tcp_connections):
+        GuardedTimer(CONNECTION_SWEEP_SECONDS, "connection sweep", tracker.sweep, reactor).setServiceParent(root)
     health = build_health_site(checks, metrics, reactor)
     ListenerService(PROGRAM, "health", endpoints["health"], health).setServiceParent(root)
     return root

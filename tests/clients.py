@@ -58,9 +58,9 @@ class WsClient(_QueueingClient):
         self.protocol: _WsProtocol | None = None
 
     @classmethod
-    async def connect(cls, port: int, encoding: str = codec.MSGPACK, path: str = "/ws") -> "WsClient":
+    async def connect(cls, port: int, encoding: str = codec.MSGPACK, path: str = "/ws", origin: str | None = None) -> "WsClient":
         client = cls(encoding)
-        factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}")
+        factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", origin=origin)
         factory.protocol = _WsProtocol
         factory.client = client
         factory.opened = defer.Deferred()

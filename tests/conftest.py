@@ -67,7 +67,8 @@ def clock():
 
 def make_options(**overrides) -> Options:
     options = Options(environ={})
-    options.parseOptions(["--bcrypt-cost", "4"])
+    # Every test client comes from one address: registrations per address are tested on their own.
+    options.parseOptions(["--bcrypt-cost", "4", "--limit-registrations", "0"])
     for name, value in overrides.items():
         options[name.replace("_", "-")] = value
     return options
@@ -90,7 +91,12 @@ async def _started(redis, subscriber, presence) -> None:
     redis.start()
     subscriber.start()
     await subscribed.addTimeout(10, reactor)
-    for _ in range(200):
+    await until_redis_connected(redis)
+
+
+async def until_redis_connected(redis) -> None:
+    """Wait for a started RedisClient to connect; a Redis that never answers fails the test."""
+    for _ in range(300):
         if redis.connected:
             return
         await task.deferLater(reactor, 0.01, lambda: None)

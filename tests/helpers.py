@@ -12,7 +12,7 @@ from nacl.signing import SigningKey
 from twisted.internet import defer, reactor
 
 from construct.protocol import codec
-from construct.protocol.connection import ClientConnection
+from construct.protocol.connection import ClientConnection, ConnectionLimits
 
 PASSWORD = "CorrectHorse9"
 
@@ -61,10 +61,18 @@ def decode_server_frame(data: bytes, encoding: str) -> dict:
 class MemoryClient:
     """A live connection of the core with an in-memory transport."""
 
-    def __init__(self, core, encoding: str = codec.JSON) -> None:
+    def __init__(self, core, encoding: str = codec.JSON, address: str = "192.0.2.1",
+                 limits: ConnectionLimits = ConnectionLimits(), clock=None) -> None:
         self.encoding = encoding
         self.received: defer.DeferredQueue = defer.DeferredQueue()
-        self.connection = ClientConnection(core, "memory", self._write, lambda: None, lambda: None, 256 * 1024)
+        self.closed = False
+        self.connection = ClientConnection(
+            core, "memory", self._write, lambda: None, lambda: None, 256 * 1024,
+            address, self._close, limits, clock or reactor,
+        )
+
+    def _close(self) -> None:
+        self.closed = True
 
     def _write(self, data: bytes, encoding: str) -> None:
         self.received.put(decode_server_frame(data, encoding))

@@ -37,7 +37,9 @@ class ServerProcess:
     def command(self) -> list[str]:
         listen = ["--listen", "tcp:0:interface=127.0.0.1", "--tcp", "tcp:0:interface=127.0.0.1",
                   "--health", "tcp:0:interface=127.0.0.1"] if self.plugin == "construct" else []
-        return TWISTD + ["--nodaemon", "--pidfile=", self.plugin, *listen, *self.args]
+        # Every test client comes from one address: registrations per address are tested on their own.
+        limits = ["--limit-registrations", "0"] if self.plugin == "construct" else []
+        return TWISTD + ["--nodaemon", "--pidfile=", self.plugin, *listen, *limits, *self.args]
 
     def start(self, timeout: float = 20.0) -> "ServerProcess":
         """Start and wait for the listeners, blocking (the test process serves nothing meanwhile)."""

@@ -13,9 +13,9 @@ from construct.client.messenger import Messenger
 from construct.client.state import KdfParams
 from construct.client.store import StateStore
 from construct.client.transport import AuthenticationFailed, ServerAddress, ServerError
-from construct.errors import ConstructError
+from construct.errors import ConstructError, rate_limited
 from construct.protocol import codec
-from construct.protocol.connection import ConnectionTracker
+from construct.protocol.connection import AddressCounts, ConnectionLimits, ConnectionTracker
 from construct.protocol.tcp import JsonLinesFactory
 from tests.helpers import PASSWORD, MemoryClient, register
 
@@ -24,7 +24,9 @@ FAST = KdfParams(argon2id.OPSLIMIT_MIN, argon2id.MEMLIMIT_MIN)
 
 class Server:
     def __init__(self, core) -> None:
-        self.factory = JsonLinesFactory(core, 256 * 1024, ConnectionTracker(reactor))
+        self.factory = JsonLinesFactory(
+            core, 256 * 1024, ConnectionTracker(reactor), AddressCounts(0), ConnectionLimits(), reactor
+        )
         self.connections: list = []
         build = self.factory.buildProtocol
 
@@ -125,6 +127,30 @@ async def test_unacknowledged_sends_are_resent_unchanged(core, server, tmp_path,
     received: list[dict] = []
     await bob.listen(received.append, count=3)
     assert [m["text"] for m in received] == ["first", "second", "third"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rate_limited_send_stays_in_the_outbox_and_goes_out_next_time(core, server, tmp_path, monkeypatch):
+    """RATE_LIMITED means "not now": the message is not marked failed, and the next run sends it first."""
+    alice, _ = await _user(server, tmp_path, "alice")
+    bob, _ = await _user(server, tmp_path, "bob")
+    real_send = core.messaging.send
+    limited = [True]
+
+    async def limited_send(sender_id, payload):
+        if limited[0]:
+            raise rate_limited(30, "Too many messages")
+        return await real_send(sender_id, payload)
+
+    monkeypatch.setattr(core.messaging, "send", limited_send)
+    with pytest.raises(ServerError) as refused:
+        await alice.send("bob", "held back")
+    assert refused.value.code == "RATE_LIMITED" and refused.value.retry_after == 30
+    limited[0] = False
+    await alice.send("bob", "after the wait")
+    received: list[dict] = []
+    await bob.listen(received.append, count=2)
+    assert [m["text"] for m in received] == ["held back", "after the wait"]
 
 
 @pytest_twisted.ensureDeferred

@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 from twisted.internet import defer, task
 
+from construct.core.abuse import AbuseLimits, AbuseSettings
 from construct.core.accounts import Identity
+from construct.core.limits import MemoryCounters
 from construct.core.messaging import MessageService
 from construct.delivery.types import Accepted
 from construct.metrics import Metrics
 from construct.protocol import codec
-from construct.protocol.connection import MAX_IN_FLIGHT, ClientConnection
+from construct.protocol.connection import MAX_IN_FLIGHT, ClientConnection, ConnectionLimits
 from tests.helpers import chat_message
 
 ALICE = "3f2b8c1e-7a4d-4e2b-9c61-0d5e8f7a1b2c"
@@ -46,7 +48,10 @@ def test_a_slow_recipient_lookup_does_not_let_a_later_send_store_first():
         return False
 
     inbox = OrderedInbox()
-    service = MessageService(inbox, nobody_online, lambda *args: None, task.Clock(), recipient_exists=recipient_exists)
+    service = MessageService(
+        inbox, nobody_online, lambda *args: None, task.Clock(), AbuseLimits(MemoryCounters(task.Clock()), AbuseSettings()),
+        recipient_exists=recipient_exists,
+    )
     first, second = chat_message(ALICE, BOB), chat_message(ALICE, CAROL)
     sending = [defer.ensureDeferred(service.send(ALICE, message)) for message in (first, second)]
     assert inbox.stored == [], "send 2 must wait for send 1's turn"
@@ -85,7 +90,7 @@ def _alice_connected() -> tuple[ScriptedCore, ClientConnection, list]:
     written: list = []
     connection = ClientConnection(
         core, "memory", lambda data, encoding: written.append(codec.decode(data, encoding)),
-        lambda: None, lambda: None, 1 << 16,
+        lambda: None, lambda: None, 1 << 16, "192.0.2.1", lambda: None, ConnectionLimits(), task.Clock(),
     )
     connection.identity = Identity(ALICE, "alice", "token-hash")
     return core, connection, written

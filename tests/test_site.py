@@ -11,7 +11,7 @@ from twisted.web.http import HTTPChannel, Request
 
 from construct.http.api import HttpApi
 from construct.http.site import build_site
-from construct.protocol.connection import ConnectionTracker
+from construct.protocol.connection import AddressCounts, ConnectionLimits, ConnectionTracker
 from construct.protocol.ws import ConstructWebSocketFactory
 from tests.clients import WsClient
 
@@ -30,7 +30,8 @@ async def test_an_upgraded_connection_keeps_no_http_channel_or_request(core):
     """After the upgrade only the WebSocket protocol remains: the HTTP channel and request are freed
     at once (no timer, no cycle), and the handshake text is dropped."""
     tracker = ConnectionTracker(reactor)
-    site = build_site(ConstructWebSocketFactory(core, 1 << 16, tracker), HttpApi(core), 1 << 16)
+    factory = ConstructWebSocketFactory(core, 1 << 16, tracker, AddressCounts(0), ConnectionLimits(), reactor, ["*"])
+    site = build_site(factory, HttpApi(core), 1 << 16)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     gc.collect()
     channels, requests = _alive(HTTPChannel), _alive(Request)

@@ -13,8 +13,8 @@ from twisted.python import usage
 from construct.config import Setting, SettingsOptions, int_between
 from construct.errors import ConstructError
 from construct.protocol import codec
-from construct.protocol.connection import ConnectionTracker
-from construct.protocol.tcp import JsonLinesProtocol
+from construct.protocol.connection import AddressCounts, ConnectionLimits, ConnectionTracker
+from construct.protocol.tcp import JsonLinesFactory, JsonLinesProtocol
 from construct.tap import Options, default_instance_id
 
 
@@ -110,10 +110,11 @@ class RecordingConnection:
 
 
 def _tcp(max_line: int = 32) -> tuple[JsonLinesProtocol, RecordingConnection]:
-    protocol = JsonLinesProtocol(core=None, max_line_bytes=max_line, tracker=ConnectionTracker(clock=None))
+    factory = JsonLinesFactory(None, max_line, ConnectionTracker(clock=None), AddressCounts(0), ConnectionLimits(), None)
+    protocol = factory.buildProtocol(None)
     recorder = RecordingConnection()
-    # Framing only: stand in for the ClientConnection that connectionMade would build.
-    protocol._connection = recorder
+    # Framing only: stand in for the ClientConnection that the first bytes would build.
+    protocol.connection = recorder
     protocol.transport = StringTransport()
     return protocol, recorder
 

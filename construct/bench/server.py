@@ -219,11 +219,19 @@ def _resp_reply(replies: Any) -> Any:
     return [_resp_reply(replies) for _ in range(int(rest))]
 
 
+# The load comes from one address and a few hundred users sending as fast as they can: the abuse
+# limits would be what is measured. A server the tool only targets (--server) needs them off too.
+LIMITS_OFF = [
+    "--limit-messages", "0", "--limit-messages-per-recipient", "0", "--limit-registrations", "0",
+    "--max-connections-per-address", "0", "--max-connections-per-user", "0",
+]
+
+
 def construct_command(directory: Path, bcrypt_cost: int, extra: list[str]) -> list[str]:
     return TWISTD + [
         "--nodaemon", "--pidfile=", "construct",
         "--listen", LOOPBACK, "--tcp", LOOPBACK, "--health", LOOPBACK,
-        "--data-dir", str(directory / "data"), "--bcrypt-cost", str(bcrypt_cost), *extra,
+        "--data-dir", str(directory / "data"), "--bcrypt-cost", str(bcrypt_cost), *LIMITS_OFF, *extra,
     ]
 
 

@@ -42,6 +42,8 @@ SEND_ATTEMPTS = 5
 RETRY_DELAY_SECONDS = 0.5
 # Worth resending the very same message: the server may not have stored it.
 RETRYABLE_CODES = frozenset({"SERVICE_UNAVAILABLE", "SERVER_ERROR"})
+# Refused for now, not for good: the message stays in the outbox for a later run.
+RATE_LIMITED = "RATE_LIMITED"
 TRANSIENT_ERRORS = (RequestTimeout, ConnectionClosed)
 # What a long-running listener waits out instead of giving up.
 NETWORK_ERRORS = (RequestTimeout, ConnectionClosed, ConnectFailed)
@@ -265,7 +267,7 @@ class Messenger:
             try:
                 await self._deliver(message)
             except ServerError as e:
-                if e.code in RETRYABLE_CODES:
+                if e.code in RETRYABLE_CODES or e.code == RATE_LIMITED:
                     raise
                 self.on_warning(f"an earlier message ({message['id']}) was refused for good: {e.code}")
 
@@ -277,6 +279,8 @@ class Messenger:
             try:
                 reply = await self._request("sendMessage", account.wire_message(message))
             except ServerError as e:
+                if e.code == RATE_LIMITED:
+                    raise
                 if e.code not in RETRYABLE_CODES:
                     await self._store.update(partial(account.outgoing_settled, message_id=message["id"], status="failed"))
                     raise
@@ -359,6 +363,10 @@ class Messenger:
                 if e.code == "USER_NOT_FOUND":
                     sender = SENDER_GONE
                     break
+                if e.code == RATE_LIMITED:
+                    # Keys for this sender are refused for now: wait as long as the server asks.
+                    await task.deferLater(self._reactor, e.retry_after or RETRY_DELAY_SECONDS, lambda: None)
+                    continue
                 if e.code not in RETRYABLE_CODES:
                     raise
             except NETWORK_ERRORS:

@@ -40,10 +40,12 @@ PUSH_TYPES = ("message", "sessionExpired")
 class ServerError(Exception):
     """The server answered a request with `error`."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        # Seconds the server asked us to wait (RATE_LIMITED), if it did.
+        self.retry_after = retry_after
 
 
 class ConnectionClosed(Exception):
@@ -183,7 +185,12 @@ class Channel:
         reply = self._pending.pop(frame.request_id, None) if frame.request_id is not None else None
         if reply is not None:
             if frame.type == "error":
-                reply.errback(ServerError(str(frame.payload.get("code")), str(frame.payload.get("message"))))
+                retry_after = frame.payload.get("retryAfter")
+                reply.errback(ServerError(
+                    str(frame.payload.get("code")),
+                    str(frame.payload.get("message")),
+                    retry_after if isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool) else None,
+                ))
             else:
                 reply.callback({"type": frame.type, "payload": frame.payload})
         elif frame.type in PUSH_TYPES and frame.request_id is None:

@@ -13,6 +13,7 @@ import bcrypt
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from construct.core.abuse import AbuseLimits
 from construct.core.keys import validate_bundle
 from construct.core.validation import check_password_strength, normalize_username
 from construct.errors import ConstructError, user_not_found_error
@@ -90,13 +91,22 @@ class KnownUsers:
         return found
 
 
+def dummy_hash(cost: int) -> bytes:
+    """A well-formed bcrypt hash of no password, made without hashing: checking a password
+    against it costs what checking against a real hash of that cost does (bcrypt hashes the
+    candidate with the stored salt and cost, then compares)."""
+    alphabet = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    return bcrypt.gensalt(cost) + "".join(secrets.choice(alphabet) for _ in range(31)).encode("ascii")
+
+
 class PasswordHasher:
     """bcrypt, always on a thread: `run_blocking(fn, *args)` returns a Deferred."""
 
     def __init__(self, cost: int, run_blocking: Callable[..., Deferred]) -> None:
         self._cost = cost
         self._run_blocking = run_blocking
-        self._dummy_hash: bytes | None = None
+        # Ready from the start, so even the first unknown user costs one check and nothing more.
+        self._dummy_hash = dummy_hash(cost)
 
     async def hash(self, password: str) -> str:
         hashed = await self._run_blocking(bcrypt.hashpw, password.encode("utf-8"), bcrypt.gensalt(self._cost))
@@ -107,8 +117,6 @@ class PasswordHasher:
         encoded = password.encode("utf-8")
         # bcrypt refuses more than 72 bytes, and no stored password is longer.
         if hashed is None or len(encoded) > 72:
-            if self._dummy_hash is None:
-                self._dummy_hash = (await self.hash("Unused-dummy-password-0")).encode("ascii")
             await self._run_blocking(bcrypt.checkpw, encoded[:72], self._dummy_hash)
             return False
         return await self._run_blocking(bcrypt.checkpw, encoded, hashed.encode("ascii"))
@@ -121,9 +129,11 @@ class AccountService:
         hasher: PasswordHasher,
         clock: IReactorTime,
         on_sessions_revoked: Callable[[str, list[str]], None],
+        limits: AbuseLimits,
         session_ttl: float = SESSION_TTL_SECONDS,
     ) -> None:
         self._store = store
+        self._limits = limits
         self._hasher = hasher
         self._clock = clock
         self._on_sessions_revoked = on_sessions_revoked
@@ -135,25 +145,30 @@ class AccountService:
     def _new_token(self) -> tuple[str, int]:
         return secrets.token_urlsafe(32), self._now_ms() + int(self._session_ttl * 1000)
 
-    async def register(self, username: Any, password: Any, raw_bundle: Any) -> IssuedSession:
+    async def register(self, username: Any, password: Any, raw_bundle: Any, address: str) -> IssuedSession:
         username = normalize_username(username)
         if not isinstance(password, str):
             raise ConstructError("INVALID_FORMAT", "'password' is required and must be a str")
         check_password_strength(password)
         bundle = validate_bundle(raw_bundle, None)
+        # Counted once the request is well formed: each one costs a hash, taken or not.
+        await self._limits.check_registration(address)
         user = User(str(uuid.uuid4()), username, await self._hasher.hash(password))
         token, expires_ms = self._new_token()
         await self._store.create_account(user, bundle, token_hash(token), self._now_ms(), expires_ms)
         return IssuedSession(Identity(user.id, user.username, token_hash(token)), token, expires_ms // 1000)
 
-    async def login(self, username: Any, password: Any) -> IssuedSession:
+    async def login(self, username: Any, password: Any, address: str) -> IssuedSession:
         if not isinstance(username, str) or not isinstance(password, str) or len(password) > 1024:
             raise invalid_credentials()
+        await self._limits.check_login(username, address)
         user = await self._store.get_user_by_name(username.lower())
         # Verify even for unknown users, against a dummy hash, so timing does not reveal them.
         password_ok = await self._hasher.verify(password, user.password_hash if user else None)
         if user is None or not password_ok:
+            await self._limits.login_failed(username, address)
             raise invalid_credentials()
+        await self._limits.login_succeeded(username, address)
         token, expires_ms = self._new_token()
         await self._store.create_session(token_hash(token), user.id, self._now_ms(), expires_ms)
         return IssuedSession(Identity(user.id, user.username, token_hash(token)), token, expires_ms // 1000)
@@ -184,7 +199,7 @@ class AccountService:
         await self._store.delete_session(identity.token_hash)
         self._on_sessions_revoked(identity.user_id, [identity.token_hash])
 
-    async def change_password(self, identity: Identity, old: Any, new: Any, confirm: Any) -> None:
+    async def change_password(self, identity: Identity, old: Any, new: Any, confirm: Any, address: str) -> None:
         """Change the password and revoke every other session of the user."""
         for name, value in (("oldPassword", old), ("newPassword", new), ("newPasswordConfirm", confirm)):
             if not isinstance(value, str):
@@ -197,11 +212,30 @@ class AccountService:
         user = await self._store.get_user(identity.user_id)
         if user is None:
             raise invalid_token()
-        if not await self._hasher.verify(old, user.password_hash):
+        if not await self._password_matches(user, old, address):
             raise ConstructError("INVALID_PASSWORD", "Old password is incorrect", 401)
         revoked = await self._store.change_password(user.id, await self._hasher.hash(new), identity.token_hash)
         if revoked:
             self._on_sessions_revoked(user.id, revoked)
+
+    async def confirm_password(self, identity: Identity, password: Any, address: str) -> None:
+        """INVALID_PASSWORD unless `password` is the user's current one (before deleteAccount)."""
+        if not isinstance(password, str):
+            raise ConstructError("INVALID_FORMAT", "'password' is required and must be a str")
+        user = await self._store.get_user(identity.user_id)
+        if user is None:
+            raise invalid_token()
+        if not await self._password_matches(user, password, address):
+            raise ConstructError("INVALID_PASSWORD", "The password is incorrect", 401)
+
+    async def _password_matches(self, user: User, password: str, address: str) -> bool:
+        """A password check under the login limits: a stolen session token gives no more
+        guesses at the password than the login form does."""
+        await self._limits.check_login(user.username, address)
+        if await self._hasher.verify(password, user.password_hash):
+            return True
+        await self._limits.login_failed(user.username, address)
+        return False
 
     async def delete_expired_sessions(self) -> None:
         """Remove expired sessions and unbind the connections still using them."""

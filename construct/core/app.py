@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from construct.core.accounts import AccountService
+from construct.core.deletion import AccountDeletion
 from construct.core.delivery import DeliveryHub
 from construct.core.keys import KeyService
 from construct.core.messaging import MessageService
@@ -21,3 +22,5 @@ class Core:
     metrics: Metrics
     # Turns a user id into what may appear in logs (a salted hash).
     log_id: Callable[[str], str]
+    # Deletes an account and everything about it (deleteAccount, construct-admin user delete).
+    deletion: AccountDeletion

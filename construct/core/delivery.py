@@ -108,6 +108,10 @@ class DeliveryHub:
         if not self.holds(user_id) and self.listener is not None:
             self.listener.user_detached(user_id)
 
+    def connection_count(self, user_id: str) -> int:
+        """The user's live connections here."""
+        return len(self._by_user.get(user_id, ()))
+
     async def is_online(self, user_id: str) -> bool:
         return self.holds(user_id)
 

@@ -10,6 +10,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 from twisted.internet.interfaces import IReactorTime
 
+from construct.core.abuse import AbuseLimits
 from construct.core.validation import canonical_uuid, decode_base64
 from construct.errors import ConstructError, user_not_found_error
 from construct.storage.keys import KeyStore, OneTimePrekeyRecord, PublishedBundle, StoredBundle
@@ -118,9 +119,10 @@ def first_suite_keys(bundle: StoredBundle) -> tuple[str, str]:
 
 
 class KeyService:
-    def __init__(self, store: KeyStore, clock: IReactorTime) -> None:
+    def __init__(self, store: KeyStore, clock: IReactorTime, limits: AbuseLimits) -> None:
         self._store = store
         self._clock = clock
+        self._limits = limits
 
     async def rotate(self, user_id: str, raw_bundle: Any) -> None:
         """Replace the user's own bundle; the identity key itself never changes."""
@@ -130,10 +132,16 @@ class KeyService:
             raise _bad("masterIdentityKey cannot change; register a new account for a new identity")
         await self._store.put_bundle(user_id, bundle, int(self._clock.seconds() * 1000))
 
-    async def get(self, user_id: str, requester_id: str | None = None) -> PublishedBundle:
+    async def get(self, user_id: str, requester_id: str, wants_prekey: bool = True) -> PublishedBundle:
         """The user's bundle. For another user's fetch it also carries one of the owner's
-        one-time prekeys, deleted as it is handed out; fetching your own bundle burns none."""
-        claim = requester_id is not None and requester_id != user_id
+        one-time prekeys, deleted as it is handed out; fetching your own bundle burns none.
+
+        Fetches per requester and target are limited, and so are the prekeys handed out per
+        owner: past that budget the bundle comes without one, so nobody can drain a pool."""
+        claim = wants_prekey and requester_id != user_id
+        if requester_id != user_id:
+            await self._limits.check_key_fetch(requester_id, user_id)
+            claim = claim and await self._limits.may_serve_prekey(user_id)
         published = await self._store.get_bundle(user_id, claim_one_time_prekey=claim)
         if published is None:
             raise user_not_found_error()

@@ -10,6 +10,7 @@ import orjson
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 
+from construct.core.abuse import AbuseLimits
 from construct.core.validation import canonical_uuid, decode_base64
 from construct.delivery.types import Accepted, InboxEntry, Submission
 from construct.errors import ConstructError, user_not_found_error
@@ -82,6 +83,7 @@ class MessageService:
         is_online: Callable[[str], Awaitable[bool]],
         on_stored: Callable[[str, int | None, dict], None],
         clock: IReactorTime,
+        limits: AbuseLimits,
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
         quota: int = DEFAULT_QUOTA,
         max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
@@ -92,6 +94,7 @@ class MessageService:
         self._is_online = is_online
         self._on_stored = on_stored
         self._clock = clock
+        self._limits = limits
         self._ttl_ms = int(ttl_seconds * 1000)
         self._quota = quota
         self.max_content_bytes = max_content_bytes
@@ -110,6 +113,7 @@ class MessageService:
             message = parse_chat_message(payload, self.max_content_bytes)
             if message["from"] != sender_id:
                 raise ConstructError("FORBIDDEN", "'from' must be the authenticated user", 403)
+            await self._limits.check_send(sender_id, message["to"])
             if self._recipient_exists is not None and not await self._recipient_exists(message["to"]):
                 raise user_not_found_error()
             status = "delivered" if await self._is_online(message["to"]) else "queued"

@@ -29,8 +29,9 @@ MAX_PENDING_BATCH = 100
 class HttpClient:
     """An HTTP request as an operation's client: authenticated by its bearer token, never live."""
 
-    def __init__(self, identity: Identity | None) -> None:
+    def __init__(self, identity: Identity | None, address: str) -> None:
         self.identity = identity
+        self.address = address
 
     def bind(self, identity: Identity) -> None:
         self.identity = identity
@@ -87,7 +88,9 @@ class HttpApi:
         return codec.json_bytes(payload)
 
     async def _run(self, request: Any, message_type: str, payload_of: Any, authenticated: bool, status: int) -> bytes:
-        client = HttpClient(await self._identity(request) if authenticated else None)
+        identity = await self._identity(request) if authenticated else None
+        # The transport's peer: behind a PROXY-protocol endpoint (haproxy:…), the client's own.
+        client = HttpClient(identity, getattr(request.getClientAddress(), "host", ""))
         reply = await operations.run(self._core, client, message_type, payload_of())
         if reply is None or reply.payload is None:
             request.setResponseCode(204)
@@ -110,6 +113,10 @@ class HttpApi:
     @app.route("/sessions/current", methods=["DELETE"])
     def logout(self, request: Any) -> Deferred:
         return self._call(request, "logout", dict, True)
+
+    @app.route("/accounts/current", methods=["DELETE"])
+    def delete_account(self, request: Any) -> Deferred:
+        return self._call(request, "deleteAccount", lambda: self._body(request), True)
 
     @app.route("/accounts/current/password", methods=["PUT"])
     def change_password(self, request: Any) -> Deferred:
@@ -191,7 +198,9 @@ class HttpApi:
     def construct_error(self, request: Any, failure: Failure) -> bytes:
         error = failure.value
         self._core.metrics.error(error.code)
-        return self._json(request, error.http_status, {"code": error.code, "message": error.message})
+        if "retryAfter" in error.details:
+            request.setHeader("retry-after", str(error.details["retryAfter"]))
+        return self._json(request, error.http_status, error.payload())
 
     @app.handle_errors(NotFound)
     def not_found(self, request: Any, failure: Failure) -> bytes:

@@ -7,9 +7,14 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request, Site
 
 from construct.http.api import HttpApi
+
+
+# An HTTP connection that sends nothing for this long is closed (twisted.web's default is 12
+# hours, long enough for a slow-loris client to hold sockets). Long-polls wait up to 60 s.
+HTTP_IDLE_TIMEOUT_SECONDS = 75
 
 
 class LimitedRequest(Request):
@@ -43,7 +48,7 @@ class ConstructSite(Site):
     requestFactory = LimitedRequest
 
     def __init__(self, resource: Resource, max_body_bytes: int) -> None:
-        super().__init__(resource)
+        super().__init__(resource, timeout=HTTP_IDLE_TIMEOUT_SECONDS)
         self.max_body_bytes = max_body_bytes
         self.displayTracebacks = False
 
@@ -60,14 +65,15 @@ class UpgradeResource(WebSocketResource):
     """
 
     def render(self, request: Request) -> Any:
-        result = super().render(request)
-        if result is NOT_DONE_YET:  # the socket was handed over (else an HTTP error reply is under way)
-            channel = request.channel
+        channel = request.channel
+        if channel.transport is not None:  # the socket is about to be handed over
+            # First: the handshake runs within super().render, and the WebSocket connection
+            # registers its own producer with the transport as it opens.
             channel.setTimeout(None)
             channel.requests = []
-            if getattr(request.transport, "producer", None) is channel:
-                request.transport.unregisterProducer()
-        return result
+            # The channel is the only producer registered yet (TCP, TLS or PROXY transport alike).
+            channel.transport.unregisterProducer()
+        return super().render(request)
 
 
 def build_site(ws_factory: Any, api: HttpApi, max_body_bytes: int) -> ConstructSite:

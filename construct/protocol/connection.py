@@ -7,15 +7,17 @@ and receives pushes from the delivery hub once the client is authenticated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from construct.core.accounts import Identity
 from construct.core.app import Core
-from construct.errors import ConstructError
+from construct.errors import ConstructError, rate_limited
 from construct.protocol import codec, operations
 
 # Past this many frames waiting, stop reading the socket until the backlog shrinks.
@@ -25,15 +27,58 @@ RESUME_BACKLOG = 8
 # sender's stores in order, and the connection keeps replies in order.
 PIPELINED = frozenset({"sendMessage"})
 MAX_IN_FLIGHT = 32
+# A client told to wait for a free connection slot is told to retry after this long.
+CONNECTION_RETRY_SECONDS = 10
+# A client that stopped reading may leave this much unread (or eight frames, if more) before it
+# is cut off at once; its unacknowledged messages wait in its inbox for the next connection.
+MIN_STALLED_BYTES = 1024 * 1024
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one client connection may hold of this instance; 0 turns a limit off."""
+
+    per_address: int = 100
+    per_user: int = 20
+    # Seconds to authenticate after connecting.
+    auth_timeout: float = 60
+    # Seconds without a frame before a TCP connection is closed (WebSocket has pings instead).
+    idle_timeout: float = 300
+    # Seconds the client may leave the server's output unread.
+    slow_client_timeout: float = 30
+
+
+class AddressCounts:
+    """Open client connections per network address, over every listener of this instance."""
+
+    def __init__(self, most: int) -> None:
+        self._most = most
+        self._open: dict[str, int] = {}
+
+    def admit(self, address: str) -> bool:
+        count = self._open.get(address, 0)
+        if self._most and count >= self._most:
+            return False
+        self._open[address] = count + 1
+        return True
+
+    def release(self, address: str) -> None:
+        count = self._open.get(address, 0) - 1
+        if count > 0:
+            self._open[address] = count
+        else:
+            self._open.pop(address, None)
+
+
+@implementer(IPushProducer)
 class ClientConnection:
     log = Logger()
     # Thousands are open at once, most of them idle: no per-instance __dict__.
     __slots__ = (
         "identity", "_core", "_transport_name", "_write", "_pause_reading", "_resume_reading",
         "_max_frame_bytes", "_push_encoding", "_backlog", "_busy", "_paused", "_open", "_draining",
-        "_idle_waiters", "_in_flight", "_slot", "_last_answered",
+        "_idle_waiters", "_in_flight", "_slot", "_last_answered", "address", "_close", "_limits", "_clock",
+        "opened_at", "last_heard", "stalled_since", "_stalled_bytes", "_max_stalled_bytes",
     )
 
     def __init__(
@@ -44,8 +89,23 @@ class ClientConnection:
         pause_reading: Callable[[], None],
         resume_reading: Callable[[], None],
         max_frame_bytes: int,
+        address: str,
+        close: Callable[[], None],
+        limits: ConnectionLimits,
+        clock: IReactorTime,
     ) -> None:
+        """`close` drops the connection at once; the client's address is for limits, and reaches
+        the log only with --log-client-addresses (construct.logs withholds it otherwise)."""
         self.identity: Identity | None = None
+        self.address = address
+        self._close = close
+        self._limits = limits
+        self._clock = clock
+        self.opened_at = self.last_heard = clock.seconds()
+        # When the transport last asked us to stop writing (the client is not reading), if it still does.
+        self.stalled_since: float | None = None
+        self._stalled_bytes = 0
+        self._max_stalled_bytes = max(MIN_STALLED_BYTES, 8 * max_frame_bytes)
         self._core = core
         self._transport_name = transport_name
         self._write = write
@@ -71,6 +131,7 @@ class ClientConnection:
     def frame_received(self, data: bytes, encoding: str) -> None:
         if not self._open:
             return
+        self.last_heard = self._clock.seconds()
         if self._draining:
             # Nothing was done with it: the client resends after reconnecting elsewhere.
             self._send_error(
@@ -90,7 +151,7 @@ class ClientConnection:
         self._backlog.append((data, encoding))
         if len(self._backlog) >= PAUSE_BACKLOG and not self._paused:
             self._paused = True
-            self._pause_reading()
+            self._update_reading()
         if not self._busy:
             self._busy = True
             ensureDeferred(self._process_backlog())
@@ -108,7 +169,7 @@ class ClientConnection:
         self._draining = True
         if not self._paused:
             self._paused = True
-            self._pause_reading()
+            self._update_reading()
         if not self._busy and not self._in_flight:
             return succeed(None)
         waiter: Deferred = Deferred()
@@ -122,15 +183,56 @@ class ClientConnection:
             self.unbind()
             self._core.metrics.connection_closed(self._transport_name)
 
+    def overdue(self, now: float, pings: bool) -> str | None:
+        """Why this connection must go now, if it must: the sweep of its tracker asks."""
+        limits = self._limits
+        if self.stalled_since is not None and limits.slow_client_timeout and now - self.stalled_since > limits.slow_client_timeout:
+            return "stopped reading"
+        if self.identity is None and limits.auth_timeout and now - self.opened_at > limits.auth_timeout:
+            return "did not authenticate in time"
+        if not pings and limits.idle_timeout and now - self.last_heard > limits.idle_timeout:
+            return "idle"
+        return None
+
+    # IPushProducer, registered with the transport: it pauses us when the client stops reading.
+
+    def pauseProducing(self) -> None:
+        """Take no more requests until the client reads what it has been sent."""
+        if self.stalled_since is None:
+            self.stalled_since = self._clock.seconds()
+            self._stalled_bytes = 0
+            self._update_reading()
+
+    def resumeProducing(self) -> None:
+        if self.stalled_since is not None:
+            self.stalled_since = None
+            self._update_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _update_reading(self) -> None:
+        """Read the socket unless the backlog is full, a drain started, or the client is not reading."""
+        if self._paused or self.stalled_since is not None:
+            self._pause_reading()
+        else:
+            self._resume_reading()
+
     # Client protocol for operations
 
     def bind(self, identity: Identity) -> None:
+        most = self._limits.per_user
+        rebinding = self.identity is not None and self.identity.user_id == identity.user_id
+        if most and not rebinding and self._core.hub.connection_count(identity.user_id) >= most:
+            raise rate_limited(CONNECTION_RETRY_SECONDS, f"At most {most} connections per user")
         self.identity = identity
         self._core.hub.attach(self, identity.user_id, identity.token_hash)
         self.log.info(
-            "user {user} authenticated on a {transport} connection",
+            "user {user} authenticated on a {transport} connection from {client}",
             user=self._core.log_id(identity.user_id),
             transport=self._transport_name,
+            # Withheld by construct.logs unless --log-client-addresses.
+            client=self.address,
         )
 
     def unbind(self) -> None:
@@ -154,7 +256,7 @@ class ClientConnection:
                 data, encoding = self._backlog.pop(0)
                 if self._paused and not self._draining and len(self._backlog) <= RESUME_BACKLOG:
                     self._paused = False
-                    self._resume_reading()
+                    self._update_reading()
                 try:
                     frame = codec.decode(data, encoding)
                 except codec.FrameError as e:
@@ -218,15 +320,25 @@ class ClientConnection:
             self.log.failure("operation failed on a {transport} connection", transport=self._transport_name)
             error = ConstructError("SERVER_ERROR", "Internal server error", 500)
         self._core.metrics.error(error.code)
-        return "error", {"code": error.code, "message": error.message}, frame.request_id, encoding
+        return "error", error.payload(), frame.request_id, encoding
 
     def _send_error(self, error: ConstructError, request_id: str | None, encoding: str) -> None:
         self._core.metrics.error(error.code)
-        self._send("error", {"code": error.code, "message": error.message}, request_id, encoding)
+        self._send("error", error.payload(), request_id, encoding)
 
     def _send(self, message_type: str, payload: dict | None, request_id: str | None, encoding: str) -> None:
-        if self._open:
-            self._write(codec.encode(message_type, payload, request_id, encoding), encoding)
+        if not self._open:
+            return
+        data = codec.encode(message_type, payload, request_id, encoding)
+        if self.stalled_since is not None:
+            # Pushes keep coming to a client that does not read: bound what waits for it.
+            self._stalled_bytes += len(data)
+            if self._stalled_bytes > self._max_stalled_bytes:
+                self.log.info("dropping a {transport} connection whose client stopped reading", transport=self._transport_name)
+                self.connection_lost()
+                self._close()
+                return
+        self._write(data, encoding)
 
 
 class ConnectionTracker:
@@ -262,6 +374,15 @@ class ConnectionTracker:
             timer.cancel()
         for protocol in list(self._protocols):
             protocol.abort()
+
+    async def sweep(self) -> None:
+        """Close the connections that outstayed a limit (see ClientConnection.overdue)."""
+        now = self._clock.seconds()
+        for protocol in list(self._protocols):
+            reason = protocol.overdue(now)
+            if reason is not None:
+                self.log.info("closing a connection: {reason}", reason=reason)
+                protocol.abort()
 
     def _shutdown_failed(self, failure: Any) -> None:
         if not failure.check(CancelledError):

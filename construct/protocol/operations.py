@@ -20,6 +20,8 @@ class Client(Protocol):
     """Who an operation runs for; `bind` makes a live connection receive the user's messages."""
 
     identity: Identity | None
+    # The client's network address, for limits per address.
+    address: str
 
     def bind(self, identity: Identity) -> None: ...
 
@@ -51,14 +53,21 @@ def _session_payload(session: IssuedSession) -> dict:
 
 
 async def register(core: Core, client: Client, payload: dict) -> Reply:
-    session = await core.accounts.register(payload.get("username"), payload.get("password"), payload.get("publicKey"))
+    session = await core.accounts.register(
+        payload.get("username"), payload.get("password"), payload.get("publicKey"), client.address
+    )
     client.bind(session.identity)
     return Reply("registerSuccess", _session_payload(session))
 
 
 async def login(core: Core, client: Client, payload: dict) -> Reply:
-    session = await core.accounts.login(payload.get("username"), payload.get("password"))
-    client.bind(session.identity)
+    session = await core.accounts.login(payload.get("username"), payload.get("password"), client.address)
+    try:
+        client.bind(session.identity)
+    except ConstructError:
+        # Refused a connection slot: end the session, whose token the client never gets.
+        await core.accounts.logout(session.identity)
+        raise
     return Reply("loginSuccess", _session_payload(session))
 
 
@@ -81,7 +90,7 @@ async def get_public_key(core: Core, client: Client, payload: dict) -> Reply:
     wants_prekey = payload.get("oneTimePrekey", True)
     if not isinstance(wants_prekey, bool):
         raise ConstructError("INVALID_FORMAT", "'oneTimePrekey' must be true or false")
-    published = await core.keys.get(user_id, requester_id=identity.user_id if wants_prekey else None)
+    published = await core.keys.get(user_id, identity.user_id, wants_prekey)
     bundle = published.bundle
     identity_key, signed_prekey = first_suite_keys(bundle)
     reply = {
@@ -150,7 +159,8 @@ async def rotate_prekey(core: Core, client: Client, payload: dict) -> Reply:
 async def change_password(core: Core, client: Client, payload: dict) -> Reply:
     identity = await _session_identity(core, client, payload)
     await core.accounts.change_password(
-        identity, payload.get("oldPassword"), payload.get("newPassword"), payload.get("newPasswordConfirm")
+        identity, payload.get("oldPassword"), payload.get("newPassword"), payload.get("newPasswordConfirm"),
+        client.address,
     )
     return Reply("changePasswordSuccess")
 
@@ -162,6 +172,18 @@ async def logout(core: Core, client: Client, payload: dict) -> Reply:
         client.unbind()
     await core.accounts.logout(identity)
     return Reply("logoutSuccess")
+
+
+async def delete_account(core: Core, client: Client, payload: dict) -> Reply:
+    """Delete the account, with its current password: everything the server holds about it goes
+    (construct.core.deletion); its other connections are told sessionExpired."""
+    identity = await _session_identity(core, client, payload)
+    await core.accounts.confirm_password(identity, payload.get("password"), client.address)
+    # Unbind first: this connection gets the reply, the user's others get sessionExpired.
+    if client.identity is not None and client.identity.user_id == identity.user_id:
+        client.unbind()
+    await core.deletion.delete(identity.user_id)
+    return Reply("accountDeleted")
 
 
 async def ping(core: Core, client: Client, payload: dict) -> Reply:
@@ -188,6 +210,7 @@ OPERATIONS: dict[str, Operation] = {
     "lookupUser": lookup_user,
     "changePassword": change_password,
     "logout": logout,
+    "deleteAccount": delete_account,
     "ping": ping,
 }
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from construct.core.app import Core
+from construct.errors import rate_limited
 from construct.protocol import codec
-from construct.protocol.connection import ClientConnection, ConnectionTracker
+from construct.protocol.connection import (
+    CONNECTION_RETRY_SECONDS,
+    AddressCounts,
+    ClientConnection,
+    ConnectionLimits,
+    ConnectionTracker,
+)
 
 
 class JsonLinesProtocol(Protocol):
@@ -16,39 +25,67 @@ class JsonLinesProtocol(Protocol):
 
     log = Logger()
 
-    def __init__(self, core: Core, max_line_bytes: int, tracker: ConnectionTracker) -> None:
-        self._core = core
-        self._max_line_bytes = max_line_bytes
-        self._tracker = tracker
+    def __init__(self, factory: "JsonLinesFactory") -> None:
+        self.factory = factory
         self._buffer = b""
         self._discarding = False
-        self._connection: ClientConnection | None = None
+        self.connection: ClientConnection | None = None
         self._closed: Deferred = Deferred()
+        self._opened_at = 0.0
+        self._refused = False
 
     def connectionMade(self) -> None:
         try:
-            self._tracker.add(self)
-            self._connection = ClientConnection(
-                self._core,
-                "tcp",
-                self._write,
-                self.transport.pauseProducing,
-                self.transport.resumeProducing,
-                self._max_line_bytes,
-            )
+            self.factory.tracker.add(self)
+            self._opened_at = self.factory.clock.seconds()
         except Exception:
             self.log.failure("could not set up a TCP connection")
             self.transport.abortConnection()
 
+    def _start(self) -> bool:
+        """Admit the client on its first bytes: behind a PROXY-protocol endpoint (haproxy:…),
+        only then does getPeer() give the client's address instead of the proxy's."""
+        factory = self.factory
+        address = getattr(self.transport.getPeer(), "host", "")
+        if not factory.addresses.admit(address):
+            error = rate_limited(CONNECTION_RETRY_SECONDS, f"At most {factory.limits.per_address} connections per address")
+            self.transport.write(codec.encode("error", error.payload(), None, codec.JSON) + b"\n")
+            self.transport.loseConnection()
+            self._refused = True
+            return False
+        self.connection = ClientConnection(
+            factory.core,
+            "tcp",
+            self._write,
+            self.transport.pauseProducing,
+            self.transport.resumeProducing,
+            factory.max_line_bytes,
+            address,
+            self.abort,
+            factory.limits,
+            factory.clock,
+        )
+        self.transport.registerProducer(self.connection, True)
+        return True
+
+    def overdue(self, now: float) -> str | None:
+        """Why the tracker's sweep must close this connection now, if it must."""
+        if self.connection is not None:
+            # No keepalive of its own: a silent TCP connection is closed after the idle timeout.
+            return self.connection.overdue(now, pings=False)
+        if not self._refused and now - self._opened_at > self.factory.limits.auth_timeout > 0:
+            return "sent nothing"
+        return None
+
     def dataReceived(self, data: bytes) -> None:
         try:
+            if self.connection is None and (self._refused or not self._start()):
+                return
             self._lines_received(data)
         except Exception:
             self.log.failure("unexpected error handling TCP data")
 
     def _lines_received(self, data: bytes) -> None:
-        if self._connection is None:
-            return
         lines = (self._buffer + data).split(b"\n")
         self._buffer = lines.pop()
         for line in lines:
@@ -57,19 +94,20 @@ class JsonLinesProtocol(Protocol):
                 continue
             line = line.rstrip(b"\r")
             if line.strip():
-                self._connection.frame_received(line, codec.JSON)
-        if len(self._buffer) > self._max_line_bytes:
+                self.connection.frame_received(line, codec.JSON)
+        if len(self._buffer) > self.factory.max_line_bytes:
             # Drop the partial line now and the rest of it when its newline arrives.
             self._buffer = b""
             if not self._discarding:
                 self._discarding = True
-                self._connection.frame_too_large(codec.JSON)
+                self.connection.frame_too_large(codec.JSON)
 
     def connectionLost(self, reason: object = None) -> None:
         try:
-            self._tracker.discard(self)
-            if self._connection is not None:
-                self._connection.connection_lost()
+            self.factory.tracker.discard(self)
+            if self.connection is not None:
+                self.factory.addresses.release(self.connection.address)
+                self.connection.connection_lost()
             if not self._closed.called:
                 self._closed.callback(None)
         except Exception:
@@ -77,8 +115,8 @@ class JsonLinesProtocol(Protocol):
 
     async def shutdown(self) -> None:
         """Answer what was received, flush, close."""
-        if self._connection is not None:
-            await self._connection.drain()
+        if self.connection is not None:
+            await self.connection.drain()
         self.transport.loseConnection()
         await self._closed
 
@@ -92,12 +130,21 @@ class JsonLinesProtocol(Protocol):
 class JsonLinesFactory(Factory):
     noisy = False
 
-    def __init__(self, core: Core, max_line_bytes: int, tracker: ConnectionTracker) -> None:
+    def __init__(
+        self,
+        core: Core,
+        max_line_bytes: int,
+        tracker: ConnectionTracker,
+        addresses: AddressCounts,
+        limits: ConnectionLimits,
+        clock: Any,
+    ) -> None:
         self.core = core
         self.max_line_bytes = max_line_bytes
         self.tracker = tracker
+        self.addresses = addresses
+        self.limits = limits
+        self.clock = clock
 
-    def buildProtocol(self, addr: object) -> JsonLinesProtocol:
-        protocol = JsonLinesProtocol(self.core, self.max_line_bytes, self.tracker)
-        protocol.factory = self
-        return protocol
+    def buildProtocol(self, addr: Any) -> JsonLinesProtocol:
+        return JsonLinesProtocol(self)

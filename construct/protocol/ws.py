@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from construct.core.app import Core
 from construct.protocol import codec
-from construct.protocol.connection import ClientConnection, ConnectionTracker
+from construct.protocol.connection import AddressCounts, ClientConnection, ConnectionLimits, ConnectionTracker
 
 GOING_AWAY = 1001
 HANDSHAKE_LEFTOVERS = (
@@ -43,22 +46,37 @@ class QuietFrames:
 class ConstructWebSocketProtocol(QuietFrames, WebSocketServerProtocol):
     # Autobahn owns `log`.
     _log = Logger()
-    _connection: ClientConnection | None = None
+    connection: ClientConnection | None = None
     _closed: Deferred | None = None
+    # The client address counted against its limit, once the handshake admitted it.
+    _address: str | None = None
+
+    def onConnect(self, request: Any) -> None:
+        # The transport's peer: behind a PROXY-protocol endpoint (haproxy:…), the client's own.
+        address = getattr(self.transport.getPeer(), "host", "")
+        if not self.factory.addresses.admit(address):
+            raise ConnectionDeny(429, f"At most {self.factory.limits.per_address} connections per address")
+        self._address = address
 
     def onOpen(self) -> None:
         try:
             self._forget_handshake()
             self._closed = Deferred()
-            self.factory.tracker.add(self)
-            self._connection = ClientConnection(
-                self.factory.core,
+            factory = self.factory
+            factory.tracker.add(self)
+            self.connection = ClientConnection(
+                factory.core,
                 "websocket",
                 self._write,
                 self.transport.pauseProducing,
                 self.transport.resumeProducing,
-                self.factory.max_frame_bytes,
+                factory.max_frame_bytes,
+                self._address,
+                self.abort,
+                factory.limits,
+                factory.clock,
             )
+            self.transport.registerProducer(self.connection, True)
         except Exception:
             self._log.failure("could not set up a WebSocket connection")
             self.dropConnection(abort=True)
@@ -71,16 +89,19 @@ class ConstructWebSocketProtocol(QuietFrames, WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
-            if self._connection is not None:
-                self._connection.frame_received(payload, codec.MSGPACK if isBinary else codec.JSON)
+            if self.connection is not None:
+                self.connection.frame_received(payload, codec.MSGPACK if isBinary else codec.JSON)
         except Exception:
             self._log.failure("unexpected error handling a WebSocket frame")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:
             self.factory.tracker.discard(self)
-            if self._connection is not None:
-                self._connection.connection_lost()
+            if self._address is not None:
+                self.factory.addresses.release(self._address)
+                self._address = None
+            if self.connection is not None:
+                self.connection.connection_lost()
             if self._closed is not None and not self._closed.called:
                 self._closed.callback(None)
         except Exception:
@@ -88,14 +109,19 @@ class ConstructWebSocketProtocol(QuietFrames, WebSocketServerProtocol):
 
     async def shutdown(self) -> None:
         """Answer what was received, then close with 1001 (going away)."""
-        if self._connection is not None:
-            await self._connection.drain()
+        if self.connection is not None:
+            await self.connection.drain()
         # sendClose only takes 1000 or application codes; 1001 is the one that says "going away".
         self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
         await self._closed
 
     def abort(self) -> None:
         self.dropConnection(abort=True)
+
+    def overdue(self, now: float) -> str | None:
+        """Why the tracker's sweep must close this connection now, if it must."""
+        # Autobahn's pings find dead peers: an idle WebSocket that answers them may stay.
+        return None if self.connection is None else self.connection.overdue(now, pings=True)
 
     def _write(self, data: bytes, encoding: str) -> None:
         self.sendMessage(data, isBinary=encoding == codec.MSGPACK)
@@ -104,20 +130,38 @@ class ConstructWebSocketProtocol(QuietFrames, WebSocketServerProtocol):
 class ConstructWebSocketFactory(WebSocketServerFactory):
     protocol = ConstructWebSocketProtocol
 
-    def __init__(self, core: Core, max_frame_bytes: int, tracker: ConnectionTracker) -> None:
+    def __init__(
+        self,
+        core: Core,
+        max_frame_bytes: int,
+        tracker: ConnectionTracker,
+        addresses: AddressCounts,
+        limits: ConnectionLimits,
+        clock: Any,
+        allowed_origins: list[str],
+    ) -> None:
         super().__init__(server="Construct")
         self.noisy = False
         self.core = core
         self.tracker = tracker
+        self.addresses = addresses
+        self.limits = limits
+        self.clock = clock
         self.max_frame_bytes = max_frame_bytes
         # One call: setProtocolOptions resets allowNullOrigin unless it is passed again.
+        # Compression stays off (Autobahn's default): it costs memory per connection and
+        # leaks plaintext length (CRIME/BREACH-style) in mixed content.
         self.setProtocolOptions(
             maxMessagePayloadSize=max_frame_bytes * HARD_LIMIT_FACTOR,
             maxFramePayloadSize=max_frame_bytes * HARD_LIMIT_FACTOR,
             autoPingInterval=30,
             autoPingTimeout=30,
             openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+            # No status page, so no `?redirect=` either.
             webStatus=False,
             failByDrop=False,
+            # Browsers send an Origin; other clients do not, and the check leaves them alone.
+            allowedOrigins=allowed_origins,
             allowNullOrigin=True,
         )

@@ -263,10 +263,16 @@ class RedisInbox:
         return f"{self._prefix}{{{user_id}}}:deleted"
 
     async def delete_user(self, user_id: str) -> None:
-        """Remove everything of a deleted account (construct-admin user delete).
+        """Remove everything of a deleted account (construct.core.deletion): its inbox, dedup
+        records, sequence, presence, the workers' leases on it, and its pending-index entry.
 
-        The tombstone refuses sends from instances that still remember the account existing.
+        The tombstone, set first, refuses sends from instances that still remember the account
+        existing; a send stored before it is deleted with the rest.
         """
+        base = f"{self._prefix}{{{user_id}}}"
         await self._redis.execute("SET", self._tombstone(user_id), "1", "PX", TOMBSTONE_MS)
-        await self._redis.execute("DEL", *self.keys(user_id), presence_key(self._prefix, user_id))
+        await self._redis.execute(
+            # The leases are construct.redis.client.RedisLeases' "online:" and "redeliver:" ones.
+            "DEL", *self.keys(user_id), presence_key(self._prefix, user_id), f"{base}:lease:online", f"{base}:lease:redeliver"
+        )
         await self._redis.execute("ZREM", self._pending_index, user_id)

@@ -102,6 +102,30 @@ class AccountStore:
         txn.execute("DELETE FROM sessions WHERE user_id = ? AND token_hash <> ?", (user_id, keep_token_hash))
         return [row[0] for row in rows]
 
+    async def delete_account(self, user_id: str) -> list[str] | None:
+        """Delete the account and every row about it in one transaction: its sessions, key bundle,
+        one-time prekeys and SQL inbox (messages to it, and their dedup records). Returns the
+        deleted sessions' token hashes, or None when there is no such account.
+
+        Rows of other users that name it stay: the messages it sent them, in their inboxes."""
+        return await self._db.run("delete_account", self._delete_account_txn, user_id)
+
+    def _delete_account_txn(self, txn: Txn, user_id: str) -> list[str] | None:
+        if txn.execute("SELECT id FROM users WHERE id = ?", (user_id,)).fetchone() is None:
+            return None
+        rows = txn.execute("SELECT token_hash FROM sessions WHERE user_id = ?", (user_id,)).fetchall()
+        # The foreign keys cascade too; naming each table keeps the list of what goes in one place.
+        for table, column in (
+            ("sessions", "user_id"),
+            ("one_time_prekeys", "user_id"),
+            ("key_bundles", "user_id"),
+            ("inbox", "recipient_id"),
+            ("sent_messages", "recipient_id"),
+        ):
+            txn.execute(f"DELETE FROM {table} WHERE {column} = ?", (user_id,))
+        txn.execute("DELETE FROM users WHERE id = ?", (user_id,))
+        return [row[0] for row in rows]
+
     async def delete_expired_sessions(self, now_ms: int) -> list[tuple[str, str]]:
         """Delete expired sessions; return their (user id, token hash) pairs."""
         return await self._db.run("delete_expired_sessions", self._delete_expired_sessions_txn, now_ms)

@@ -1,4 +1,4 @@
-"""Queries for `construct-admin`: one user's records, deleting a user, counts."""
+"""Queries for `construct-admin`: one user's records, counts (deletion: construct.core.deletion)."""
 
 from __future__ import annotations
 
@@ -32,17 +32,6 @@ class AdminStore:
             (username,),
         ).fetchone()
         return UserRecord(*row) if row else None
-
-    async def delete_user(self, user_id: str) -> list[str]:
-        """Delete the account; its sessions, keys and SQL inbox go with it (foreign keys cascade).
-
-        Returns the deleted sessions' token hashes so live connections can be told."""
-        return await self._db.run("admin_delete_user", self._delete_user_txn, user_id)
-
-    def _delete_user_txn(self, txn: Txn, user_id: str) -> list[str]:
-        rows = txn.execute("SELECT token_hash FROM sessions WHERE user_id = ?", (user_id,)).fetchall()
-        txn.execute("DELETE FROM users WHERE id = ?", (user_id,))
-        return [row[0] for row in rows]
 
     async def counts(self, now_ms: int) -> dict[str, int]:
         return await self._db.run("admin_counts", self._counts_txn, now_ms)

@@ -100,6 +100,16 @@ class SqlInbox:
         depth = txn.execute("SELECT COUNT(*) FROM inbox WHERE expires_at > ?", (now_ms,)).fetchone()[0]
         return Survey([row[0] for row in rows], depth)
 
+    async def delete_user(self, user_id: str) -> None:
+        """Remove a deleted account's inbox: its messages and their dedup records.
+
+        Usually nothing is left by then: the account's deletion cascades to these rows."""
+        await self._db.run("inbox_delete_user", self._delete_user_txn, user_id)
+
+    def _delete_user_txn(self, txn: Txn, user_id: str) -> None:
+        for table in ("inbox", "sent_messages"):
+            txn.execute(f"DELETE FROM {table} WHERE recipient_id = ?", (user_id,))
+
     async def expire(self, now_ms: int) -> int:
         """Remove expired messages and dedup records; return how many messages expired."""
         return await self._db.run("inbox_expire", self._expire_txn, now_ms)

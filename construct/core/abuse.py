@@ -1,0 +1,113 @@
+"""Abuse limits: how often one sender, address or account may do the costly or dangerous things.
+
+Each check counts in `counters` (Redis in production mode, so every instance sees the same
+counts; memory in embedded mode) and refuses with RATE_LIMITED and `retryAfter`, never by
+dropping anything silently. A limit whose count is 0 is off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Any
+
+from construct.core.limits import Charge, Limit
+from construct.errors import rate_limited
+
+
+@dataclass(frozen=True)
+class AbuseSettings:
+    messages_per_sender: Limit = Limit(600, 60)
+    messages_per_pair: Limit = Limit(300, 60)
+    registrations_per_address: Limit = Limit(10, 3600)
+    key_fetches_per_pair: Limit = Limit(30, 3600)
+    # Past this, a user's bundle is still served, without a one-time prekey (X3DH does not need one).
+    prekeys_served_per_user: Limit = Limit(100, 3600)
+    login_failures_per_address: Limit = Limit(20, 900)
+    login_failures_per_account_address: Limit = Limit(5, 900)
+    # Past this, each address gets one attempt per window on the account, not a lockout.
+    login_failures_per_account: Limit = Limit(50, 3600)
+
+
+class AbuseLimits:
+    def __init__(self, counters: Any, settings: AbuseSettings, key_salt: str | None = None) -> None:
+        """`key_salt`, a secret every instance shares, keeps the counters' keys from being
+        reversed to usernames and addresses by hashing guesses; without one they are plain hashes."""
+        self._counters = counters
+        self.settings = settings
+        self._salt = key_salt.encode("utf-8") if key_salt else None
+
+    def _private(self, value: str) -> str:
+        """Usernames and client addresses stay out of the counters' keys (Redis dumps, MONITOR)."""
+        data = value.encode("utf-8")
+        if self._salt is None:
+            return hashlib.sha256(data).hexdigest()[:32]
+        return hmac.new(self._salt, data, hashlib.sha256).hexdigest()[:32]
+
+    async def _take(self, what: str, *charges: Charge) -> None:
+        retry_after = await self._counters.take(charges)
+        if retry_after is not None:
+            raise rate_limited(retry_after, what)
+
+    async def check_send(self, sender_id: str, recipient_id: str) -> None:
+        # Both keys carry the sender's hash tag: one atomic script in Redis Cluster too.
+        await self._take(
+            "Too many messages",
+            Charge(f"{{{sender_id}}}:send", self.settings.messages_per_sender),
+            Charge(f"{{{sender_id}}}:send:{recipient_id}", self.settings.messages_per_pair),
+        )
+
+    async def check_registration(self, address: str) -> None:
+        await self._take(
+            "Too many registrations from this address",
+            Charge(f"{{{self._private(address)}}}:register", self.settings.registrations_per_address),
+        )
+
+    async def check_key_fetch(self, requester_id: str, target_id: str) -> None:
+        await self._take(
+            "Too many key bundle requests for this user",
+            Charge(f"{{{requester_id}}}:keys:{target_id}", self.settings.key_fetches_per_pair),
+        )
+
+    async def may_serve_prekey(self, target_id: str) -> bool:
+        """Count a one-time prekey handed out; False once the user's budget for the window is spent."""
+        return await self._counters.take([Charge(f"{{{target_id}}}:prekeys", self.settings.prekeys_served_per_user)]) is None
+
+    # Logins: failures slow an address and an account down, and never lock the owner out.
+
+    def _login_keys(self, username: str, address: str) -> tuple[Charge, Charge, Charge]:
+        account = self._private(username.lower())
+        return (
+            Charge(f"{{{self._private(address)}}}:login-failures", self.settings.login_failures_per_address),
+            Charge(f"{{{account}}}:login-failures:{self._private(address)}", self.settings.login_failures_per_account_address),
+            Charge(f"{{{account}}}:login-failures", self.settings.login_failures_per_account),
+        )
+
+    async def check_login(self, username: str, address: str) -> None:
+        """Refuse before the password is checked when this address has failed too often.
+
+        An account under attack from many addresses leaves each address one attempt per
+        window: the owner, who gets it right the first time, still gets in from anywhere.
+        """
+        by_address, by_pair, by_account = self._login_keys(username, address)
+        for charge, what in ((by_address, "Too many failed logins from this address"),
+                             (by_pair, "Too many failed logins for this account")):
+            count, seconds_left = await self._counters.window(charge.key)
+            if charge.limit.count > 0 and count >= charge.limit.count:
+                raise rate_limited(seconds_left, what)
+        if by_account.limit.count > 0:
+            account_count, _ = await self._counters.window(by_account.key)
+            pair_count, pair_left = await self._counters.window(by_pair.key)
+            if account_count >= by_account.limit.count and pair_count > 0:
+                raise rate_limited(pair_left, "Too many failed logins for this account")
+
+    async def login_failed(self, username: str, address: str) -> None:
+        by_address, by_pair, by_account = self._login_keys(username, address)
+        # One call per hash tag (the address's, the account's).
+        await self._counters.add([by_address])
+        await self._counters.add([by_pair, by_account])
+
+    async def login_succeeded(self, username: str, address: str) -> None:
+        _, by_pair, _ = self._login_keys(username, address)
+        await self._counters.clear([by_pair.key])

@@ -1,0 +1,121 @@
+"""Rate-limit counters in Redis (production mode), shared by every instance.
+
+Same contract as `construct.core.limits.MemoryCounters`. A window is one key,
+
+    <prefix>limit:<key>   STRING  events counted, with a PEXPIRE of the window's length
+
+set when the first event creates it, so the window ends when the key expires and PTTL is the
+retry-after. Each method is one script, so a take is all or nothing across instances. A
+counter must never be left without an expiry (it would refuse for good), so a script that
+meets one (PTTL -1: written by hand, PERSISTed) gives it a fresh window.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from construct.core.limits import Charge
+from construct.redis.client import RedisClient, Script
+
+# KEYS: the counters; ARGV: (count, window ms) of each, in pairs. Returns 0 when counted,
+# else the milliseconds until the latest-ending full window ends (at least 1).
+TAKE = Script("""
+local wait = 0
+for i, key in ipairs(KEYS) do
+  local ttl = redis.call('PTTL', key)
+  if ttl == -1 then
+    ttl = tonumber(ARGV[2 * i])
+    redis.call('PEXPIRE', key, ttl)
+  end
+  if ttl >= 0 and tonumber(redis.call('GET', key)) >= tonumber(ARGV[2 * i - 1]) then
+    wait = math.max(wait, ttl, 1)
+  end
+end
+if wait > 0 then return wait end
+for i, key in ipairs(KEYS) do
+  if redis.call('INCR', key) == 1 then redis.call('PEXPIRE', key, ARGV[2 * i]) end
+end
+return 0
+""")
+
+# KEYS: the counters; ARGV: the window ms of each.
+ADD = Script("""
+for i, key in ipairs(KEYS) do
+  if redis.call('INCR', key) == 1 or redis.call('PTTL', key) == -1 then
+    redis.call('PEXPIRE', key, ARGV[i])
+  end
+end
+return 0
+""")
+
+COUNT = Script("""
+return tonumber(redis.call('GET', KEYS[1]) or '0')
+""")
+
+# A counter without expiry (PTTL -1) reports 1 ms: its period is not known here, and the
+# next take or add on it gives it a window.
+WINDOW = Script("""
+local used = redis.call('GET', KEYS[1])
+if not used then return {0, 0} end
+return {tonumber(used), math.max(redis.call('PTTL', KEYS[1]), 1)}
+""")
+
+CLEAR = Script("""
+for _, key in ipairs(KEYS) do redis.call('DEL', key) end
+return 0
+""")
+
+# For the composition root's `redis.preload(*SCRIPTS)` (RedisCounters also preloads them).
+SCRIPTS = (TAKE, ADD, COUNT, WINDOW, CLEAR)
+
+
+def _window_ms(period: float) -> int:
+    return max(1, round(period * 1000))
+
+
+class RedisCounters:
+    """Counters under `<prefix>limit:`; a call with only disabled limits sends nothing."""
+
+    def __init__(self, redis: RedisClient, prefix: str) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        redis.preload(*SCRIPTS)
+
+    def _key(self, key: str) -> str:
+        return f"{self._prefix}limit:{key}"
+
+    async def take(self, charges: Sequence[Charge]) -> float | None:
+        """Count one event on every key, or on none if any key is at its limit.
+
+        Returns None when counted, else the seconds until the latest-ending full window ends.
+        """
+        charges = [charge for charge in charges if charge.limit.enabled]
+        if not charges:
+            return None
+        args = [value for charge in charges for value in (charge.limit.count, _window_ms(charge.limit.period))]
+        wait_ms = await self._redis.eval(TAKE, [self._key(charge.key) for charge in charges], args)
+        return wait_ms / 1000 if wait_ms else None
+
+    async def add(self, charges: Sequence[Charge]) -> None:
+        """Count one event on every key, even past its limit."""
+        charges = [charge for charge in charges if charge.limit.enabled]
+        if charges:
+            await self._redis.eval(
+                ADD,
+                [self._key(charge.key) for charge in charges],
+                [_window_ms(charge.limit.period) for charge in charges],
+            )
+
+    async def count(self, key: str) -> int:
+        """Events counted in the key's current window (0 when there is none)."""
+        return int(await self._redis.eval(COUNT, [self._key(key)], []))
+
+    async def window(self, key: str) -> tuple[int, float]:
+        """Events counted in the key's current window and the seconds until it ends ((0, 0.0) if none)."""
+        used, left_ms = await self._redis.eval(WINDOW, [self._key(key)], [])
+        return (int(used), left_ms / 1000) if used else (0, 0.0)
+
+    async def clear(self, keys: Sequence[str]) -> None:
+        """Forget the keys' windows."""
+        if keys:
+            await self._redis.eval(CLEAR, [self._key(key) for key in keys], [])

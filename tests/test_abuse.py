@@ -1,0 +1,268 @@
+"""Abuse limits through the core on every backend (memory counters in embedded mode, Redis in
+production), and the per-connection limits of ClientConnection on a fake clock."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet import task
+
+from construct.core.limits import Limit
+from construct.protocol.connection import ConnectionLimits
+from tests.helpers import PASSWORD, MemoryClient, b64, chat_message, error_reply, make_bundle, register
+
+WRONG = "Wrong-password-42"
+
+
+def _rate_limited(error: dict, most_seconds: float) -> None:
+    assert error["code"] == "RATE_LIMITED", error
+    assert isinstance(error["retryAfter"], int) and 1 <= error["retryAfter"] <= most_seconds, error
+
+
+async def _login(core, username: str, password: str, address: str) -> dict:
+    client = MemoryClient(core, address=address)
+    return await client.request("login", {"username": username, "password": password})
+
+
+# Messages
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_per_sender_and_per_recipient_are_limited_and_nothing_is_stored_past_them(core_factory):
+    core = await core_factory(limit_messages=Limit(5, 60), limit_messages_per_recipient=Limit(3, 60))
+    alice, a = await register(core, "alice")
+    bob, b = await register(core, "bob")
+    carol, c = await register(core, "carol")
+    for _ in range(3):
+        assert (await alice.request("sendMessage", chat_message(a["userId"], b["userId"])))["type"] == "ack"
+    refused = chat_message(a["userId"], b["userId"])
+    _rate_limited(await error_reply(alice, "sendMessage", refused), 60)
+    # Another recipient still has room under the sender's own limit (5), until that is spent too.
+    for _ in range(2):
+        assert (await alice.request("sendMessage", chat_message(a["userId"], c["userId"])))["type"] == "ack"
+    _rate_limited(await error_reply(alice, "sendMessage", chat_message(a["userId"], c["userId"])), 60)
+    # Bob is not limited by Alice's sending.
+    bob.send("sendMessage", chat_message(b["userId"], a["userId"]))
+    frames = [await bob.next() for _ in range(4)]
+    assert sorted(frame["type"] for frame in frames) == ["ack", "message", "message", "message"]
+    assert refused["id"] not in {frame["payload"].get("id") for frame in frames}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest_twisted.ensureDeferred
+async def test_a_message_limit_window_ends_and_sending_resumes(core_factory, clock):
+    core = await core_factory(limit_messages=Limit(2, 60))
+    alice, a = await register(core, "alice")
+    _, b = await register(core, "bob")
+    for _ in range(2):
+        await alice.request("sendMessage", chat_message(a["userId"], b["userId"]))
+    error = await error_reply(alice, "sendMessage", chat_message(a["userId"], b["userId"]))
+    _rate_limited(error, 60)
+    clock.advance(error["retryAfter"])
+    assert (await alice.request("sendMessage", chat_message(a["userId"], b["userId"])))["type"] == "ack"
+
+
+# Registrations and keys
+
+
+@pytest_twisted.ensureDeferred
+async def test_registrations_per_address(core_factory):
+    core = await core_factory(limit_registrations=Limit(2, 3600))
+
+    async def attempt(name: str, address: str) -> dict:
+        client = MemoryClient(core, address=address)
+        return await client.request("register", {"username": name, "password": PASSWORD, "publicKey": make_bundle()})
+
+    assert (await attempt("first", "198.51.100.1"))["type"] == "registerSuccess"
+    # A taken name counts too: each attempt costs a hash, and probing names is what is limited.
+    assert (await attempt("first", "198.51.100.1"))["payload"]["code"] == "USERNAME_TAKEN"
+    _rate_limited((await attempt("third", "198.51.100.1"))["payload"], 3600)
+    assert (await attempt("third", "198.51.100.2"))["type"] == "registerSuccess"
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_fetches_per_requester_and_target(core_factory):
+    core = await core_factory(limit_key_fetches=Limit(2, 3600))
+    alice, a = await register(core, "alice")
+    carol, _ = await register(core, "carol")
+    _, b = await register(core, "bob")
+    for _ in range(2):
+        reply = await alice.request("getPublicKey", {"userId": b["userId"], "oneTimePrekey": False})
+        assert reply["type"] == "publicKeyBundle"
+    _rate_limited(await error_reply(alice, "getPublicKey", {"userId": b["userId"]}), 3600)
+    # Other requesters, and Alice's own bundle, are not affected.
+    assert (await carol.request("getPublicKey", {"userId": b["userId"]}))["type"] == "publicKeyBundle"
+    assert (await alice.request("getPublicKey", {"userId": a["userId"]}))["type"] == "publicKeyBundle"
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_time_prekeys_cannot_be_drained_past_the_budget(core_factory):
+    """Past the owner's budget, bundles come without a one-time prekey and the pool keeps the rest."""
+    core = await core_factory(limit_prekeys_served=Limit(2, 3600))
+    bob, b = await register(core, "bob")
+    prekeys = [{"keyId": i, "publicKey": b64(os.urandom(32))} for i in range(5)]
+    assert (await bob.request("uploadPrekeys", {"prekeys": prekeys}))["payload"]["count"] == 5
+    served = []
+    for name in ("mallory1", "mallory2", "mallory3", "mallory4"):
+        client, _ = await register(core, name)
+        reply = await client.request("getPublicKey", {"userId": b["userId"]})
+        assert reply["type"] == "publicKeyBundle"
+        served.append(reply["payload"].get("oneTimePrekey"))
+    assert [prekey is not None for prekey in served] == [True, True, False, False]
+    assert (await bob.request("getPrekeyCount", {}))["payload"]["count"] == 3
+
+
+# Logins
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_logins_slow_the_address_but_the_owner_gets_in_from_elsewhere(core_factory):
+    core = await core_factory(limit_login_failures_per_account=Limit(3, 900))
+    await register(core, "alice")
+    for _ in range(3):
+        assert (await _login(core, "alice", WRONG, "203.0.113.9"))["payload"]["code"] == "INVALID_CREDENTIALS"
+    # Refused before the password is looked at: even the right one, from that address.
+    _rate_limited((await _login(core, "alice", PASSWORD, "203.0.113.9"))["payload"], 900)
+    assert (await _login(core, "ALICE", PASSWORD, "198.51.100.7"))["type"] == "loginSuccess"
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_logins_per_address_cover_every_account(core_factory):
+    core = await core_factory(limit_login_failures=Limit(3, 900))
+    await register(core, "alice")
+    for name in ("alice", "bob", "nobody"):
+        assert (await _login(core, name, WRONG, "203.0.113.9"))["payload"]["code"] == "INVALID_CREDENTIALS"
+    _rate_limited((await _login(core, "alice", PASSWORD, "203.0.113.9"))["payload"], 900)
+    assert (await _login(core, "alice", PASSWORD, "203.0.113.10"))["type"] == "loginSuccess"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_account_under_attack_gives_each_address_one_try_and_never_locks_the_owner_out(core_factory):
+    core = await core_factory(
+        limit_login_failures_account_wide=Limit(3, 3600), limit_login_failures_per_account=Limit(5, 900)
+    )
+    await register(core, "alice")
+    for host in range(1, 4):
+        assert (await _login(core, "alice", WRONG, f"203.0.113.{host}"))["payload"]["code"] == "INVALID_CREDENTIALS"
+    # The account is now hot: an address that already failed on it must wait ...
+    _rate_limited((await _login(core, "alice", WRONG, "203.0.113.1"))["payload"], 900)
+    # ... a fresh address gets one try, and only one ...
+    assert (await _login(core, "alice", WRONG, "203.0.113.50"))["payload"]["code"] == "INVALID_CREDENTIALS"
+    _rate_limited((await _login(core, "alice", PASSWORD, "203.0.113.50"))["payload"], 900)
+    # ... and the owner, from a fresh address, gets in with the right password.
+    assert (await _login(core, "alice", PASSWORD, "198.51.100.7"))["type"] == "loginSuccess"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stolen_session_gives_no_extra_guesses_at_the_password(core_factory):
+    """changePassword and deleteAccount check the password under the login limits."""
+    core = await core_factory(limit_login_failures_per_account=Limit(2, 900))
+    alice, _ = await register(core, "alice")
+    change = {"oldPassword": WRONG, "newPassword": "Another-password-7", "newPasswordConfirm": "Another-password-7"}
+    assert (await error_reply(alice, "changePassword", change))["code"] == "INVALID_PASSWORD"
+    assert (await error_reply(alice, "deleteAccount", {"password": WRONG}))["code"] == "INVALID_PASSWORD"
+    _rate_limited(await error_reply(alice, "deleteAccount", {"password": PASSWORD}), 900)
+    # The login form from that address is refused too; the account is intact.
+    _rate_limited((await _login(core, "alice", PASSWORD, "192.0.2.1"))["payload"], 900)
+    assert (await _login(core, "alice", PASSWORD, "198.51.100.7"))["type"] == "loginSuccess"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest_twisted.ensureDeferred
+async def test_a_successful_login_forgets_that_address_s_failures_on_the_account(core_factory):
+    core = await core_factory(limit_login_failures_per_account=Limit(3, 900))
+    await register(core, "alice")
+    for _ in range(2):
+        await _login(core, "alice", WRONG, "203.0.113.9")
+    assert (await _login(core, "alice", PASSWORD, "203.0.113.9"))["type"] == "loginSuccess"
+    for _ in range(2):
+        assert (await _login(core, "alice", WRONG, "203.0.113.9"))["payload"]["code"] == "INVALID_CREDENTIALS"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest_twisted.ensureDeferred
+async def test_http_answers_429_with_retry_after(http):
+    # The `http` fixture serves a core with the default limits: 5 failures per account and address.
+    for _ in range(5):
+        status, body = await http.call("POST", "/v1/sessions", {"username": "alice", "password": WRONG})
+        assert status == 401, body
+    status, body = await http.call("POST", "/v1/sessions", {"username": "alice", "password": WRONG})
+    assert status == 429 and body["code"] == "RATE_LIMITED" and 1 <= body["retryAfter"] <= 900
+
+
+# Connections (one instance, fake clock)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest_twisted.ensureDeferred
+async def test_connections_per_user(core_factory):
+    core = await core_factory()
+    limits = ConnectionLimits(per_user=2)
+    _, alice = await register(core, "alice")
+    token = alice["sessionToken"]
+    clients = [MemoryClient(core, limits=limits) for _ in range(3)]
+    # The registering connection is one of Alice's two.
+    assert (await clients[0].request("connect", {"sessionToken": token}))["type"] == "connectSuccess"
+    _rate_limited(await error_reply(clients[1], "connect", {"sessionToken": token}), 60)
+    # Authenticating again on a connection already hers does not count twice.
+    assert (await clients[0].request("connect", {"sessionToken": token}))["type"] == "connectSuccess"
+    clients[0].close()
+    assert (await clients[2].request("connect", {"sessionToken": token}))["type"] == "connectSuccess"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest_twisted.ensureDeferred
+async def test_auth_idle_and_slow_client_deadlines(core_factory):
+    core = await core_factory()
+    clock = task.Clock()
+    clock.advance(1000)
+    limits = ConnectionLimits(auth_timeout=60, idle_timeout=300, slow_client_timeout=30)
+    client = MemoryClient(core, limits=limits, clock=clock)
+    connection = client.connection
+    clock.advance(61)
+    assert connection.overdue(clock.seconds(), pings=True) == "did not authenticate in time"
+    _, alice = await register(core, "alice")
+    assert (await client.request("connect", {"sessionToken": alice["sessionToken"]}))["type"] == "connectSuccess"
+    assert connection.overdue(clock.seconds(), pings=True) is None
+    clock.advance(301)
+    # Idle counts only where the transport has no pings of its own (TCP).
+    assert connection.overdue(clock.seconds(), pings=False) == "idle"
+    assert connection.overdue(clock.seconds(), pings=True) is None
+    connection.pauseProducing()
+    clock.advance(29)
+    assert connection.overdue(clock.seconds(), pings=True) is None
+    connection.resumeProducing()
+    connection.pauseProducing()
+    clock.advance(31)
+    assert connection.overdue(clock.seconds(), pings=True) == "stopped reading"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_stops_being_read_and_is_cut_off_past_its_allowance(core_factory):
+    core = await core_factory()
+    paused = []
+    alice, a = await register(core, "alice")
+    bob, b = await register(core, "bob")
+    connection = bob.connection
+    connection._pause_reading = lambda: paused.append(True)
+    connection._resume_reading = lambda: paused.append(False)
+    connection.pauseProducing()
+    assert paused[-1] is True
+    connection.resumeProducing()
+    assert paused[-1] is False
+    connection.pauseProducing()
+    # Pushes keep coming while Bob reads nothing: past the allowance his connection is dropped.
+    content = b64(os.urandom(48 * 1024))
+    # MemoryClient frames go up to 256 KB, so the allowance is 2 MB: about 32 such pushes.
+    for _ in range(60):
+        await alice.request("sendMessage", chat_message(a["userId"], b["userId"], content=content))
+        if bob.closed:
+            break
+    assert bob.closed
+    # Nothing was lost: the messages wait for Bob's next connection.
+    again = MemoryClient(core)
+    assert (await again.request("connect", {"sessionToken": b["sessionToken"]}))["type"] == "connectSuccess"
+    assert (await again.next_of("message"))["payload"]["from"] == a["userId"]

@@ -1,0 +1,176 @@
+"""Connection limits on a real server: per address, origins, and the auth, idle and slow-client
+timeouts, seen from the outside as clients see them."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor, task, threads
+
+from tests.clients import TcpClient, WsClient
+from tests.helpers import PASSWORD, make_bundle
+from tests.processes import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+
+async def _register(client) -> dict:
+    name = f"user{uuid.uuid4().hex[:10]}"
+    reply = await client.request("register", {"username": name, "password": PASSWORD, "publicKey": make_bundle()})
+    assert reply["type"] == "registerSuccess", reply
+    return reply["payload"]
+
+
+async def _until(predicate, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_per_address_and_allowed_origins(tmp_path):
+    server = await ServerProcess(
+        tmp_path, "--bcrypt-cost", "4", "--max-connections-per-address", "3",
+        "--allowed-origins", "https://chat.example.org",
+    ).start_async()
+    http, tcp_port = server.ports["http"], server.ports["tcp"]
+    try:
+        first, second = await TcpClient.connect(tcp_port), await TcpClient.connect(tcp_port)
+        ws = await WsClient.connect(http)
+        for client in (first, second, ws):
+            assert (await client.request("ping"))["type"] == "pong"
+        # A fourth connection from the same address is told why, then closed.
+        refused = await TcpClient.connect(tcp_port)
+        refused.send("ping")
+        error = await refused.next()
+        assert error["type"] == "error" and error["payload"]["code"] == "RATE_LIMITED"
+        assert error["payload"]["retryAfter"] >= 1
+        await refused.closed.addTimeout(10, reactor)
+        with pytest.raises(ConnectionError, match="429"):
+            await WsClient.connect(http)
+        # A closed connection frees its slot.
+        await first.close()
+        replacement = await TcpClient.connect(tcp_port)
+        assert (await replacement.request("ping"))["type"] == "pong"
+        for client in (second, replacement):
+            await client.close()
+        await ws.close()
+
+        # Browsers from another origin are refused; the allowed one and clients without Origin are not.
+        with pytest.raises(ConnectionError, match="origin .* not allowed"):
+            await WsClient.connect(http, origin="https://evil.example")
+        allowed = await WsClient.connect(http, origin="https://chat.example.org")
+        assert (await allowed.request("ping"))["type"] == "pong"
+        await allowed.close()
+
+        # No status page, and so no open redirect.
+        response = await treq.get(f"http://127.0.0.1:{http}/?redirect=https%3A%2F%2Fevil.example", allow_redirects=False)
+        await treq.content(response)
+        assert response.code < 300 or response.code >= 400
+        assert not response.headers.hasHeader("location")
+    finally:
+        server.stop()
+    assert "Unhandled" not in server.log_text() and "Traceback" not in server.log_text()
+
+
+def _flood_without_reading(port: int, stop_after: float) -> bool:
+    """Send pings and never read the replies; True once the server has cut the connection."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(1.0)
+    line = b'{"type":"ping","requestId":"' + b"r" * 200 + b'"}\n'
+    deadline = time.monotonic() + stop_after
+    try:
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(line * 100)
+            except socket.timeout:
+                continue  # the server stopped reading us: keep the pressure on until it gives up
+            except OSError:
+                return True
+        return False
+    finally:
+        sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_unauthenticated_and_non_reading_clients_are_closed_and_others_are_not_disturbed(tmp_path):
+    server = await ServerProcess(
+        tmp_path, "--bcrypt-cost", "4", "--idle-timeout", "1", "--auth-timeout", "2", "--slow-client-timeout", "1",
+    ).start_async()
+    http, tcp_port = server.ports["http"], server.ports["tcp"]
+    try:
+        honest = await WsClient.connect(http)
+        await _register(honest)
+        silent_tcp = await TcpClient.connect(tcp_port)
+        await _register(silent_tcp)
+        anonymous_ws = await WsClient.connect(http)
+        flood = threads.deferToThread(_flood_without_reading, tcp_port, 30)
+        # The sweep runs every 5 seconds: each of them is gone within a few sweeps.
+        await silent_tcp.closed.addTimeout(15, reactor)
+        await anonymous_ws.closed.addTimeout(15, reactor)
+        assert await flood, "the server kept a client that never reads"
+        # WebSocket pings keep an idle, authenticated WebSocket alive; it still works.
+        assert not honest.closed.called
+        assert (await honest.request("ping"))["type"] == "pong"
+        await honest.close()
+    finally:
+        server.stop()
+    log = server.log_text()
+    assert "Unhandled" not in log and "Traceback" not in log
+    assert "stopped reading" in log and "idle" in log
+
+
+def _proxied(port: int, client_address: str, data: bytes, replies: int = 1) -> list[bytes]:
+    """Connect as a PROXY-protocol (v1) proxy would for `client_address`, send, read `replies` lines."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"PROXY TCP4 {client_address} 127.0.0.1 40000 {port}\r\n".encode() + data)
+        buffer = b""
+        while buffer.count(b"\n") < replies:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+        return buffer.split(b"\n")[:replies]
+
+
+def _http_register(port: int, client_address: str, name: str) -> int:
+    body = json.dumps({"username": name, "password": PASSWORD, "publicKey": make_bundle()}).encode()
+    request = (
+        b"POST /v1/accounts HTTP/1.1\r\nHost: chat\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+    status_line = _proxied(port, client_address, request)[0]
+    return int(status_line.split()[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_behind_a_proxy_limits_apply_to_each_client_address(tmp_path):
+    """With haproxy: endpoints the PROXY header's address is the one limited, not the proxy's."""
+    server = await ServerProcess(
+        tmp_path, "--bcrypt-cost", "4", "--listen", "haproxy:tcp:0:interface=127.0.0.1",
+        "--tcp", "haproxy:tcp:0:interface=127.0.0.1", "--max-connections-per-address", "1",
+        "--limit-registrations", "1/3600",
+    ).start_async()
+    http, tcp_port = server.ports["http"], server.ports["tcp"]
+    try:
+        ping = b'{"type":"ping"}\n'
+        with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as held:
+            held.sendall(f"PROXY TCP4 203.0.113.7 127.0.0.1 40000 {tcp_port}\r\n".encode() + ping)
+            assert json.loads(held.recv(65536).split(b"\n")[0])["type"] == "pong"
+            # The same client address is over its limit of one; another client address is not.
+            refused = json.loads(_proxied(tcp_port, "203.0.113.7", ping)[0])
+            assert refused["payload"]["code"] == "RATE_LIMITED"
+            assert json.loads(_proxied(tcp_port, "203.0.113.8", ping)[0])["type"] == "pong"
+        assert _http_register(http, "198.51.100.1", f"u{uuid.uuid4().hex[:10]}") == 201
+        assert _http_register(http, "198.51.100.1", f"u{uuid.uuid4().hex[:10]}") == 429
+        assert _http_register(http, "198.51.100.2", f"u{uuid.uuid4().hex[:10]}") == 201
+    finally:
+        server.stop()
