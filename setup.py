@@ -37,6 +37,7 @@ setup(
             "pytest-twisted>=1.14",
             "treq>=24.9",
             "hypothesis>=6.100",
+            "schemathesis>=4.0,<5",
             "openapi-spec-validator>=0.7",
         ],
     },

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from construct.core.abuse import AbuseLimits
 from construct.core.keys import validate_bundle
-from construct.core.validation import check_password_strength, normalize_username
+from construct.core.validation import USERNAME_PATTERN, check_password_strength, normalize_username
 from construct.errors import ConstructError, user_not_found_error
 from construct.storage.accounts import AccountStore, User
 
@@ -162,7 +162,9 @@ class AccountService:
         if not isinstance(username, str) or not isinstance(password, str) or len(password) > 1024:
             raise invalid_credentials()
         await self._limits.check_login(username, address)
-        user = await self._store.get_user_by_name(username.lower())
+        username = username.lower()
+        # A name no account can have is not looked up (PostgreSQL refuses NUL characters, for one).
+        user = await self._store.get_user_by_name(username) if USERNAME_PATTERN.fullmatch(username) else None
         # Verify even for unknown users, against a dummy hash, so timing does not reveal them.
         password_ok = await self._hasher.verify(password, user.password_hash if user else None)
         if user is None or not password_ok:

@@ -55,7 +55,7 @@ def validate_bundle(raw: Any, account_id: str | None) -> StoredBundle:
 def _check_bundle_data(data: bytes, account_id: str | None) -> None:
     try:
         parsed = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
         raise _bad("'bundleData' is not base64 of UTF-8 JSON") from None
     if not isinstance(parsed, dict):
         raise _bad("'bundleData' must hold a JSON object")

@@ -76,10 +76,31 @@ class UpgradeResource(WebSocketResource):
         return super().render(request)
 
 
+class Utf8Only(Resource):
+    """Answers 400 for a path or Host that is not UTF-8 before Klein sees it (Klein would log a
+    traceback for each such request: a way for any client to flood the log)."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: Request) -> Any:
+        try:
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"code":"INVALID_FORMAT","message":"The URL and Host must be UTF-8"}'
+        return self._inner.render(request)
+
+
 def build_site(ws_factory: Any, api: HttpApi, max_body_bytes: int) -> ConstructSite:
     root = Resource()
     websocket = UpgradeResource(ws_factory)
     root.putChild(b"", websocket)
     root.putChild(b"ws", websocket)
-    root.putChild(b"v1", api.app.resource())
+    root.putChild(b"v1", Utf8Only(api.app.resource()))
     return ConstructSite(root, max_body_bytes)

@@ -124,7 +124,10 @@ class ConstructWebSocketProtocol(QuietFrames, WebSocketServerProtocol):
         return None if self.connection is None else self.connection.overdue(now, pings=True)
 
     def _write(self, data: bytes, encoding: str) -> None:
-        self.sendMessage(data, isBinary=encoding == codec.MSGPACK)
+        # A reply can be ready after Autobahn began failing the connection (invalid UTF-8, a
+        # protocol error) and before onClose: there is no one left to read it.
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendMessage(data, isBinary=encoding == codec.MSGPACK)
 
 
 class ConstructWebSocketFactory(WebSocketServerFactory):
