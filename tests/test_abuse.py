@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import task
 
 from construct.core.limits import Limit
-from construct.protocol.connection import ConnectionLimits
+from construct.protocol.connection import AUTH_TIMEOUT, IDLE, STOPPED_READING, ConnectionLimits
 from tests.helpers import PASSWORD, MemoryClient, b64, chat_message, error_reply, make_bundle, register
 
 WRONG = "Wrong-password-42"
@@ -222,13 +222,13 @@ async def test_auth_idle_and_slow_client_deadlines(core_factory):
     client = MemoryClient(core, limits=limits, clock=clock)
     connection = client.connection
     clock.advance(61)
-    assert connection.overdue(clock.seconds(), pings=True) == "did not authenticate in time"
+    assert connection.overdue(clock.seconds(), pings=True) == AUTH_TIMEOUT
     _, alice = await register(core, "alice")
     assert (await client.request("connect", {"sessionToken": alice["sessionToken"]}))["type"] == "connectSuccess"
     assert connection.overdue(clock.seconds(), pings=True) is None
     clock.advance(301)
     # Idle counts only where the transport has no pings of its own (TCP).
-    assert connection.overdue(clock.seconds(), pings=False) == "idle"
+    assert connection.overdue(clock.seconds(), pings=False) == IDLE
     assert connection.overdue(clock.seconds(), pings=True) is None
     connection.pauseProducing()
     clock.advance(29)
@@ -236,7 +236,7 @@ async def test_auth_idle_and_slow_client_deadlines(core_factory):
     connection.resumeProducing()
     connection.pauseProducing()
     clock.advance(31)
-    assert connection.overdue(clock.seconds(), pings=True) == "stopped reading"
+    assert connection.overdue(clock.seconds(), pings=True) == STOPPED_READING
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])

@@ -13,6 +13,7 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor, task, threads
 
+from construct.protocol.connection import AUTH_TIMEOUT, IDLE, STOPPED_READING
 from tests.clients import TcpClient, WsClient
 from tests.helpers import PASSWORD, make_bundle
 from tests.processes import ServerProcess
@@ -113,9 +114,13 @@ async def test_silent_unauthenticated_and_non_reading_clients_are_closed_and_oth
         await _register(silent_tcp)
         anonymous_ws = await WsClient.connect(http)
         flood = threads.deferToThread(_flood_without_reading, tcp_port, 30)
-        # The sweep runs every 5 seconds: each of them is gone within a few sweeps.
+        # The sweep runs every 5 seconds: each of them is gone within a few sweeps, told why.
         await silent_tcp.closed.addTimeout(15, reactor)
-        await anonymous_ws.closed.addTimeout(15, reactor)
+        goodbye = await silent_tcp.next_of("error")
+        assert goodbye["payload"]["code"] == "CONNECTION_TIMEOUT" and IDLE in goodbye["payload"]["message"]
+        assert await anonymous_ws.closed.addTimeout(15, reactor) == 1008
+        goodbye = await anonymous_ws.next_of("error")
+        assert goodbye["payload"]["code"] == "CONNECTION_TIMEOUT" and AUTH_TIMEOUT in goodbye["payload"]["message"]
         assert await flood, "the server kept a client that never reads"
         # WebSocket pings keep an idle, authenticated WebSocket alive; it still works.
         assert not honest.closed.called
@@ -125,7 +130,7 @@ async def test_silent_unauthenticated_and_non_reading_clients_are_closed_and_oth
         server.stop()
     log = server.log_text()
     assert "Unhandled" not in log and "Traceback" not in log
-    assert "stopped reading" in log and "idle" in log
+    assert all(reason in log for reason in (STOPPED_READING, IDLE, AUTH_TIMEOUT))
 
 
 def _proxied(port: int, client_address: str, data: bytes, replies: int = 1) -> list[bytes]:

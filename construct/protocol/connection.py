@@ -32,6 +32,15 @@ CONNECTION_RETRY_SECONDS = 10
 # A client that stopped reading may leave this much unread (or eight frames, if more) before it
 # is cut off at once; its unacknowledged messages wait in its inbox for the next connection.
 MIN_STALLED_BYTES = 1024 * 1024
+# Why the sweep closes a connection (ClientConnection.overdue).
+STOPPED_READING = "stopped reading"
+AUTH_TIMEOUT = "did not authenticate in time"
+IDLE = "sent nothing for too long"
+
+
+def closing_error(reason: str) -> ConstructError:
+    """Sent just before the server closes a connection that outstayed a limit."""
+    return ConstructError("CONNECTION_TIMEOUT", f"Closing the connection: {reason}", 408)
 
 
 @dataclass(frozen=True)
@@ -187,12 +196,16 @@ class ClientConnection:
         """Why this connection must go now, if it must: the sweep of its tracker asks."""
         limits = self._limits
         if self.stalled_since is not None and limits.slow_client_timeout and now - self.stalled_since > limits.slow_client_timeout:
-            return "stopped reading"
+            return STOPPED_READING
         if self.identity is None and limits.auth_timeout and now - self.opened_at > limits.auth_timeout:
-            return "did not authenticate in time"
+            return AUTH_TIMEOUT
         if not pings and limits.idle_timeout and now - self.last_heard > limits.idle_timeout:
-            return "idle"
+            return IDLE
         return None
+
+    def send_error(self, error: ConstructError) -> None:
+        """An error that answers no request (the connection is about to close)."""
+        self._send_error(error, None, self._push_encoding)
 
     # IPushProducer, registered with the transport: it pauses us when the client stops reading.
 
@@ -380,9 +393,13 @@ class ConnectionTracker:
         now = self._clock.seconds()
         for protocol in list(self._protocols):
             reason = protocol.overdue(now)
-            if reason is not None:
-                self.log.info("closing a connection: {reason}", reason=reason)
-                protocol.abort()
+            if reason is None:
+                continue
+            self.log.info("closing a connection: {reason}", reason=reason)
+            if reason == STOPPED_READING:
+                protocol.abort()  # a goodbye would wait behind what it does not read
+            else:
+                protocol.expire(reason)
 
     def _shutdown_failed(self, failure: Any) -> None:
         if not failure.check(CancelledError):

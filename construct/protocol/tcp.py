@@ -12,11 +12,13 @@ from construct.core.app import Core
 from construct.errors import rate_limited
 from construct.protocol import codec
 from construct.protocol.connection import (
+    AUTH_TIMEOUT,
     CONNECTION_RETRY_SECONDS,
     AddressCounts,
     ClientConnection,
     ConnectionLimits,
     ConnectionTracker,
+    closing_error,
 )
 
 
@@ -74,8 +76,17 @@ class JsonLinesProtocol(Protocol):
             # No keepalive of its own: a silent TCP connection is closed after the idle timeout.
             return self.connection.overdue(now, pings=False)
         if not self._refused and now - self._opened_at > self.factory.limits.auth_timeout > 0:
-            return "sent nothing"
+            return AUTH_TIMEOUT
         return None
+
+    def expire(self, reason: str) -> None:
+        """Say why, then close once that is written."""
+        error = closing_error(reason)
+        if self.connection is not None:
+            self.connection.send_error(error)
+        else:
+            self.transport.write(codec.encode("error", error.payload(), None, codec.JSON) + b"\n")
+        self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         try:

@@ -12,9 +12,16 @@ from twisted.logger import Logger
 
 from construct.core.app import Core
 from construct.protocol import codec
-from construct.protocol.connection import AddressCounts, ClientConnection, ConnectionLimits, ConnectionTracker
+from construct.protocol.connection import (
+    AddressCounts,
+    ClientConnection,
+    ConnectionLimits,
+    ConnectionTracker,
+    closing_error,
+)
 
 GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
 HANDSHAKE_LEFTOVERS = (
     "http_request_data", "http_response_data", "http_headers", "http_request_params", "http_status_line", "_wskey",
 )
@@ -122,6 +129,12 @@ class ConstructWebSocketProtocol(QuietFrames, WebSocketServerProtocol):
         """Why the tracker's sweep must close this connection now, if it must."""
         # Autobahn's pings find dead peers: an idle WebSocket that answers them may stay.
         return None if self.connection is None else self.connection.overdue(now, pings=True)
+
+    def expire(self, reason: str) -> None:
+        """Say why, in an error and in the close frame (1008, policy violation)."""
+        if self.connection is not None:
+            self.connection.send_error(closing_error(reason))
+        self.sendCloseFrame(code=POLICY_VIOLATION, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
     def _write(self, data: bytes, encoding: str) -> None:
         # A reply can be ready after Autobahn began failing the connection (invalid UTF-8, a
