@@ -273,7 +273,7 @@ def build_production(
     # The send script itself reads presence and wakes other instances: here, only local state.
     core = assemble_core(
         db, inbox, hub, hub.is_online, hub.on_stored, presence.sessions_revoked, clock, options, metrics,
-        run_blocking, redis_limits.RedisCounters(redis, prefix), recipient_exists=known_users.exists,
+        run_blocking, redis_limits.RedisCounters(redis, prefix, reactor), recipient_exists=known_users.exists,
     )
     subscriber = RedisSubscriber(address, reactor, [presence.channel], presence.event_received, presence.subscribed)
     return core, presence, redis, subscriber

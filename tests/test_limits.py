@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.internet import reactor, task
 
 from construct.core.limits import Charge, Limit, MemoryCounters
+from construct.errors import ConstructError
 from construct.redis.client import RedisAddress, RedisClient
 from construct.redis.limits import SCRIPTS, RedisCounters
 from tests.conftest import REDIS_URL, _delete_keys, until_redis_connected
@@ -44,7 +45,7 @@ async def redis_store(redis_prefix):
             # A little more than asked: Redis expires a key only once its PTTL has passed.
             await task.deferLater(reactor, seconds + 0.05, lambda: None)
 
-        yield Store(RedisCounters(redis, redis_prefix), sleep, redis, redis_prefix)
+        yield Store(RedisCounters(redis, redis_prefix, reactor), sleep, redis, redis_prefix)
         await _delete_keys(redis, redis_prefix)
     finally:
         await redis.stop()
@@ -248,3 +249,28 @@ async def test_redis_keys_are_prefixed_windows_that_always_expire(redis_store):
         name = f"{prefix}limit:{{user-1}}:{key}"
         assert await redis.execute("GET", name) == expected
         assert 0 < await redis.execute("PTTL", name) <= 30_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_takes_of_one_turn_are_decided_in_order_as_if_made_one_by_one(store):
+    """Several takes at once (Redis sends them as one script): each is all or nothing, in call order."""
+    counters = store.counters
+    takes = [counters.take([charge("send", 3), charge(f"to-{n % 2}", 2)]) for n in range(5)]
+    results = [await taken for taken in takes]
+    # to-0 is full after takes 0 and 2, so take 4 is refused; send is full after 0, 1, 2, so take 3 is.
+    assert [result is None for result in results] == [True, True, True, False, False]
+    assert await counters.count("{user-1}:send") == 3
+    assert (await counters.count("{user-1}:to-0"), await counters.count("{user-1}:to-1")) == (2, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_redis_fails_every_take_of_the_batch():
+    """The takes batched into one call all fail with it (SERVICE_UNAVAILABLE), none is left waiting."""
+    counters = RedisCounters(RedisClient(RedisAddress.parse(REDIS_URL), reactor), "unused:", reactor)
+    takes = [counters.take([charge("send", 3)]) for _ in range(3)]
+    codes = []
+    for taken in takes:
+        with pytest.raises(ConstructError) as caught:
+            await taken
+        codes.append(caught.value.code)
+    assert codes == ["SERVICE_UNAVAILABLE"] * 3

@@ -12,30 +12,46 @@ meets one (PTTL -1: written by hand, PERSISTed) gives it a fresh window.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from construct.core.limits import Charge
 from construct.redis.client import RedisClient, Script
 
-# KEYS: the counters; ARGV: (count, window ms) of each, in pairs. Returns 0 when counted,
-# else the milliseconds until the latest-ending full window ends (at least 1).
+# Takes in groups, in order, each all or nothing; a key may appear in several groups (one
+# sender's messages of one reactor turn). KEYS: every group's counters, group after group;
+# ARGV: the number of groups, the size of each, then (count, window ms) of each key in pairs.
+# Returns, per group, 0 when counted, else the milliseconds until the latest-ending full window
+# of the group ends (at least 1).
 TAKE = Script("""
-local wait = 0
-for i, key in ipairs(KEYS) do
-  local ttl = redis.call('PTTL', key)
-  if ttl == -1 then
-    ttl = tonumber(ARGV[2 * i])
-    redis.call('PEXPIRE', key, ttl)
+local groups = tonumber(ARGV[1])
+local results = {}
+local first = 1
+for g = 1, groups do
+  local last = first + tonumber(ARGV[1 + g]) - 1
+  local wait = 0
+  for i = first, last do
+    local ttl = redis.call('PTTL', KEYS[i])
+    if ttl == -1 then
+      ttl = tonumber(ARGV[groups + 2 * i + 1])
+      redis.call('PEXPIRE', KEYS[i], ttl)
+    end
+    if ttl >= 0 and tonumber(redis.call('GET', KEYS[i])) >= tonumber(ARGV[groups + 2 * i]) then
+      wait = math.max(wait, ttl, 1)
+    end
   end
-  if ttl >= 0 and tonumber(redis.call('GET', key)) >= tonumber(ARGV[2 * i - 1]) then
-    wait = math.max(wait, ttl, 1)
+  if wait == 0 then
+    for i = first, last do
+      if redis.call('INCR', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[groups + 2 * i + 1]) end
+    end
   end
+  results[g] = wait
+  first = last + 1
 end
-if wait > 0 then return wait end
-for i, key in ipairs(KEYS) do
-  if redis.call('INCR', key) == 1 then redis.call('PEXPIRE', key, ARGV[2 * i]) end
-end
-return 0
+return results
 """)
 
 # KEYS: the counters; ARGV: the window ms of each.
@@ -74,27 +90,60 @@ def _window_ms(period: float) -> int:
 
 
 class RedisCounters:
-    """Counters under `<prefix>limit:`; a call with only disabled limits sends nothing."""
+    """Counters under `<prefix>limit:`; a call with only disabled limits sends nothing.
 
-    def __init__(self, redis: RedisClient, prefix: str) -> None:
+    The takes of one reactor turn that share a hash tag (one sender's pipelined messages) go to
+    Redis as one script call, in the order they were made: the same outcome as one call each,
+    at a fraction of the cost per message.
+    """
+
+    def __init__(self, redis: RedisClient, prefix: str, reactor: IReactorTime) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._reactor = reactor
+        # hash tag -> the takes waiting for the end of this reactor turn, in call order.
+        self._batches: dict[str, list[tuple[list[Charge], Deferred]]] = {}
+        self._flush_call: Any = None
         redis.preload(*SCRIPTS)
 
     def _key(self, key: str) -> str:
         return f"{self._prefix}limit:{key}"
 
-    async def take(self, charges: Sequence[Charge]) -> float | None:
+    def take(self, charges: Sequence[Charge]) -> Deferred:
         """Count one event on every key, or on none if any key is at its limit.
 
-        Returns None when counted, else the seconds until the latest-ending full window ends.
+        Fires with None when counted, else the seconds until the latest-ending full window ends.
         """
         charges = [charge for charge in charges if charge.limit.enabled]
         if not charges:
-            return None
-        args = [value for charge in charges for value in (charge.limit.count, _window_ms(charge.limit.period))]
-        wait_ms = await self._redis.eval(TAKE, [self._key(charge.key) for charge in charges], args)
-        return wait_ms / 1000 if wait_ms else None
+            return succeed(None)
+        taken: Deferred = Deferred()
+        tag = charges[0].key.partition("}")[0]
+        self._batches.setdefault(tag, []).append((charges, taken))
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+        return taken
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        batches, self._batches = self._batches, {}
+        for batch in batches.values():
+            ensureDeferred(self._take_batch(batch))
+
+    async def _take_batch(self, batch: list[tuple[list[Charge], Deferred]]) -> None:
+        keys = [self._key(charge.key) for charges, _ in batch for charge in charges]
+        args = [len(batch), *(len(charges) for charges, _ in batch)]
+        args += [value for charges, _ in batch for charge in charges
+                 for value in (charge.limit.count, _window_ms(charge.limit.period))]
+        try:
+            waits = await self._redis.eval(TAKE, keys, args)
+        except Exception:
+            failure = Failure()
+            for _, taken in batch:
+                taken.errback(failure)
+            return
+        for (_, taken), wait_ms in zip(batch, waits):
+            taken.callback(wait_ms / 1000 if wait_ms else None)
 
     async def add(self, charges: Sequence[Charge]) -> None:
         """Count one event on every key, even past its limit."""
