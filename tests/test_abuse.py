@@ -239,9 +239,10 @@ async def test_auth_idle_and_slow_client_deadlines(core_factory):
     assert connection.overdue(clock.seconds(), pings=True) == STOPPED_READING
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
 @pytest_twisted.ensureDeferred
-async def test_a_client_that_stops_reading_stops_being_read_and_is_cut_off_past_its_allowance(core_factory):
+async def test_a_client_that_stops_reading_is_not_read_and_not_pushed_to_until_it_reads_again(core_factory):
+    """Backpressure: while the transport says the client is not reading, the server reads none
+    of its requests and holds its pushes in the inbox; then everything comes, in order."""
     core = await core_factory()
     paused = []
     alice, a = await register(core, "alice")
@@ -250,19 +251,34 @@ async def test_a_client_that_stops_reading_stops_being_read_and_is_cut_off_past_
     connection._pause_reading = lambda: paused.append(True)
     connection._resume_reading = lambda: paused.append(False)
     connection.pauseProducing()
-    assert paused[-1] is True
+    assert paused[-1] is True and not connection.writable
+    sent = [chat_message(a["userId"], b["userId"]) for _ in range(5)]
+    for message in sent:
+        assert (await alice.request("sendMessage", message))["type"] == "ack"
+    assert bob.pending() == []
     connection.resumeProducing()
     assert paused[-1] is False
-    connection.pauseProducing()
-    # Pushes keep coming while Bob reads nothing: past the allowance his connection is dropped.
-    content = b64(os.urandom(48 * 1024))
-    # MemoryClient frames go up to 256 KB, so the allowance is 2 MB: about 32 such pushes.
-    for _ in range(60):
-        await alice.request("sendMessage", chat_message(a["userId"], b["userId"], content=content))
+    received = [(await bob.next_of("message"))["payload"]["id"] for _ in sent]
+    assert received == [message["id"] for message in sent]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest_twisted.ensureDeferred
+async def test_a_connection_is_cut_off_once_too_much_waits_unread(core_factory):
+    """What is still written to a stalled connection (replies to requests read before the stall)
+    is bounded: past the allowance the connection is dropped; its messages wait in the inbox."""
+    core = await core_factory()
+    alice, a = await register(core, "alice")
+    bob, b = await register(core, "bob")
+    await alice.request("sendMessage", chat_message(a["userId"], b["userId"]))
+    bob.connection.pauseProducing()
+    # MemoryClient frames go up to 256 KB, so the allowance is 2 MB.
+    big = {"id": "x", "content": "y" * 64 * 1024}
+    for _ in range(40):
+        bob.connection.push_message(big)
         if bob.closed:
             break
     assert bob.closed
-    # Nothing was lost: the messages wait for Bob's next connection.
     again = MemoryClient(core)
     assert (await again.request("connect", {"sessionToken": b["sessionToken"]}))["type"] == "connectSuccess"
     assert (await again.next_of("message"))["payload"]["from"] == a["userId"]

@@ -3,7 +3,9 @@ timeouts, seen from the outside as clients see them."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import socket
 import time
 import uuid
@@ -15,7 +17,7 @@ from twisted.internet import reactor, task, threads
 
 from construct.protocol.connection import AUTH_TIMEOUT, IDLE, STOPPED_READING
 from tests.clients import TcpClient, WsClient
-from tests.helpers import PASSWORD, make_bundle
+from tests.helpers import PASSWORD, chat_message, make_bundle
 from tests.processes import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -179,3 +181,28 @@ async def test_behind_a_proxy_limits_apply_to_each_client_address(tmp_path):
         assert _http_register(http, "198.51.100.2", f"u{uuid.uuid4().hex[:10]}") == 201
     finally:
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_backlog_reaches_a_client_that_reads_it(tmp_path):
+    """Pushes wait for a client that is reading (backpressure), and it is not taken for a slow client."""
+    server = await ServerProcess(tmp_path, "--bcrypt-cost", "4").start_async()
+    try:
+        alice, bob = await TcpClient.connect(server.ports["tcp"]), await TcpClient.connect(server.ports["tcp"])
+        a, b = await _register(alice), await _register(bob)
+        await bob.close()
+        content = base64.b64encode(os.urandom(30 * 1024)).decode()
+        sent = [chat_message(a["userId"], b["userId"], content=content) for _ in range(100)]
+        for message in sent:
+            alice.send("sendMessage", message)
+        for _ in sent:
+            assert (await alice.next_of("ack"))["type"] == "ack"
+        bob = await TcpClient.connect(server.ports["tcp"])
+        assert (await bob.request("connect", {"sessionToken": b["sessionToken"]}))["type"] == "connectSuccess"
+        received = [(await bob.next_of("message"))["payload"]["id"] for _ in sent]
+        assert received == [message["id"] for message in sent]
+        await alice.close()
+        await bob.close()
+    finally:
+        server.stop()
+    assert "stopped reading" not in server.log_text()

@@ -26,6 +26,7 @@ class ScriptedInbox:
 class Connection:
     def __init__(self) -> None:
         self.pushed: list[str] = []
+        self.writable = True
 
     def push_message(self, message: dict) -> None:
         self.pushed.append(message["id"])

@@ -24,6 +24,9 @@ RETRY_DELAY_SECONDS = 2.0
 class LiveConnection(Protocol):
     """What the hub needs from a transport connection."""
 
+    # False while the client is not reading what it was sent: pushes wait (see DeliveryHub.resume).
+    writable: bool
+
     def push_message(self, message: dict) -> None: ...
 
     def session_revoked(self) -> None: ...
@@ -42,6 +45,8 @@ class _Cursor:
     again: bool = False
     attached: bool = True
     drained_once: bool = False
+    # Pushes stopped because the connection was not writable; resume() goes on.
+    held: bool = False
     retry_call: Any = None
 
 
@@ -137,7 +142,10 @@ class DeliveryHub:
         that has pushed everything before it, and let the others read it back from the inbox."""
         delivered = 0
         for cursor in list(self._by_user.get(user_id, {}).values()):
-            if seq is not None and not cursor.running and not cursor.rewind and cursor.after_seq == seq - 1:
+            if (
+                seq is not None and not cursor.running and not cursor.rewind and not cursor.held
+                and cursor.after_seq == seq - 1 and cursor.connection.writable
+            ):
                 cursor.after_seq = seq
                 cursor.connection.push_message(message)
                 delivered += 1
@@ -195,7 +203,19 @@ class DeliveryHub:
         waiter.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
         return waiter
 
+    def resume(self, connection: LiveConnection) -> None:
+        """The connection is writable again: push what waited meanwhile."""
+        user_id = self._user_of.get(connection)
+        cursor = self._by_user[user_id][connection] if user_id is not None else None
+        if cursor is not None and cursor.held:
+            self._pump(cursor)
+
     def _pump(self, cursor: _Cursor) -> None:
+        if not cursor.connection.writable:
+            # The client is not reading: what arrives stays in the inbox until resume().
+            cursor.held = True
+            return
+        cursor.held = False
         if cursor.running:
             cursor.again = True
             return
@@ -216,11 +236,19 @@ class DeliveryHub:
                 if cursor.rewind:
                     # A redelivery came in while fetching; this batch would move the cursor past it.
                     continue
+                pushed = 0
                 for entry in entries:
+                    if not cursor.connection.writable:
+                        break
                     cursor.after_seq = entry.seq
                     cursor.connection.push_message(decode_envelope(entry.envelope))
-                if entries:
-                    self._metrics.delivered("live" if cursor.drained_once else "inbox", len(entries))
+                    pushed += 1
+                if pushed:
+                    self._metrics.delivered("live" if cursor.drained_once else "inbox", pushed)
+                if not cursor.connection.writable:
+                    # Backpressure: the rest waits in the inbox until the client reads (resume()).
+                    cursor.held = True
+                    return
                 if len(entries) < FETCH_BATCH:
                     cursor.drained_once = True
                     if not cursor.again:

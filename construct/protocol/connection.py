@@ -220,6 +220,13 @@ class ClientConnection:
         if self.stalled_since is not None:
             self.stalled_since = None
             self._update_reading()
+            if self.identity is not None:
+                self._core.hub.resume(self)
+
+    @property
+    def writable(self) -> bool:
+        """For the hub: False while the client leaves what it was sent unread."""
+        return self.stalled_since is None
 
     def stopProducing(self) -> None:
         pass
@@ -344,7 +351,8 @@ class ClientConnection:
             return
         data = codec.encode(message_type, payload, request_id, encoding)
         if self.stalled_since is not None:
-            # Pushes keep coming to a client that does not read: bound what waits for it.
+            # The hub holds pushes back meanwhile; replies to requests read before the stall
+            # (and a client that stalls forever) are bounded here.
             self._stalled_bytes += len(data)
             if self._stalled_bytes > self._max_stalled_bytes:
                 self.log.info("dropping a {transport} connection whose client stopped reading", transport=self._transport_name)
