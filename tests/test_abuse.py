@@ -7,7 +7,7 @@ import os
 
 import pytest
 import pytest_twisted
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from construct.core.limits import Limit
 from construct.protocol.connection import AUTH_TIMEOUT, IDLE, STOPPED_READING, ConnectionLimits
@@ -126,6 +126,17 @@ async def test_failed_logins_slow_the_address_but_the_owner_gets_in_from_elsewhe
     # Refused before the password is looked at: even the right one, from that address.
     _rate_limited((await _login(core, "alice", PASSWORD, "203.0.113.9"))["payload"], 900)
     assert (await _login(core, "ALICE", PASSWORD, "198.51.100.7"))["type"] == "loginSuccess"
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_guesses_cannot_all_pass_the_check_before_any_failed(core_factory):
+    """Each attempt is counted before its password is checked, atomically: of twelve wrong
+    guesses sent at once, only the five the limit allows reach the password check."""
+    core = await core_factory(limit_login_failures_per_account=Limit(5, 900))
+    await register(core, "alice")
+    guesses = [defer.ensureDeferred(_login(core, "alice", WRONG, "203.0.113.9")) for _ in range(12)]
+    codes = sorted(reply["payload"]["code"] for reply in [await guess for guess in guesses])
+    assert codes == ["INVALID_CREDENTIALS"] * 5 + ["RATE_LIMITED"] * 7
 
 
 @pytest_twisted.ensureDeferred

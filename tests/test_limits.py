@@ -274,3 +274,17 @@ async def test_an_unreachable_redis_fails_every_take_of_the_batch():
             await taken
         codes.append(caught.value.code)
     assert codes == ["SERVICE_UNAVAILABLE"] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_give_back_uncounts_one_event_and_never_goes_below_zero(store):
+    counters = store.counters
+    for _ in range(2):
+        await counters.take([charge("login", 5)])
+    await counters.give_back([charge("login", 5)])
+    assert await counters.count("{user-1}:login") == 1
+    await counters.give_back([charge("login", 5)])
+    await counters.give_back([charge("login", 5)])
+    assert await counters.count("{user-1}:login") == 0
+    assert await counters.take([charge("login", 5)]) is None
+    assert await counters.count("{user-1}:login") == 1

@@ -84,30 +84,34 @@ class AbuseLimits:
             Charge(f"{{{account}}}:login-failures", self.settings.login_failures_per_account),
         )
 
-    async def check_login(self, username: str, address: str) -> None:
-        """Refuse before the password is checked when this address has failed too often.
+    async def begin_login(self, username: str, address: str) -> None:
+        """Count a password check as failed before it runs, or refuse it (RATE_LIMITED).
 
-        An account under attack from many addresses leaves each address one attempt per
-        window: the owner, who gets it right the first time, still gets in from anywhere.
+        Counted first, atomically, so that concurrent attempts cannot all pass a check made
+        before any of them failed; `login_succeeded` gives the count back. An account under
+        attack from many addresses leaves each address one attempt per window: the owner, who
+        gets it right the first time, still gets in from anywhere.
         """
         by_address, by_pair, by_account = self._login_keys(username, address)
-        for charge, what in ((by_address, "Too many failed logins from this address"),
-                             (by_pair, "Too many failed logins for this account")):
-            count, seconds_left = await self._counters.window(charge.key)
-            if charge.limit.count > 0 and count >= charge.limit.count:
-                raise rate_limited(seconds_left, what)
-        if by_account.limit.count > 0:
-            account_count, _ = await self._counters.window(by_account.key)
-            pair_count, pair_left = await self._counters.window(by_pair.key)
-            if account_count >= by_account.limit.count and pair_count > 0:
-                raise rate_limited(pair_left, "Too many failed logins for this account")
-
-    async def login_failed(self, username: str, address: str) -> None:
-        by_address, by_pair, by_account = self._login_keys(username, address)
-        # One call per hash tag (the address's, the account's).
-        await self._counters.add([by_address])
-        await self._counters.add([by_pair, by_account])
+        retry_after = await self._counters.take([by_address])
+        if retry_after is not None:
+            raise rate_limited(retry_after, "Too many failed logins from this address")
+        pair = by_pair
+        if by_account.limit.enabled:
+            failures, _ = await self._counters.window(by_account.key)
+            if failures >= by_account.limit.count:
+                period = by_pair.limit.period if by_pair.limit.enabled else by_account.limit.period
+                pair = Charge(by_pair.key, Limit(1, period))
+        retry_after = await self._counters.take([pair])
+        if retry_after is not None:
+            await self._counters.give_back([by_address])
+            raise rate_limited(retry_after, "Too many failed logins for this account")
+        await self._counters.add([by_account])
 
     async def login_succeeded(self, username: str, address: str) -> None:
-        _, by_pair, _ = self._login_keys(username, address)
+        """Give back what begin_login counted, and forget this address's failures on the account."""
+        by_address, by_pair, by_account = self._login_keys(username, address)
+        # One call per hash tag (the address's, the account's).
+        await self._counters.give_back([by_address])
+        await self._counters.give_back([by_account])
         await self._counters.clear([by_pair.key])

@@ -161,14 +161,13 @@ class AccountService:
     async def login(self, username: Any, password: Any, address: str) -> IssuedSession:
         if not isinstance(username, str) or not isinstance(password, str) or len(password) > 1024:
             raise invalid_credentials()
-        await self._limits.check_login(username, address)
+        await self._limits.begin_login(username, address)
         username = username.lower()
         # A name no account can have is not looked up (PostgreSQL refuses NUL characters, for one).
         user = await self._store.get_user_by_name(username) if USERNAME_PATTERN.fullmatch(username) else None
         # Verify even for unknown users, against a dummy hash, so timing does not reveal them.
         password_ok = await self._hasher.verify(password, user.password_hash if user else None)
         if user is None or not password_ok:
-            await self._limits.login_failed(username, address)
             raise invalid_credentials()
         await self._limits.login_succeeded(username, address)
         token, expires_ms = self._new_token()
@@ -233,11 +232,11 @@ class AccountService:
     async def _password_matches(self, user: User, password: str, address: str) -> bool:
         """A password check under the login limits: a stolen session token gives no more
         guesses at the password than the login form does."""
-        await self._limits.check_login(user.username, address)
-        if await self._hasher.verify(password, user.password_hash):
-            return True
-        await self._limits.login_failed(user.username, address)
-        return False
+        await self._limits.begin_login(user.username, address)
+        if not await self._hasher.verify(password, user.password_hash):
+            return False
+        await self._limits.login_succeeded(user.username, address)
+        return True
 
     async def delete_expired_sessions(self) -> None:
         """Remove expired sessions and unbind the connections still using them."""

@@ -132,6 +132,14 @@ class MemoryCounters:
         window = self._current(key, now)
         return (0, 0.0) if window is None else (window.used, window.left_ms(now) / 1000)
 
+    async def give_back(self, charges: Sequence[Charge]) -> None:
+        """Uncount one event on every key (an event counted ahead that did not happen)."""
+        now = self._clock.seconds()
+        for charge in charges:
+            window = self._current(charge.key, now) if charge.limit.enabled else None
+            if window is not None and window.used > 0:
+                window.used -= 1
+
     async def clear(self, keys: Sequence[str]) -> None:
         """Forget the keys' windows."""
         for key in keys:

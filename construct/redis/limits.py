@@ -76,13 +76,21 @@ if not used then return {0, 0} end
 return {tonumber(used), math.max(redis.call('PTTL', KEYS[1]), 1)}
 """)
 
+# KEYS: the counters. A window that falls back to zero is deleted (its next event starts one).
+GIVE_BACK = Script("""
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 and redis.call('DECR', key) < 1 then redis.call('DEL', key) end
+end
+return 0
+""")
+
 CLEAR = Script("""
 for _, key in ipairs(KEYS) do redis.call('DEL', key) end
 return 0
 """)
 
 # For the composition root's `redis.preload(*SCRIPTS)` (RedisCounters also preloads them).
-SCRIPTS = (TAKE, ADD, COUNT, WINDOW, CLEAR)
+SCRIPTS = (TAKE, ADD, COUNT, WINDOW, GIVE_BACK, CLEAR)
 
 
 def _window_ms(period: float) -> int:
@@ -140,10 +148,12 @@ class RedisCounters:
         except Exception:
             failure = Failure()
             for _, taken in batch:
-                taken.errback(failure)
+                if not taken.called:
+                    taken.errback(failure)
             return
         for (_, taken), wait_ms in zip(batch, waits):
-            taken.callback(wait_ms / 1000 if wait_ms else None)
+            if not taken.called:
+                taken.callback(wait_ms / 1000 if wait_ms else None)
 
     async def add(self, charges: Sequence[Charge]) -> None:
         """Count one event on every key, even past its limit."""
@@ -163,6 +173,12 @@ class RedisCounters:
         """Events counted in the key's current window and the seconds until it ends ((0, 0.0) if none)."""
         used, left_ms = await self._redis.eval(WINDOW, [self._key(key)], [])
         return (int(used), left_ms / 1000) if used else (0, 0.0)
+
+    async def give_back(self, charges: Sequence[Charge]) -> None:
+        """Uncount one event on every key (an event counted ahead that did not happen)."""
+        charges = [charge for charge in charges if charge.limit.enabled]
+        if charges:
+            await self._redis.eval(GIVE_BACK, [self._key(charge.key) for charge in charges], [])
 
     async def clear(self, keys: Sequence[str]) -> None:
         """Forget the keys' windows."""
