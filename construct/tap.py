@@ -94,6 +94,7 @@ ABUSE_OPTIONS = {
     "limit-messages-per-recipient": ("messages_per_pair", "messages a user may send to one recipient"),
     "limit-registrations": ("registrations_per_address", "registrations from one client address"),
     "limit-key-fetches": ("key_fetches_per_pair", "fetches of one user's key bundle by one user"),
+    "limit-key-fetches-by-user": ("key_fetches_per_requester", "key bundles one user may fetch, of anyone"),
     "limit-prekeys-served": ("prekeys_served_per_user", "one-time prekeys handed out per user (then bundles come without)"),
     "limit-login-failures": ("login_failures_per_address", "failed logins from one client address"),
     "limit-login-failures-per-account": ("login_failures_per_account_address", "failed logins on one account from one address"),
@@ -193,9 +194,10 @@ def assemble_core(
     run_blocking: Callable,
     counters: Any,
     recipient_exists: Callable | None = None,
+    login_counters: Any = None,
 ) -> Core:
     # The log salt, when set, is the secret every instance shares: it hides the limits' keys too.
-    limits = AbuseLimits(counters, abuse_settings(options), options["log-salt"])
+    limits = AbuseLimits(counters, abuse_settings(options), options["log-salt"], login_counters)
     return Core(
         accounts=AccountService(
             AccountStore(db), PasswordHasher(options["bcrypt-cost"], run_blocking), clock, on_sessions_revoked, limits
@@ -241,7 +243,7 @@ def build_embedded(
     hub = DeliveryHub(inbox, clock, metrics)
     core = assemble_core(
         db, inbox, hub, hub.is_online, hub.on_stored, hub.on_sessions_revoked, clock, options, metrics, run_blocking,
-        MemoryCounters(clock),
+        MemoryCounters(clock), login_counters=MemoryCounters(clock),
     )
 
     async def wake(user_id: str) -> None:

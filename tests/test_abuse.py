@@ -4,6 +4,7 @@ production), and the per-connection limits of ClientConnection on a fake clock."
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 import pytest_twisted
@@ -95,6 +96,16 @@ async def test_key_fetches_per_requester_and_target(core_factory):
     # Other requesters, and Alice's own bundle, are not affected.
     assert (await carol.request("getPublicKey", {"userId": b["userId"]}))["type"] == "publicKeyBundle"
     assert (await alice.request("getPublicKey", {"userId": a["userId"]}))["type"] == "publicKeyBundle"
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_fetches_per_requester_bound_made_up_targets_too(core_factory):
+    """Asking for made-up users counts too: no one can create counters without bound."""
+    core = await core_factory(limit_key_fetches_by_user=Limit(3, 3600))
+    alice, _ = await register(core, "alice")
+    for _ in range(3):
+        assert (await error_reply(alice, "getPublicKey", {"userId": str(uuid.uuid4())}))["code"] == "USER_NOT_FOUND"
+    _rate_limited(await error_reply(alice, "getPublicKey", {"userId": str(uuid.uuid4())}), 3600)
 
 
 @pytest_twisted.ensureDeferred

@@ -22,6 +22,8 @@ class AbuseSettings:
     messages_per_pair: Limit = Limit(300, 60)
     registrations_per_address: Limit = Limit(10, 3600)
     key_fetches_per_pair: Limit = Limit(30, 3600)
+    # Also bounds the counters one user can create by asking for many (even made-up) users.
+    key_fetches_per_requester: Limit = Limit(300, 3600)
     # Past this, a user's bundle is still served, without a one-time prekey (X3DH does not need one).
     prekeys_served_per_user: Limit = Limit(100, 3600)
     login_failures_per_address: Limit = Limit(20, 900)
@@ -31,10 +33,16 @@ class AbuseSettings:
 
 
 class AbuseLimits:
-    def __init__(self, counters: Any, settings: AbuseSettings, key_salt: str | None = None) -> None:
-        """`key_salt`, a secret every instance shares, keeps the counters' keys from being
-        reversed to usernames and addresses by hashing guesses; without one they are plain hashes."""
+    def __init__(
+        self, counters: Any, settings: AbuseSettings, key_salt: str | None = None, login_counters: Any = None
+    ) -> None:
+        """`login_counters` keep the login and registration windows apart from the traffic ones
+        (default: the same store), so that a bounded in-memory store full of traffic counters
+        never evicts them. `key_salt`, a secret every instance shares, keeps the counters' keys
+        from being reversed to usernames and addresses by hashing guesses; without one they are
+        plain hashes."""
         self._counters = counters
+        self._login_counters = login_counters if login_counters is not None else counters
         self.settings = settings
         self._salt = key_salt.encode("utf-8") if key_salt else None
 
@@ -59,14 +67,15 @@ class AbuseLimits:
         )
 
     async def check_registration(self, address: str) -> None:
-        await self._take(
-            "Too many registrations from this address",
-            Charge(f"{{{self._private(address)}}}:register", self.settings.registrations_per_address),
-        )
+        charge = Charge(f"{{{self._private(address)}}}:register", self.settings.registrations_per_address)
+        retry_after = await self._login_counters.take([charge])
+        if retry_after is not None:
+            raise rate_limited(retry_after, "Too many registrations from this address")
 
     async def check_key_fetch(self, requester_id: str, target_id: str) -> None:
         await self._take(
-            "Too many key bundle requests for this user",
+            "Too many key bundle requests",
+            Charge(f"{{{requester_id}}}:keys", self.settings.key_fetches_per_requester),
             Charge(f"{{{requester_id}}}:keys:{target_id}", self.settings.key_fetches_per_pair),
         )
 
@@ -93,25 +102,25 @@ class AbuseLimits:
         gets it right the first time, still gets in from anywhere.
         """
         by_address, by_pair, by_account = self._login_keys(username, address)
-        retry_after = await self._counters.take([by_address])
+        retry_after = await self._login_counters.take([by_address])
         if retry_after is not None:
             raise rate_limited(retry_after, "Too many failed logins from this address")
         pair = by_pair
         if by_account.limit.enabled:
-            failures, _ = await self._counters.window(by_account.key)
+            failures, _ = await self._login_counters.window(by_account.key)
             if failures >= by_account.limit.count:
                 period = by_pair.limit.period if by_pair.limit.enabled else by_account.limit.period
                 pair = Charge(by_pair.key, Limit(1, period))
-        retry_after = await self._counters.take([pair])
+        retry_after = await self._login_counters.take([pair])
         if retry_after is not None:
-            await self._counters.give_back([by_address])
+            await self._login_counters.give_back([by_address])
             raise rate_limited(retry_after, "Too many failed logins for this account")
-        await self._counters.add([by_account])
+        await self._login_counters.add([by_account])
 
     async def login_succeeded(self, username: str, address: str) -> None:
         """Give back what begin_login counted, and forget this address's failures on the account."""
         by_address, by_pair, by_account = self._login_keys(username, address)
         # One call per hash tag (the address's, the account's).
-        await self._counters.give_back([by_address])
-        await self._counters.give_back([by_account])
-        await self._counters.clear([by_pair.key])
+        await self._login_counters.give_back([by_address])
+        await self._login_counters.give_back([by_account])
+        await self._login_counters.clear([by_pair.key])
