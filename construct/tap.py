@@ -316,7 +316,9 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     )
     site = build_site(ws_factory, HttpApi(core), max_frame)
     ListenerService(PROGRAM, "http", endpoints["listen"], site, websockets).setServiceParent(root)
-    tcp_factory = JsonLinesFactory(core, max_frame, tcp_connections, addresses, limits, reactor)
+    tcp_factory = JsonLinesFactory(
+        core, max_frame, tcp_connections, addresses, limits, reactor, proxied=options["tcp"].startswith("haproxy:")
+    )
     ListenerService(PROGRAM, "tcp", endpoints["tcp"], tcp_factory, tcp_connections).setServiceParent(root)
     for tracker in (websockets, tcp_connections):
         GuardedTimer(CONNECTION_SWEEP_SECONDS, "connection sweep", tracker.sweep, reactor).setServiceParent(root)

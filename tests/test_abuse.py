@@ -304,3 +304,17 @@ async def test_a_connection_is_cut_off_once_too_much_waits_unread(core_factory):
     again = MemoryClient(core)
     assert (await again.request("connect", {"sessionToken": b["sessionToken"]}))["type"] == "connectSuccess"
     assert (await again.next_of("message"))["payload"]["from"] == a["userId"]
+
+
+def test_limits_count_ipv4_as_is_and_ipv6_by_its_64_prefix():
+    """A host that rotates through its IPv6 /64, or writes its IPv4 address IPv4-mapped, is one client."""
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    from construct.protocol.connection import client_address
+
+    assert client_address(IPv4Address("TCP", "203.0.113.5", 4000)) == "203.0.113.5"
+    assert client_address(IPv6Address("TCP", "::ffff:203.0.113.5", 4000)) == "203.0.113.5"
+    assert client_address(IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 4000)) == client_address(
+        IPv6Address("TCP", "2001:db8:1:2:bbbb:cccc:dddd:eeee", 4000)
+    ) == "2001:db8:1:2::/64"
+    assert client_address(IPv6Address("TCP", "2001:db8:1:3::1", 4000)) != "2001:db8:1:2::/64"

@@ -47,7 +47,8 @@ async def test_connections_per_address_and_allowed_origins(tmp_path):
     try:
         first, second = await TcpClient.connect(tcp_port), await TcpClient.connect(tcp_port)
         ws = await WsClient.connect(http)
-        for client in (first, second, ws):
+        # `second` never sends a byte: it counts all the same.
+        for client in (first, ws):
             assert (await client.request("ping"))["type"] == "pong"
         # A fourth connection from the same address is told why, then closed.
         refused = await TcpClient.connect(tcp_port)

@@ -128,3 +128,24 @@ async def test_tls_on_websocket_tcp_http_and_health(tmp_path):
         await lines.close()
     finally:
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeouts_close_tls_connections_too(tmp_path):
+    """Over ssl: TCP and WebSocket, a connection that does not authenticate in time is told so and closed."""
+    ca_pem, _ = make_certificates(tmp_path)
+    tls = f"ssl:0:interface=127.0.0.1:privateKey={tmp_path / 'server.key'}:certKey={tmp_path / 'server.crt'}"
+    server = await ServerProcess(
+        tmp_path, "--bcrypt-cost", "4", "--listen", tls, "--tcp", tls, "--auth-timeout", "1"
+    ).start_async()
+    try:
+        lines = await _tls_lines(server.ports["tcp"], ca_pem)
+        ws = await _wss(server.ports["http"], ca_pem)
+        for client in (lines, ws):
+            assert (await client.request("ping"))["type"] == "pong"
+        for client in (lines, ws):
+            # The sweep runs every 5 seconds.
+            await client.closed.addTimeout(15, reactor)
+            assert (await client.next_of("error"))["payload"]["code"] == "CONNECTION_TIMEOUT"
+    finally:
+        server.stop()

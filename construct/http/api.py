@@ -21,6 +21,7 @@ from construct.core.app import Core
 from construct.core.messaging import decode_envelope
 from construct.errors import ConstructError, invalid_format
 from construct.protocol import codec, operations
+from construct.protocol.connection import client_address
 
 MAX_WAIT_SECONDS = 60
 MAX_PENDING_BATCH = 100
@@ -90,7 +91,7 @@ class HttpApi:
     async def _run(self, request: Any, message_type: str, payload_of: Any, authenticated: bool, status: int) -> bytes:
         identity = await self._identity(request) if authenticated else None
         # The transport's peer: behind a PROXY-protocol endpoint (haproxy:…), the client's own.
-        client = HttpClient(identity, getattr(request.getClientAddress(), "host", ""))
+        client = HttpClient(identity, client_address(request.getClientAddress()))
         reply = await operations.run(self._core, client, message_type, payload_of())
         if reply is None or reply.payload is None:
             request.setResponseCode(204)

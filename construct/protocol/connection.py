@@ -7,6 +7,7 @@ and receives pushes from the delivery hub once the client is authenticated.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -41,6 +42,21 @@ IDLE = "sent nothing for too long"
 def closing_error(reason: str) -> ConstructError:
     """Sent just before the server closes a connection that outstayed a limit."""
     return ConstructError("CONNECTION_TIMEOUT", f"Closing the connection: {reason}", 408)
+
+
+def client_address(peer: Any) -> str:
+    """The address limits count a client under: its IPv4 address (also when written IPv4-mapped
+    in IPv6), or its IPv6 /64, since one host is usually given a whole /64 to pick from."""
+    host = getattr(peer, "host", "")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from construct.protocol.connection import (
     ClientConnection,
     ConnectionLimits,
     ConnectionTracker,
+    client_address,
     closing_error,
 )
 
@@ -40,15 +41,18 @@ class JsonLinesProtocol(Protocol):
         try:
             self.factory.tracker.add(self)
             self._opened_at = self.factory.clock.seconds()
+            if not self.factory.proxied:
+                # Counted at once, so silent sockets count against their address too.
+                self._start()
         except Exception:
             self.log.failure("could not set up a TCP connection")
             self.transport.abortConnection()
 
     def _start(self) -> bool:
-        """Admit the client on its first bytes: behind a PROXY-protocol endpoint (haproxy:…),
-        only then does getPeer() give the client's address instead of the proxy's."""
+        """Admit the client: on connecting, or behind a PROXY-protocol endpoint (haproxy:…) on
+        its first bytes, since only then does getPeer() give the client's address, not the proxy's."""
         factory = self.factory
-        address = getattr(self.transport.getPeer(), "host", "")
+        address = client_address(self.transport.getPeer())
         if not factory.addresses.admit(address):
             error = rate_limited(CONNECTION_RETRY_SECONDS, f"At most {factory.limits.per_address} connections per address")
             self.transport.write(codec.encode("error", error.payload(), None, codec.JSON) + b"\n")
@@ -86,6 +90,11 @@ class JsonLinesProtocol(Protocol):
             self.connection.send_error(error)
         else:
             self.transport.write(codec.encode("error", error.payload(), None, codec.JSON) + b"\n")
+        self._close_politely()
+
+    def _close_politely(self) -> None:
+        # A TLS transport closes only once no producer is registered.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -128,7 +137,7 @@ class JsonLinesProtocol(Protocol):
         """Answer what was received, flush, close."""
         if self.connection is not None:
             await self.connection.drain()
-        self.transport.loseConnection()
+        self._close_politely()
         await self._closed
 
     def abort(self) -> None:
@@ -149,13 +158,16 @@ class JsonLinesFactory(Factory):
         addresses: AddressCounts,
         limits: ConnectionLimits,
         clock: Any,
+        proxied: bool = False,
     ) -> None:
+        """`proxied`: the endpoint speaks the PROXY protocol (haproxy:…)."""
         self.core = core
         self.max_line_bytes = max_line_bytes
         self.tracker = tracker
         self.addresses = addresses
         self.limits = limits
         self.clock = clock
+        self.proxied = proxied
 
     def buildProtocol(self, addr: Any) -> JsonLinesProtocol:
         return JsonLinesProtocol(self)

@@ -17,6 +17,7 @@ from construct.protocol.connection import (
     ClientConnection,
     ConnectionLimits,
     ConnectionTracker,
+    client_address,
     closing_error,
 )
 
@@ -60,7 +61,7 @@ class ConstructWebSocketProtocol(QuietFrames, WebSocketServerProtocol):
 
     def onConnect(self, request: Any) -> None:
         # The transport's peer: behind a PROXY-protocol endpoint (haproxy:…), the client's own.
-        address = getattr(self.transport.getPeer(), "host", "")
+        address = client_address(self.transport.getPeer())
         if not self.factory.addresses.admit(address):
             raise ConnectionDeny(429, f"At most {self.factory.limits.per_address} connections per address")
         self._address = address
