@@ -21,8 +21,13 @@ def backend():
     return "sqlite"
 
 
-def _alive(kind: type) -> int:
-    return sum(1 for candidate in gc.get_objects() if isinstance(candidate, kind))
+def _alive(kind: type, site) -> int:
+    """Objects of `kind` serving `site` that are still reachable, without collecting cycles."""
+    def serves(candidate) -> bool:
+        channel = candidate if isinstance(candidate, HTTPChannel) else getattr(candidate, "channel", None)
+        return getattr(channel, "site", None) is site or getattr(candidate, "site", None) is site
+
+    return sum(1 for candidate in gc.get_objects() if isinstance(candidate, kind) and serves(candidate))
 
 
 @pytest_twisted.ensureDeferred
@@ -33,13 +38,12 @@ async def test_an_upgraded_connection_keeps_no_http_channel_or_request(core):
     factory = ConstructWebSocketFactory(core, 1 << 16, tracker, AddressCounts(0), ConnectionLimits(), reactor, ["*"])
     site = build_site(factory, HttpApi(core), 1 << 16)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
-    gc.collect()
-    channels, requests = _alive(HTTPChannel), _alive(Request)
     clients = [await WsClient.connect(port.getHost().port) for _ in range(3)]
     try:
         for client in clients:
             assert (await client.request("ping", {}))["type"] == "pong"
-        assert (_alive(HTTPChannel), _alive(Request)) == (channels, requests)
+        # Only this site's: HTTP objects of other tests may come and go meanwhile.
+        assert (_alive(HTTPChannel, site), _alive(Request, site)) == (0, 0)
         for protocol in tracker._protocols:
             assert protocol.http_request_data is None and protocol.http_headers is None
     finally:
