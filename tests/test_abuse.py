@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet import defer, task
 
 from construct.core.limits import Limit
@@ -210,8 +211,10 @@ async def test_http_answers_429_with_retry_after(http):
     for _ in range(5):
         status, body = await http.call("POST", "/v1/sessions", {"username": "alice", "password": WRONG})
         assert status == 401, body
-    status, body = await http.call("POST", "/v1/sessions", {"username": "alice", "password": WRONG})
-    assert status == 429 and body["code"] == "RATE_LIMITED" and 1 <= body["retryAfter"] <= 900
+    response = await treq.post(http.base + "/v1/sessions", json={"username": "alice", "password": WRONG})
+    body = await response.json()
+    assert response.code == 429 and body["code"] == "RATE_LIMITED" and 1 <= body["retryAfter"] <= 900
+    assert response.headers.getRawHeaders("retry-after") == [str(body["retryAfter"])]
 
 
 # Connections (one instance, fake clock)
@@ -318,3 +321,19 @@ def test_limits_count_ipv4_as_is_and_ipv6_by_its_64_prefix():
         IPv6Address("TCP", "2001:db8:1:2:bbbb:cccc:dddd:eeee", 4000)
     ) == "2001:db8:1:2::/64"
     assert client_address(IPv6Address("TCP", "2001:db8:1:3::1", 4000)) != "2001:db8:1:2::/64"
+
+
+def test_limit_and_origin_options_parse_as_documented_and_refuse_the_rest():
+    """COUNT/SECONDS or 0; origins get their scheme's default port; anything else is one line naming the option."""
+    from construct.tap import Options
+
+    options = Options(environ={"CONSTRUCT_LIMIT_MESSAGES": "120/30"})
+    options.parseOptions(["--limit-registrations", "0", "--allowed-origins", "https://chat.example.org, http://*.example.net:8080"])
+    assert options["limit-messages"] == Limit(120, 30)
+    assert not options["limit-registrations"].enabled
+    assert options["allowed-origins"] == ["https://chat.example.org:443", "http://*.example.net:8080"]
+    for bad in ("many", "10/x", "-1/60", "10/0", "10/9999999"):
+        with pytest.raises(SystemExit, match="--limit-messages must be COUNT/SECONDS"):
+            Options(environ={}).parseOptions(["--limit-messages", bad])
+    with pytest.raises(SystemExit, match="--allowed-origins must be comma-separated origin patterns"):
+        Options(environ={}).parseOptions(["--allowed-origins", "https://a.example,,"])

@@ -53,27 +53,32 @@ class AbuseLimits:
             return hashlib.sha256(data).hexdigest()[:32]
         return hmac.new(self._salt, data, hashlib.sha256).hexdigest()[:32]
 
-    async def _take(self, what: str, *charges: Charge) -> None:
-        retry_after = await self._counters.take(charges)
+    @staticmethod
+    async def _take(counters: Any, what: str, *charges: Charge) -> None:
+        """Count the charges, all or none; RATE_LIMITED (saying `what`) if one is at its limit."""
+        retry_after = await counters.take(charges)
         if retry_after is not None:
             raise rate_limited(retry_after, what)
 
     async def check_send(self, sender_id: str, recipient_id: str) -> None:
         # Both keys carry the sender's hash tag: one atomic script in Redis Cluster too.
         await self._take(
+            self._counters,
             "Too many messages",
             Charge(f"{{{sender_id}}}:send", self.settings.messages_per_sender),
             Charge(f"{{{sender_id}}}:send:{recipient_id}", self.settings.messages_per_pair),
         )
 
     async def check_registration(self, address: str) -> None:
-        charge = Charge(f"{{{self._private(address)}}}:register", self.settings.registrations_per_address)
-        retry_after = await self._login_counters.take([charge])
-        if retry_after is not None:
-            raise rate_limited(retry_after, "Too many registrations from this address")
+        await self._take(
+            self._login_counters,
+            "Too many registrations from this address",
+            Charge(f"{{{self._private(address)}}}:register", self.settings.registrations_per_address),
+        )
 
     async def check_key_fetch(self, requester_id: str, target_id: str) -> None:
         await self._take(
+            self._counters,
             "Too many key bundle requests",
             Charge(f"{{{requester_id}}}:keys", self.settings.key_fetches_per_requester),
             Charge(f"{{{requester_id}}}:keys:{target_id}", self.settings.key_fetches_per_pair),
@@ -102,9 +107,7 @@ class AbuseLimits:
         gets it right the first time, still gets in from anywhere.
         """
         by_address, by_pair, by_account = self._login_keys(username, address)
-        retry_after = await self._login_counters.take([by_address])
-        if retry_after is not None:
-            raise rate_limited(retry_after, "Too many failed logins from this address")
+        await self._take(self._login_counters, "Too many failed logins from this address", by_address)
         pair = by_pair
         if by_account.limit.enabled:
             failures, _ = await self._login_counters.window(by_account.key)

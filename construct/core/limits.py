@@ -121,11 +121,6 @@ class MemoryCounters:
         """Count one event on every key, even past its limit."""
         self._count(charges, self._clock.seconds())
 
-    async def count(self, key: str) -> int:
-        """Events counted in the key's current window (0 when there is none)."""
-        window = self._current(key, self._clock.seconds())
-        return 0 if window is None else window.used
-
     async def window(self, key: str) -> tuple[int, float]:
         """Events counted in the key's current window and the seconds until it ends ((0, 0.0) if none)."""
         now = self._clock.seconds()

@@ -64,10 +64,6 @@ end
 return 0
 """)
 
-COUNT = Script("""
-return tonumber(redis.call('GET', KEYS[1]) or '0')
-""")
-
 # A counter without expiry (PTTL -1) reports 1 ms: its period is not known here, and the
 # next take or add on it gives it a window.
 WINDOW = Script("""
@@ -90,7 +86,7 @@ return 0
 """)
 
 # For the composition root's `redis.preload(*SCRIPTS)` (RedisCounters also preloads them).
-SCRIPTS = (TAKE, ADD, COUNT, WINDOW, GIVE_BACK, CLEAR)
+SCRIPTS = (TAKE, ADD, WINDOW, GIVE_BACK, CLEAR)
 
 
 def _window_ms(period: float) -> int:
@@ -164,10 +160,6 @@ class RedisCounters:
                 [self._key(charge.key) for charge in charges],
                 [_window_ms(charge.limit.period) for charge in charges],
             )
-
-    async def count(self, key: str) -> int:
-        """Events counted in the key's current window (0 when there is none)."""
-        return int(await self._redis.eval(COUNT, [self._key(key)], []))
 
     async def window(self, key: str) -> tuple[int, float]:
         """Events counted in the key's current window and the seconds until it ends ((0, 0.0) if none)."""
