@@ -185,7 +185,6 @@ def assemble_core(
     db: Database,
     inbox: Any,
     hub: DeliveryHub,
-    is_online: Callable,
     on_stored: Callable[[str, int | None, dict], None],
     on_sessions_revoked: Callable[[str, list[str]], None],
     clock: Any,
@@ -205,7 +204,8 @@ def assemble_core(
         keys=KeyService(KeyStore(db), clock, limits),
         messaging=MessageService(
             inbox,
-            is_online,
+            # Live here: the store script of production mode also sees the other instances.
+            hub.holds,
             on_stored,
             clock,
             limits,
@@ -242,7 +242,7 @@ def build_embedded(
     inbox = SqlInbox(db)
     hub = DeliveryHub(inbox, clock, metrics)
     core = assemble_core(
-        db, inbox, hub, hub.is_online, hub.on_stored, hub.on_sessions_revoked, clock, options, metrics, run_blocking,
+        db, inbox, hub, hub.on_stored, hub.on_sessions_revoked, clock, options, metrics, run_blocking,
         MemoryCounters(clock), login_counters=MemoryCounters(clock),
     )
 
@@ -268,13 +268,13 @@ def build_production(
     address, prefix = options["redis"], options["redis-prefix"]
     redis = RedisClient(address, reactor)
     known_users = KnownUsers(AccountStore(db).user_exists, clock)
-    inbox = RedisInbox(redis, prefix, clock, options["instance-id"])
+    inbox = RedisInbox(redis, prefix, clock, options["instance-id"], reactor)
     hub = DeliveryHub(inbox, clock, metrics)
     presence = InstancePresence(redis, prefix, clock, options["instance-id"], hub)
     hub.listener = presence
     # The send script itself reads presence and wakes other instances: here, only local state.
     core = assemble_core(
-        db, inbox, hub, hub.is_online, hub.on_stored, presence.sessions_revoked, clock, options, metrics,
+        db, inbox, hub, hub.on_stored, presence.sessions_revoked, clock, options, metrics,
         run_blocking, redis_limits.RedisCounters(redis, prefix, reactor), recipient_exists=known_users.exists,
     )
     subscriber = RedisSubscriber(address, reactor, [presence.channel], presence.event_received, presence.subscribed)

@@ -65,9 +65,10 @@ async def test_throughput_counts_every_message_and_compares_with_the_bare_relay(
         assert_all_delivered(figures, 200)
         assert_latency_ordered(figures["latency_ms"], 200)
         assert figures["delivered_per_s"] > 0
-        assert figures["server_cpu_percent"] > 0 and figures["server_rss_mb"] > 10
+        assert figures["server_rss_mb"] > 10
         # Measured, though a tiny run can take less than one clock tick (10 ms) of CPU.
-        assert isinstance(figures["loadgen_cpu_percent"], (int, float)) and figures["loadgen_cpu_percent"] >= 0
+        for cpu in ("server_cpu_percent", "loadgen_cpu_percent"):
+            assert isinstance(figures[cpu], (int, float)) and figures[cpu] >= 0
     assert report["results"]["relay_ratio"] == pytest.approx(construct["delivered_per_s"] / relay["delivered_per_s"],
                                                              abs=1e-3)
     assert report["servers"][0]["rss_at_start_mb"] > 10

@@ -106,12 +106,12 @@ async def test_unacknowledged_sends_are_resent_unchanged(core, server, tmp_path,
     attempts: list[str] = []
     failures = [2]
 
-    async def flaky(sender_id, payload):
+    def flaky(sender_id, payload):
         attempts.append(payload["id"])
         if failures[0]:
             failures[0] -= 1
-            raise ConstructError("SERVICE_UNAVAILABLE", "The database is unavailable, try again later", 503)
-        return await real_send(sender_id, payload)
+            return defer.fail(ConstructError("SERVICE_UNAVAILABLE", "The database is unavailable, try again later", 503))
+        return real_send(sender_id, payload)
 
     monkeypatch.setattr(core.messaging, "send", flaky)
     await alice.send("bob", "first")
@@ -137,10 +137,10 @@ async def test_a_rate_limited_send_stays_in_the_outbox_and_goes_out_next_time(co
     real_send = core.messaging.send
     limited = [True]
 
-    async def limited_send(sender_id, payload):
+    def limited_send(sender_id, payload):
         if limited[0]:
-            raise rate_limited(30, "Too many messages")
-        return await real_send(sender_id, payload)
+            return defer.fail(rate_limited(30, "Too many messages"))
+        return real_send(sender_id, payload)
 
     monkeypatch.setattr(core.messaging, "send", limited_send)
     with pytest.raises(ServerError) as refused:

@@ -44,7 +44,7 @@ def test_a_slow_recipient_lookup_does_not_let_a_later_send_store_first():
     def recipient_exists(user_id: str) -> defer.Deferred:
         return lookups.setdefault(user_id, defer.Deferred()) if user_id == BOB else defer.succeed(True)
 
-    async def nobody_online(user_id: str) -> bool:
+    def nobody_online(user_id: str) -> bool:
         return False
 
     inbox = OrderedInbox()

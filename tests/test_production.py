@@ -15,7 +15,7 @@ from construct.redis.client import RedisAddress, RedisClient, RedisLeases
 from construct.redis.inbox import RedisInbox
 from construct.redis.presence import RedisPresence
 from construct.tap import build_production
-from tests.conftest import REDIS_URL, make_options
+from tests.conftest import REDIS_URL, _delete_keys, make_options
 from tests.helpers import PASSWORD, MemoryClient, chat_message, register
 
 
@@ -135,4 +135,55 @@ async def test_redis_down_means_service_unavailable_not_a_false_ack(database):
             await redis.ping()
         assert refused.value.code == "SERVICE_UNAVAILABLE"
     finally:
+        await redis.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stores_of_one_turn_are_one_script_call_decided_message_by_message(redis_prefix, monkeypatch):
+    """Messages to one recipient in one reactor turn go to Redis as one PUT; each gets the outcome
+    it would get alone, in call order: stored, a duplicate of one earlier in the same call, another
+    sender's id, the quota; and one ackMessage listing an id twice removes it once."""
+    from construct.delivery.types import Submission
+    from construct.redis import inbox as inbox_module
+
+    redis = RedisClient(RedisAddress.parse(REDIS_URL), reactor)
+    redis.start()
+    await _until_connected(redis)
+    scripts: list[str] = []
+    real_eval = redis.eval
+
+    def counting_eval(script, keys, args):
+        scripts.append(script.sha)
+        return real_eval(script, keys, args)
+
+    monkeypatch.setattr(redis, "eval", counting_eval)
+    try:
+        inbox = RedisInbox(redis, redis_prefix, reactor)
+        alice, carol, bob, gone = (f"00000000-0000-4000-8000-00000000000{n}" for n in range(4))
+        m1, m2, m3, m4 = (f"10000000-0000-4000-8000-00000000000{n}" for n in range(4))
+        now_ms, ttl_ms, quota = 1_000_000, 60_000, 3
+
+        def put(sender: str, message_id: str, recipient: str = bob) -> defer.Deferred:
+            return inbox.put(Submission(sender, recipient, message_id, f"envelope {message_id}", "queued", now_ms, ttl_ms, quota))
+
+        one_turn = [put(alice, m1), put(alice, m1), put(carol, m1), put(alice, m2), put(carol, m3), put(alice, m4)]
+        outcomes = await defer.DeferredList(one_turn, consumeErrors=True)
+        assert scripts == [inbox_module.PUT.sha], "six stores, one script call"
+        first, again = outcomes[0][1], outcomes[1][1]
+        assert (first.duplicate, first.seq, again.duplicate) == (False, 1, True)
+        assert (again.status, again.expires_at_ms) == (first.status, first.expires_at_ms) == ("queued", now_ms + ttl_ms)
+        assert outcomes[2][1].value.code == "DUPLICATE_MESSAGE"
+        assert (outcomes[3][1].seq, outcomes[4][1].seq) == (2, 3)
+        assert outcomes[5][1].value.code == "INBOX_FULL"
+        assert [entry.message_id for entry in await inbox.fetch(bob, 0, 10, now_ms)] == [m1, m2, m3]
+        assert (await put(alice, m1)).duplicate, "a later turn sees the stored record"
+
+        assert len(await inbox.ack(bob, [m1, m1, m2, m4])) == 2
+        assert [entry.message_id for entry in await inbox.fetch(bob, 0, 10, now_ms)] == [m3]
+
+        await inbox.delete_user(gone)
+        refused = await defer.DeferredList([put(alice, m1, gone), put(alice, m2, gone)], consumeErrors=True)
+        assert [failure.value.code for _, failure in refused] == ["USER_NOT_FOUND", "USER_NOT_FOUND"]
+    finally:
+        await _delete_keys(redis, redis_prefix)
         await redis.stop()

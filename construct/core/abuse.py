@@ -12,6 +12,8 @@ import hmac
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.defer import Deferred, ensureDeferred
+
 from construct.core.limits import Charge, Limit
 from construct.errors import rate_limited
 
@@ -30,6 +32,11 @@ class AbuseSettings:
     login_failures_per_account_address: Limit = Limit(5, 900)
     # Past this, each address gets one attempt per window on the account, not a lockout.
     login_failures_per_account: Limit = Limit(50, 3600)
+
+
+def _refuse_if_limited(retry_after: float | None, what: str) -> None:
+    if retry_after is not None:
+        raise rate_limited(retry_after, what)
 
 
 class AbuseLimits:
@@ -56,18 +63,19 @@ class AbuseLimits:
     @staticmethod
     async def _take(counters: Any, what: str, *charges: Charge) -> None:
         """Count the charges, all or none; RATE_LIMITED (saying `what`) if one is at its limit."""
-        retry_after = await counters.take(charges)
-        if retry_after is not None:
-            raise rate_limited(retry_after, what)
+        _refuse_if_limited(await counters.take(charges), what)
 
-    async def check_send(self, sender_id: str, recipient_id: str) -> None:
+    def check_send(self, sender_id: str, recipient_id: str) -> Deferred | None:
+        """Count a message: None when no message limit is on, else a Deferred that fires once
+        it is counted or fails with RATE_LIMITED. Not a coroutine: it runs for every message."""
+        if not (self.settings.messages_per_sender.enabled or self.settings.messages_per_pair.enabled):
+            return None
         # Both keys carry the sender's hash tag: one atomic script in Redis Cluster too.
-        await self._take(
-            self._counters,
-            "Too many messages",
+        charges = (
             Charge(f"{{{sender_id}}}:send", self.settings.messages_per_sender),
             Charge(f"{{{sender_id}}}:send:{recipient_id}", self.settings.messages_per_pair),
         )
+        return ensureDeferred(self._counters.take(charges)).addCallback(_refuse_if_limited, "Too many messages")
 
     async def check_registration(self, address: str) -> None:
         await self._take(

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import bcrypt
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 
 from construct.core.abuse import AbuseLimits
@@ -77,11 +77,15 @@ class KnownUsers:
         # user id -> when it was last seen to exist; insertion order is age order.
         self._seen: dict[str, float] = {}
 
-    async def exists(self, user_id: str) -> bool:
+    def exists(self, user_id: str) -> bool | Deferred:
+        """True at once for a user seen lately (every send asks), else a Deferred of the lookup."""
         now = self._clock.seconds()
         seen = self._seen.get(user_id)
         if seen is not None and now - seen < self._ttl:
             return True
+        return ensureDeferred(self._look_up(user_id, now))
+
+    async def _look_up(self, user_id: str, now: float) -> bool:
         found = await self._lookup(user_id)
         self._seen.pop(user_id, None)
         if found:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import orjson
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from construct.core.abuse import AbuseLimits
 from construct.core.validation import canonical_uuid, decode_base64
@@ -19,6 +20,11 @@ DEFAULT_TTL_SECONDS = 7 * 24 * 3600
 DEFAULT_QUOTA = 10_000
 DEFAULT_MAX_CONTENT_BYTES = 64 * 1024
 MAX_ACK_IDS = 1000
+
+
+def _found(exists: bool) -> None:
+    if not exists:
+        raise user_not_found_error()
 
 
 def _bad_message(message: str) -> ConstructError:
@@ -80,16 +86,17 @@ class MessageService:
     def __init__(
         self,
         inbox: Any,
-        is_online: Callable[[str], Awaitable[bool]],
+        is_online: Callable[[str], bool],
         on_stored: Callable[[str, int | None, dict], None],
         clock: IReactorTime,
         limits: AbuseLimits,
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
         quota: int = DEFAULT_QUOTA,
         max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
-        recipient_exists: Callable[[str], Awaitable[bool]] | None = None,
+        recipient_exists: Callable[[str], bool | Deferred] | None = None,
     ) -> None:
-        """`recipient_exists` is for an inbox that cannot check it in its own store (Redis)."""
+        """`recipient_exists` is for an inbox that cannot check it in its own store (Redis): True
+        when known at once, else a Deferred firing with whether the user exists."""
         self._inbox = inbox
         self._is_online = is_online
         self._on_stored = on_stored
@@ -105,32 +112,48 @@ class MessageService:
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
 
-    async def send(self, sender_id: str, payload: dict) -> SendResult:
-        """Store a message; one sender's messages are stored in the order of these calls, also
-        when a connection makes the next call before this one is answered (FIFO per recipient)."""
+    def send(self, sender_id: str, payload: dict) -> Deferred:
+        """Store a message; fires with its SendResult. One sender's messages are stored in the
+        order of these calls, also when a connection makes the next call before this one is
+        answered (FIFO per recipient).
+
+        Callbacks, not a coroutine: this runs for every message, and its checks are mostly
+        answered at once.
+        """
         previous, turn = self._take_turn(sender_id)
         try:
             message = parse_chat_message(payload, self.max_content_bytes)
             if message["from"] != sender_id:
                 raise ConstructError("FORBIDDEN", "'from' must be the authenticated user", 403)
-            await self._limits.check_send(sender_id, message["to"])
-            if self._recipient_exists is not None and not await self._recipient_exists(message["to"]):
-                raise user_not_found_error()
-            status = "delivered" if await self._is_online(message["to"]) else "queued"
-            submission = Submission(
-                sender_id, message["to"], message["id"], encode_envelope(message), status,
-                self._now_ms(), self._ttl_ms, self._quota,
-            )
-            if previous is not None:
-                await previous
-            stored = ensureDeferred(self._inbox.put(submission))
-            # An inbox whose stores take effect in the order issued (one pipelined Redis
-            # connection) lets the next one go now; any other, once this one has committed.
-            if self._inbox.stores_in_issue_order:
-                self._pass_turn(sender_id, turn)
-            accepted = await stored
-        finally:
+            sending = self._limits.check_send(sender_id, message["to"]) or succeed(None)
+            if self._recipient_exists is not None:
+                exists = self._recipient_exists(message["to"])
+                if exists is not True:
+                    sending.addCallback(lambda _: exists).addCallback(_found)
+        except Exception:
             self._pass_turn(sender_id, turn)
+            return fail()
+        if previous is not None and not previous.called:
+            sending.addCallback(lambda _: previous)
+        sending.addCallback(self._store, sender_id, message, turn)
+        return sending.addBoth(self._stored, sender_id, message, turn)
+
+    def _store(self, _: None, sender_id: str, message: dict, turn: Deferred) -> Deferred:
+        submission = Submission(
+            sender_id, message["to"], message["id"], encode_envelope(message),
+            "delivered" if self._is_online(message["to"]) else "queued", self._now_ms(), self._ttl_ms, self._quota,
+        )
+        stored = ensureDeferred(self._inbox.put(submission))
+        # An inbox whose stores take effect in the order issued (one pipelined Redis
+        # connection) lets the next one go now; any other, once this one has committed.
+        if self._inbox.stores_in_issue_order:
+            self._pass_turn(sender_id, turn)
+        return stored
+
+    def _stored(self, accepted: Accepted | Failure, sender_id: str, message: dict, turn: Deferred) -> SendResult | Failure:
+        self._pass_turn(sender_id, turn)
+        if isinstance(accepted, Failure):
+            return accepted
         # Only after the write committed; a duplicate was already announced the first time.
         if not accepted.duplicate:
             self._on_stored(message["to"], accepted.seq, message)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from construct.core.accounts import Identity
@@ -95,6 +96,18 @@ class AddressCounts:
             self._open.pop(address, None)
 
 
+class _PendingReply:
+    """A pipelined frame's place in the order of replies."""
+
+    __slots__ = ("request_id", "encoding", "reply")
+
+    def __init__(self, request_id: str | None, encoding: str) -> None:
+        self.request_id = request_id
+        self.encoding = encoding
+        # `_send` arguments once answered ((None,): no reply).
+        self.reply: tuple | None = None
+
+
 @implementer(IPushProducer)
 class ClientConnection:
     log = Logger()
@@ -102,7 +115,7 @@ class ClientConnection:
     __slots__ = (
         "identity", "_core", "_transport_name", "_write", "_pause_reading", "_resume_reading",
         "_max_frame_bytes", "_push_encoding", "_backlog", "_busy", "_paused", "_open", "_draining",
-        "_idle_waiters", "_in_flight", "_slot", "_last_answered", "address", "_close", "_limits", "_clock",
+        "_idle_waiters", "_in_flight", "_slot", "_replies", "_answered_waiter", "address", "_close", "_limits", "_clock",
         "opened_at", "last_heard", "stalled_since", "_stalled_bytes", "_max_stalled_bytes",
     )
 
@@ -147,8 +160,11 @@ class ClientConnection:
         self._idle_waiters: list[Deferred] = []
         self._in_flight = 0
         self._slot: Deferred | None = None
-        # Fires once the latest frame started has been answered (None: all have been).
-        self._last_answered: Deferred | None = None
+        # The pipelined frames started and not yet answered, in frame order: replies go out
+        # from the front as they are ready, so they keep the order of the frames.
+        self._replies: list[_PendingReply] = []
+        # Fires once every pipelined frame has been answered, for a frame that must wait.
+        self._answered_waiter: Deferred | None = None
         core.metrics.connection_opened(transport_name)
 
     # Transport side
@@ -303,38 +319,43 @@ class ClientConnection:
                     while self._in_flight >= MAX_IN_FLIGHT:
                         self._slot = Deferred()
                         await self._slot
-                    answered: Deferred = Deferred()
-                    previous, self._last_answered = self._last_answered, answered
+                    pending = _PendingReply(frame.request_id, encoding)
+                    self._replies.append(pending)
                     self._in_flight += 1
-                    ensureDeferred(self._run_pipelined(frame, encoding, previous, answered))
+                    operations.start(self._core, self, frame.type, frame.payload).addBoth(self._pipelined_outcome, pending)
                 else:
                     await self._all_answered()
-                    reply = await self._outcome(frame, encoding)
-                    if reply is not None:
-                        self._send(*reply)
+                    try:
+                        reply = await operations.run(self._core, self, frame.type, frame.payload)
+                    except Exception:
+                        reply = Failure()
+                    self._send_reply(self._reply_to(reply, frame.request_id, encoding))
         finally:
             self._busy = False
             self._notify_if_idle()
 
-    async def _all_answered(self) -> None:
-        """Wait until every frame before the current one has been answered."""
-        last, self._last_answered = self._last_answered, None
-        if last is not None:
-            await last
+    def _all_answered(self) -> Deferred:
+        """Fires once every frame before the current one has been answered."""
+        if not self._replies:
+            return succeed(None)
+        if self._answered_waiter is None:
+            self._answered_waiter = Deferred()
+        return self._answered_waiter
 
-    async def _run_pipelined(self, frame: codec.Frame, encoding: str, previous: Deferred | None, answered: Deferred) -> None:
-        """Run now, answer after the frame before: replies keep the order of the frames."""
+    def _pipelined_outcome(self, result: Any, pending: "_PendingReply") -> None:
+        """A pipelined frame is answered: send every reply now ready at the front, in frame order."""
         try:
-            reply = await self._outcome(frame, encoding)
-            if previous is not None:
-                await previous
-            if reply is not None:
-                self._send(*reply)
+            pending.reply = self._reply_to(result, pending.request_id, pending.encoding)
+            replies = self._replies
+            while replies and replies[0].reply is not None:
+                self._send_reply(replies.pop(0).reply)
+        except Exception:
+            self.log.failure("could not answer a pipelined frame")
         finally:
             self._in_flight -= 1
-            if self._last_answered is answered:
-                self._last_answered = None
-            answered.callback(None)
+            if not self._replies and self._answered_waiter is not None:
+                waiter, self._answered_waiter = self._answered_waiter, None
+                waiter.callback(None)
             if self._slot is not None and not self._slot.called:
                 self._slot.callback(None)
             self._notify_if_idle()
@@ -345,18 +366,22 @@ class ClientConnection:
             for waiter in waiters:
                 waiter.callback(None)
 
-    async def _outcome(self, frame: codec.Frame, encoding: str) -> tuple | None:
-        """The reply to a frame as `_send` arguments (None for none); an error is a reply too."""
-        try:
-            reply = await operations.run(self._core, self, frame.type, frame.payload)
-            return None if reply is None else (reply.type, reply.payload, frame.request_id, encoding)
-        except ConstructError as e:
-            error = e
-        except Exception:
-            self.log.failure("operation failed on a {transport} connection", transport=self._transport_name)
+    def _reply_to(self, result: Any, request_id: str | None, encoding: str) -> tuple:
+        """The reply to a frame as `_send` arguments ((None,) for none): an operation's Reply,
+        None, or its Failure, which is answered with an error."""
+        if not isinstance(result, Failure):
+            return (None,) if result is None else (result.type, result.payload, request_id, encoding)
+        if result.check(ConstructError):
+            error = result.value
+        else:
+            self.log.failure("operation failed on a {transport} connection", result, transport=self._transport_name)
             error = ConstructError("SERVER_ERROR", "Internal server error", 500)
         self._core.metrics.error(error.code)
-        return "error", error.payload(), frame.request_id, encoding
+        return "error", error.payload(), request_id, encoding
+
+    def _send_reply(self, reply: tuple) -> None:
+        if reply[0] is not None:
+            self._send(*reply)
 
     def _send_error(self, error: ConstructError, request_id: str | None, encoding: str) -> None:
         self._core.metrics.error(error.code)

@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
 
+from twisted.internet.defer import Deferred, ensureDeferred, fail
+
 from construct.core.accounts import Identity, IssuedSession
 from construct.core.app import Core
 from construct.core.keys import first_suite_keys
+from construct.core.messaging import SendResult
 from construct.core.validation import canonical_uuid, require
 from construct.errors import ConstructError, auth_required
 
@@ -126,9 +129,13 @@ async def lookup_user(core: Core, client: Client, payload: dict) -> Reply:
     return Reply("userFound", {"userId": user.id, "username": user.username})
 
 
-async def send_message(core: Core, client: Client, payload: dict) -> Reply:
+def send_message(core: Core, client: Client, payload: dict) -> Deferred:
+    # No coroutine: the busiest operation by far, and the core's send is a Deferred already.
     identity = _authenticated(client)
-    result = await core.messaging.send(identity.user_id, payload)
+    return core.messaging.send(identity.user_id, payload).addCallback(_ack, core)
+
+
+def _ack(result: SendResult, core: Core) -> Reply:
     if not result.accepted.duplicate:
         core.metrics.accepted()
     return Reply(
@@ -215,8 +222,20 @@ OPERATIONS: dict[str, Operation] = {
 }
 
 
-async def run(core: Core, client: Client, message_type: str, payload: dict) -> Reply | None:
+def _operation(message_type: str) -> Operation:
     operation = OPERATIONS.get(message_type)
     if operation is None:
         raise ConstructError("UNKNOWN_TYPE", f"Unknown message type {message_type[:64]!r}")
-    return await operation(core, client, payload)
+    return operation
+
+
+async def run(core: Core, client: Client, message_type: str, payload: dict) -> Reply | None:
+    return await _operation(message_type)(core, client, payload)
+
+
+def start(core: Core, client: Client, message_type: str, payload: dict) -> Deferred:
+    """`run` as a Deferred, without a coroutine around an operation that returns a Deferred."""
+    try:
+        return ensureDeferred(_operation(message_type)(core, client, payload))
+    except Exception:
+        return fail()

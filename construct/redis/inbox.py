@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,37 +35,80 @@ INDEX_RETRY_SECONDS = 1.0
 # Longer than any instance remembers that a user exists (KnownUsers).
 TOMBSTONE_MS = 24 * 3600 * 1000
 
-# One round trip per send: store, read the recipient's presence (same hash slot) to upgrade
-# a "queued" status, and wake the other instances holding the recipient (PUBLISH from a script
-# is allowed, in Cluster too). A duplicate was announced the first time and is not again.
-# KEYS[7] is the tombstone of a deleted account, which instances may still believe exists.
+# One round trip for all the messages to one recipient in one reactor turn (up to PUT_BATCH):
+# store them in order, read the recipient's presence (same hash slot) once to upgrade a
+# "queued" status, and wake the other instances holding the recipient once (PUBLISH from a
+# script is allowed, in Cluster too). A duplicate was announced the first time and is not again.
+# KEYS: inbox, msgs, exp, sent, seq, presence, and the tombstone of a deleted account, which
+# instances may still believe exists. ARGV: now, ttl, quota, key grace, the instance channel
+# prefix, this instance, the wake-up event; then id, sender, envelope, status of each message.
+# Returns, per message, {outcome, status, expires, seq}: outcome stored, duplicate, other
+# (the id is another sender's), full or gone.
 PUT = Script("""
-local id, sender, now, ttl, quota = ARGV[1], ARGV[2], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-if redis.call('EXISTS', KEYS[7]) == 1 then return {'gone'} end
-local prior = redis.call('HGET', KEYS[4], id)
-if prior then
-  local psender, pstatus, pexpires = string.match(prior, '^(%S+) (%S+) (%d+)')
-  if tonumber(pexpires) > now then
-    if psender ~= sender then return {'other'} end
-    return {'duplicate', pstatus, pexpires}
+local now, ttl, quota, grace = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local count = (#ARGV - 7) / 4
+local results = {}
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  for m = 1, count do results[m] = {'gone'} end
+  return results
+end
+local ids = {}
+for m = 1, count do ids[m] = ARGV[4 * m + 4] end
+local priors = redis.call('HMGET', KEYS[4], unpack(ids))
+local holders = redis.call('ZRANGEBYSCORE', KEYS[6], now, '+inf')
+local room = quota - redis.call('ZCARD', KEYS[1])
+local expires = string.format('%d', now + ttl)
+local batch, fresh = {}, {}
+for m = 1, count do
+  local id, sender = ARGV[4 * m + 4], ARGV[4 * m + 5]
+  local psender, pstatus, pexpires = nil, nil, nil
+  if batch[id] then
+    psender, pstatus, pexpires = batch[id][1], batch[id][2], expires
+  elseif priors[m] then
+    psender, pstatus, pexpires = string.match(priors[m], '^(%S+) (%S+) (%d+)')
+    if tonumber(pexpires) <= now then psender = nil end
+  end
+  if psender then
+    if psender ~= sender then results[m] = {'other'} else results[m] = {'duplicate', pstatus, pexpires} end
+  elseif room <= 0 then
+    results[m] = {'full'}
+  else
+    room = room - 1
+    local status = ARGV[4 * m + 7]
+    if #holders > 0 then status = 'delivered' end
+    batch[id] = {sender, status}
+    fresh[#fresh + 1] = m
+    results[m] = {'stored', status, expires, 0}
   end
 end
-if redis.call('ZCARD', KEYS[1]) >= quota then return {'full'} end
-local holders = redis.call('ZRANGEBYSCORE', KEYS[6], now, '+inf')
-local status = ARGV[4]
-if #holders > 0 then status = 'delivered' end
-local seq = redis.call('INCR', KEYS[5])
-local expires = now + ttl
-redis.call('ZADD', KEYS[1], seq, id)
-redis.call('HSET', KEYS[2], id, ARGV[3])
-redis.call('ZADD', KEYS[3], expires, id)
-redis.call('HSET', KEYS[4], id, sender .. ' ' .. status .. ' ' .. string.format('%d', expires) .. ' ' .. ARGV[5])
-for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl + tonumber(ARGV[8])) end
-for _, holder in ipairs(holders) do
-  if holder ~= ARGV[10] then redis.call('PUBLISH', ARGV[9] .. holder, ARGV[11]) end
+if #fresh == 0 then return results end
+local seq = redis.call('INCRBY', KEYS[5], #fresh) - #fresh
+local order, bodies, expiry, records = {}, {}, {}, {}
+for _, m in ipairs(fresh) do
+  local id = ARGV[4 * m + 4]
+  seq = seq + 1
+  results[m][4] = seq
+  order[#order + 1] = seq
+  order[#order + 1] = id
+  bodies[#bodies + 1] = id
+  bodies[#bodies + 1] = ARGV[4 * m + 6]
+  expiry[#expiry + 1] = expires
+  expiry[#expiry + 1] = id
+  records[#records + 1] = id
+  records[#records + 1] = ARGV[4 * m + 5] .. ' ' .. results[m][2] .. ' ' .. expires .. ' ' .. ARGV[1]
 end
-return {'stored', status, string.format('%d', expires), seq}
+redis.call('ZADD', KEYS[1], unpack(order))
+redis.call('HSET', KEYS[2], unpack(bodies))
+redis.call('ZADD', KEYS[3], unpack(expiry))
+redis.call('HSET', KEYS[4], unpack(records))
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl + grace) end
+for _, holder in ipairs(holders) do
+  if holder ~= ARGV[6] then redis.call('PUBLISH', ARGV[5] .. holder, ARGV[7]) end
+end
+return results
 """)
+# Messages per PUT call: Lua's unpack() takes at most about 8,000 values.
+PUT_BATCH = 256
 
 # Scans past expired entries (not yet swept) so a batch is full whenever more live ones exist.
 FETCH = Script("""
@@ -90,14 +133,23 @@ end
 return out
 """)
 
+# KEYS: inbox, msgs, sent; ARGV: ids (at most MAX_ACK_IDS, so unpack() takes them). Returns,
+# per message removed, when it was accepted (ms).
 ACK = Script("""
-local accepted = {}
-for _, id in ipairs(ARGV) do
-  if redis.call('ZREM', KEYS[1], id) == 1 then
-    redis.call('HDEL', KEYS[2], id)
-    local record = redis.call('HGET', KEYS[3], id)
-    accepted[#accepted + 1] = record and string.match(record, '(%d+)$') or '0'
+local present, seen = {}, {}
+local seqs = redis.call('ZMSCORE', KEYS[1], unpack(ARGV))
+for i, id in ipairs(ARGV) do
+  if seqs[i] and not seen[id] then
+    seen[id] = true
+    present[#present + 1] = id
   end
+end
+if #present == 0 then return {} end
+redis.call('ZREM', KEYS[1], unpack(present))
+redis.call('HDEL', KEYS[2], unpack(present))
+local accepted = {}
+for i, record in ipairs(redis.call('HMGET', KEYS[3], unpack(present))) do
+  accepted[i] = record and string.match(record, '(%d+)$') or '0'
 end
 return accepted
 """)
@@ -139,7 +191,10 @@ class RedisInbox:
         prefix: str,
         clock: IReactorTime,
         instance_id: str = "",
+        reactor: IReactorTime | None = None,
     ) -> None:
+        """`reactor` ends a reactor turn's batch of stores (default: `clock`; a test's fake
+        clock would hold every store)."""
         self._redis = redis
         self._prefix = prefix
         self._clock = clock
@@ -149,34 +204,71 @@ class RedisInbox:
         # user id -> earliest expiry (ms) not yet written to the pending index.
         self._unindexed: dict[str, int] = {}
         self._index_call: Any = None
+        self._reactor = reactor or clock
+        # recipient id -> the stores of this reactor turn, in call order.
+        self._puts: dict[str, list[tuple[Submission, Deferred]]] = {}
+        self._put_call: Any = None
 
     def keys(self, user_id: str) -> list[str]:
         base = f"{self._prefix}{{{user_id}}}"
         return [f"{base}:inbox", f"{base}:msgs", f"{base}:exp", f"{base}:sent", f"{base}:seq"]
 
-    async def put(self, message: Submission) -> Accepted:
-        """The caller has checked that the recipient exists (KnownUsers)."""
-        recipient = message.recipient_id
-        result = await self._redis.eval(
-            PUT,
-            [*self.keys(recipient), presence_key(self._prefix, recipient), self._tombstone(recipient)],
-            [
-                message.message_id, message.sender_id, message.envelope, message.status,
-                message.now_ms, message.ttl_ms, message.quota, KEY_GRACE_MS,
-                instance_channel(self._prefix, ""), self._instance_id, event_message("pending", recipient),
-            ],
-        )
-        outcome = result[0]
-        if outcome == "gone":
-            raise user_not_found_error()
-        if outcome == "other":
-            raise duplicate_id_error()
-        if outcome == "full":
-            raise inbox_full_error(message.quota)
-        if outcome == "duplicate":
-            return Accepted(result[1], int(result[2]), duplicate=True)
-        self._index_later(recipient, int(result[2]))
-        return Accepted(result[1], int(result[2]), duplicate=False, seq=result[3])
+    def put(self, message: Submission) -> Deferred:
+        """Store a message; fires with its Accepted. The caller has checked that the recipient
+        exists (KnownUsers).
+
+        The messages to one recipient of one reactor turn go to Redis as one script call, in the
+        order of these calls, so they take effect in that order, as one call each would.
+        """
+        stored: Deferred = Deferred()
+        self._puts.setdefault(message.recipient_id, []).append((message, stored))
+        if self._put_call is None:
+            self._put_call = self._reactor.callLater(0, self._flush_puts)
+        return stored
+
+    def _flush_puts(self) -> None:
+        self._put_call = None
+        puts, self._puts = self._puts, {}
+        for recipient, messages in puts.items():
+            for start in range(0, len(messages), PUT_BATCH):
+                batch = messages[start:start + PUT_BATCH]
+                stored = ensureDeferred(self._redis.eval(PUT, self._put_keys(recipient), self._put_args(batch)))
+                stored.addCallback(self._stored, recipient, batch).addErrback(self._not_stored, batch)
+
+    def _put_keys(self, recipient: str) -> list[str]:
+        return [*self.keys(recipient), presence_key(self._prefix, recipient), self._tombstone(recipient)]
+
+    def _put_args(self, batch: list[tuple[Submission, Deferred]]) -> list[Any]:
+        # One sender's messages of one turn share the time, TTL and quota of the first.
+        first = batch[0][0]
+        args: list[Any] = [
+            first.now_ms, first.ttl_ms, first.quota, KEY_GRACE_MS, instance_channel(self._prefix, ""),
+            self._instance_id, event_message("pending", first.recipient_id),
+        ]
+        for message, _ in batch:
+            args += (message.message_id, message.sender_id, message.envelope, message.status)
+        return args
+
+    def _stored(self, results: list, recipient: str, batch: list[tuple[Submission, Deferred]]) -> None:
+        for (_, stored), result in zip(batch, results):
+            outcome = result[0]
+            if outcome == "stored":
+                self._index_later(recipient, int(result[2]))
+                stored.callback(Accepted(result[1], int(result[2]), duplicate=False, seq=result[3]))
+            elif outcome == "duplicate":
+                stored.callback(Accepted(result[1], int(result[2]), duplicate=True))
+            elif outcome == "gone":
+                stored.errback(user_not_found_error())
+            elif outcome == "other":
+                stored.errback(duplicate_id_error())
+            else:
+                stored.errback(inbox_full_error(batch[0][0].quota))
+
+    def _not_stored(self, failure: Failure, batch: list[tuple[Submission, Deferred]]) -> None:
+        """Redis failed, or gave a reply this code cannot read: every store not yet answered fails."""
+        for _, stored in batch:
+            if not stored.called:
+                stored.errback(failure)
 
     def _index_later(self, user_id: str, expires_ms: int) -> None:
         """Add the user to the pending index with the sends of this reactor turn, in one ZADD.
