@@ -22,7 +22,8 @@ MAX_REQUEST_ID_LENGTH = 128
 _PACKER = msgpack.Packer(use_bin_type=True)
 
 
-@dataclass(frozen=True)
+# Not frozen: one per message, and a frozen dataclass is several times slower to build.
+@dataclass(slots=True)
 class Frame:
     type: str
     payload: dict
