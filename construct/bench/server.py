@@ -224,6 +224,8 @@ def _resp_reply(replies: Any) -> Any:
 LIMITS_OFF = [
     "--limit-messages", "0", "--limit-messages-per-recipient", "0", "--limit-registrations", "0",
     "--max-connections-per-address", "0", "--max-connections-per-user", "0",
+    # The login storm's logins all come from one address at once, each counted as failed until it succeeds.
+    "--limit-login-failures", "0", "--limit-login-failures-per-account", "0", "--limit-login-failures-account-wide", "0",
 ]
 
 
