@@ -46,7 +46,8 @@ class Limit:
         return f"{self.count}/{self.period:g}" if self.enabled else "0"
 
 
-@dataclass(frozen=True)
+# Not frozen: two are built for every message, and a frozen dataclass is several times slower to build.
+@dataclass(slots=True)
 class Charge:
     """One event against `key` under `limit`.
 

@@ -25,31 +25,47 @@ from construct.redis.client import RedisClient, Script
 # sender's messages of one reactor turn). KEYS: every group's counters, group after group;
 # ARGV: the number of groups, the size of each, then (count, window ms) of each key in pairs.
 # Returns, per group, 0 when counted, else the milliseconds until the latest-ending full window
-# of the group ends (at least 1).
+# of the group ends (at least 1). Each distinct key is read once and written once, whatever
+# the number of groups: the decisions are made on a copy in Lua, in order.
 TAKE = Script("""
 local groups = tonumber(ARGV[1])
-local results = {}
+local results, counters = {}, {}
 local first = 1
 for g = 1, groups do
   local last = first + tonumber(ARGV[1 + g]) - 1
   local wait = 0
   for i = first, last do
-    local ttl = redis.call('PTTL', KEYS[i])
-    if ttl == -1 then
-      ttl = tonumber(ARGV[groups + 2 * i + 1])
-      redis.call('PEXPIRE', KEYS[i], ttl)
+    local counter = counters[KEYS[i]]
+    if not counter then
+      local ttl = redis.call('PTTL', KEYS[i])
+      if ttl == -1 then
+        ttl = tonumber(ARGV[groups + 2 * i + 1])
+        redis.call('PEXPIRE', KEYS[i], ttl)
+      end
+      counter = {ttl = ttl, used = tonumber(redis.call('GET', KEYS[i]) or '0'), added = 0, new = false}
+      counters[KEYS[i]] = counter
     end
-    if ttl >= 0 and tonumber(redis.call('GET', KEYS[i])) >= tonumber(ARGV[groups + 2 * i]) then
-      wait = math.max(wait, ttl, 1)
+    if counter.ttl >= 0 and counter.used >= tonumber(ARGV[groups + 2 * i]) then
+      wait = math.max(wait, counter.ttl, 1)
     end
   end
   if wait == 0 then
     for i = first, last do
-      if redis.call('INCR', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[groups + 2 * i + 1]) end
+      local counter = counters[KEYS[i]]
+      if counter.used == 0 then
+        counter.new, counter.ttl = true, tonumber(ARGV[groups + 2 * i + 1])
+      end
+      counter.used, counter.added = counter.used + 1, counter.added + 1
     end
   end
   results[g] = wait
   first = last + 1
+end
+for key, counter in pairs(counters) do
+  if counter.added > 0 then
+    redis.call('INCRBY', key, counter.added)
+    if counter.new then redis.call('PEXPIRE', key, counter.ttl) end
+  end
 end
 return results
 """)
