@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -232,7 +232,10 @@ class RedisInbox:
         for recipient, messages in puts.items():
             for start in range(0, len(messages), PUT_BATCH):
                 batch = messages[start:start + PUT_BATCH]
-                stored = ensureDeferred(self._redis.eval(PUT, self._put_keys(recipient), self._put_args(batch)))
+                try:
+                    stored = ensureDeferred(self._redis.eval(PUT, self._put_keys(recipient), self._put_args(batch)))
+                except Exception:
+                    stored = fail()
                 stored.addCallback(self._stored, recipient, batch).addErrback(self._not_stored, batch)
 
     def _put_keys(self, recipient: str) -> list[str]:
