@@ -134,3 +134,27 @@ def test_an_unreadable_frame_is_answered_in_its_place_and_at_most_32_sends_run_a
         answered += 1
     assert answered == 1 + MAX_IN_FLIGHT + 5
     assert [frame.request_id for frame in written[2:]] == [f"r{number}" for number in range(MAX_IN_FLIGHT + 5)]
+
+
+def test_a_reply_that_cannot_be_written_does_not_hold_back_the_ones_after_it():
+    core = ScriptedCore()
+    written: list = []
+
+    def write(data: bytes, encoding: str) -> None:
+        frame = codec.decode(data, encoding)
+        if frame.request_id == "r0":
+            raise OSError("the transport refused this one")
+        written.append(frame)
+
+    connection = ClientConnection(
+        core, "memory", write, lambda: None, lambda: None, 1 << 16, "192.0.2.1", lambda: None,
+        ConnectionLimits(), task.Clock(),
+    )
+    connection.identity = Identity(ALICE, "alice", "token-hash")
+    for number in range(3):
+        connection.frame_received(codec.encode("sendMessage", chat_message(ALICE, BOB), f"r{number}", codec.JSON), codec.JSON)
+    for send in reversed(core.messaging.sends):
+        send.callback(Accepted("queued", 5000, duplicate=False))
+    assert [frame.request_id for frame in written] == ["r1", "r2"]
+    connection.frame_received(codec.encode("ping", {}, "p", codec.JSON), codec.JSON)
+    assert written[-1].type == "pong", "the connection goes on"

@@ -345,12 +345,19 @@ class ClientConnection:
     def _pipelined_outcome(self, result: Any, pending: "_PendingReply") -> None:
         """A pipelined frame is answered: send every reply now ready at the front, in frame order."""
         try:
-            pending.reply = self._reply_to(result, pending.request_id, pending.encoding)
+            try:
+                pending.reply = self._reply_to(result, pending.request_id, pending.encoding)
+            except Exception:
+                self.log.failure("could not answer a pipelined frame")
+                pending.reply = (None,)
             replies = self._replies
             while replies and replies[0].reply is not None:
-                self._send_reply(replies.pop(0).reply)
-        except Exception:
-            self.log.failure("could not answer a pipelined frame")
+                reply = replies.pop(0).reply
+                try:
+                    self._send_reply(reply)
+                except Exception:
+                    # One reply that cannot go out must not hold back the ones after it.
+                    self.log.failure("could not send the reply to a pipelined frame")
         finally:
             self._in_flight -= 1
             if not self._replies and self._answered_waiter is not None:
