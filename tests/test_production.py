@@ -127,6 +127,7 @@ async def test_redis_down_means_service_unavailable_not_a_false_ack(database):
     options["redis"] = RedisAddress.parse("redis://127.0.0.1:1/0")
     core, _, redis, _ = build_production(database, reactor, reactor, options, Metrics(), defer.maybeDeferred)
     redis.start()
+    alice = None
     try:
         alice, a = await register(core, "alice")
         reply = await alice.request("sendMessage", chat_message(a["userId"], a["userId"]))
@@ -135,6 +136,9 @@ async def test_redis_down_means_service_unavailable_not_a_false_ack(database):
             await redis.ping()
         assert refused.value.code == "SERVICE_UNAVAILABLE"
     finally:
+        # Gone from the hub: its delivery retries (on the real reactor) stop with the test.
+        if alice is not None:
+            alice.connection.connection_lost()
         await redis.stop()
 
 
