@@ -393,3 +393,43 @@ def test_unreadable_redis_data_drops_the_connection_and_fails_its_commands():
     assert protocol.transport.disconnecting
     protocol.connectionLost(None)
     assert _outcome(pending).value.code == "SERVICE_UNAVAILABLE"
+
+
+def test_a_store_batch_that_redis_answers_wrongly_or_not_at_all_fails_every_send_in_it():
+    """No send of a batch is left unanswered: not on a short reply, not when the call cannot be made."""
+    from twisted.internet import defer, task
+
+    from construct.delivery.types import Submission
+    from construct.redis.inbox import RedisInbox
+
+    class ScriptedRedis:
+        def __init__(self) -> None:
+            self.replies: list = []
+
+        def preload(self, *scripts) -> None:
+            pass
+
+        def eval(self, script, keys, args):
+            reply = self.replies.pop(0)
+            if isinstance(reply, Exception):
+                raise reply
+            return defer.succeed(reply)
+
+        def execute(self, *command):
+            return defer.succeed(0)  # the pending index's ZADD
+
+    redis, clock = ScriptedRedis(), task.Clock()
+    inbox = RedisInbox(redis, "test:", clock)
+
+    def two_sends() -> list:
+        sends = [inbox.put(Submission("a", "b", f"m{n}", "e", "queued", 0, 1000, 10)) for n in range(2)]
+        clock.advance(0)
+        return [_outcome(send) for send in sends]
+
+    redis.replies.append([["stored", "queued", "1000", 1]])
+    assert all(outcome.check(ValueError) for outcome in two_sends()), "one result for two messages"
+    redis.replies.append(ConnectionError("no connection to write to"))
+    assert all(outcome.check(ConnectionError) for outcome in two_sends())
+    redis.replies.append([["stored", "queued", "1000", 1], ["full"]])
+    stored, full = two_sends()
+    assert stored.seq == 1 and full.value.code == "INBOX_FULL"

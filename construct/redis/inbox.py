@@ -242,7 +242,7 @@ class RedisInbox:
         return [*self.keys(recipient), presence_key(self._prefix, recipient), self._tombstone(recipient)]
 
     def _put_args(self, batch: list[tuple[Submission, Deferred]]) -> list[Any]:
-        # One sender's messages of one turn share the time, TTL and quota of the first.
+        # The messages of one call come from one reactor turn: they share the time, TTL and quota of the first.
         first = batch[0][0]
         args: list[Any] = [
             first.now_ms, first.ttl_ms, first.quota, KEY_GRACE_MS, instance_channel(self._prefix, ""),
@@ -253,6 +253,8 @@ class RedisInbox:
         return args
 
     def _stored(self, results: list, recipient: str, batch: list[tuple[Submission, Deferred]]) -> None:
+        if len(results) != len(batch):
+            raise ValueError(f"PUT answered {len(results)} of {len(batch)} messages")
         for (_, stored), result in zip(batch, results):
             outcome = result[0]
             if outcome == "stored":
