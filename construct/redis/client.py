@@ -183,6 +183,34 @@ class _Connection:
         return self._service.stopService() if self._service.running else defer.succeed(None)
 
 
+class TurnBatches:
+    """Work grouped by key until the end of the reactor turn, then handed to `handle(key, items)`
+    group by group, each in the order added: calls that Redis can take as one (one hash tag)."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, handle: Callable[[str, list], None]) -> None:
+        self._reactor = reactor
+        self._handle = handle
+        self._groups: dict[str, list] = {}
+        self._call: Any = None
+
+    def add(self, key: str, item: Any) -> None:
+        self._groups.setdefault(key, []).append(item)
+        if self._call is None:
+            self._call = self._reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._call = None
+        groups, self._groups = self._groups, {}
+        for key, items in groups.items():
+            try:
+                self._handle(key, items)
+            except Exception:
+                # The handler answers its own items, even on failure; this is a bug in it.
+                self.log.failure("handling a batch of Redis calls failed")
+
+
 class RedisClient(_Connection):
     """Commands and scripts, pipelined on one connection."""
 

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from construct.delivery.types import Accepted, InboxEntry, Submission, Survey
-from construct.redis.client import RedisClient, Script
+from construct.redis.client import RedisClient, Script, TurnBatches
 from construct.redis.presence import event_message, instance_channel, presence_key
 from construct.errors import duplicate_id_error, inbox_full_error, user_not_found_error
 
@@ -204,10 +204,8 @@ class RedisInbox:
         # user id -> earliest expiry (ms) not yet written to the pending index.
         self._unindexed: dict[str, int] = {}
         self._index_call: Any = None
-        self._reactor = reactor or clock
-        # recipient id -> the stores of this reactor turn, in call order.
-        self._puts: dict[str, list[tuple[Submission, Deferred]]] = {}
-        self._put_call: Any = None
+        # The stores of this reactor turn, by recipient, in call order.
+        self._puts = TurnBatches(reactor or clock, self._put_batch)
 
     def keys(self, user_id: str) -> list[str]:
         base = f"{self._prefix}{{{user_id}}}"
@@ -221,22 +219,17 @@ class RedisInbox:
         order of these calls, so they take effect in that order, as one call each would.
         """
         stored: Deferred = Deferred()
-        self._puts.setdefault(message.recipient_id, []).append((message, stored))
-        if self._put_call is None:
-            self._put_call = self._reactor.callLater(0, self._flush_puts)
+        self._puts.add(message.recipient_id, (message, stored))
         return stored
 
-    def _flush_puts(self) -> None:
-        self._put_call = None
-        puts, self._puts = self._puts, {}
-        for recipient, messages in puts.items():
-            for start in range(0, len(messages), PUT_BATCH):
-                batch = messages[start:start + PUT_BATCH]
-                try:
-                    stored = ensureDeferred(self._redis.eval(PUT, self._put_keys(recipient), self._put_args(batch)))
-                except Exception:
-                    stored = fail()
-                stored.addCallback(self._stored, recipient, batch).addErrback(self._not_stored, batch)
+    def _put_batch(self, recipient: str, messages: list[tuple[Submission, Deferred]]) -> None:
+        for start in range(0, len(messages), PUT_BATCH):
+            batch = messages[start:start + PUT_BATCH]
+            try:
+                stored = ensureDeferred(self._redis.eval(PUT, self._put_keys(recipient), self._put_args(batch)))
+            except Exception:
+                stored = fail()
+            stored.addCallback(self._stored, recipient, batch).addErrback(self._not_stored, batch)
 
     def _put_keys(self, recipient: str) -> list[str]:
         return [*self.keys(recipient), presence_key(self._prefix, recipient), self._tombstone(recipient)]
@@ -255,10 +248,13 @@ class RedisInbox:
     def _stored(self, results: list, recipient: str, batch: list[tuple[Submission, Deferred]]) -> None:
         if len(results) != len(batch):
             raise ValueError(f"PUT answered {len(results)} of {len(batch)} messages")
+        # Indexed before any sender hears back. Every message stored by one call expires at once.
+        expiries = [int(result[2]) for result in results if result[0] == "stored"]
+        if expiries:
+            self._index_later(recipient, expiries[0])
         for (_, stored), result in zip(batch, results):
             outcome = result[0]
             if outcome == "stored":
-                self._index_later(recipient, int(result[2]))
                 stored.callback(Accepted(result[1], int(result[2]), duplicate=False, seq=result[3]))
             elif outcome == "duplicate":
                 stored.callback(Accepted(result[1], int(result[2]), duplicate=True))

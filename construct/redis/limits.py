@@ -12,14 +12,14 @@ meets one (PTTL -1: written by hand, PERSISTed) gives it a fresh window.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from construct.core.limits import Charge
-from construct.redis.client import RedisClient, Script
+from construct.redis.client import RedisClient, Script, TurnBatches
 
 # Takes in groups, in order, each all or nothing; a key may appear in several groups (one
 # sender's messages of one reactor turn). KEYS: every group's counters, group after group;
@@ -120,10 +120,8 @@ class RedisCounters:
     def __init__(self, redis: RedisClient, prefix: str, reactor: IReactorTime) -> None:
         self._redis = redis
         self._prefix = prefix
-        self._reactor = reactor
-        # hash tag -> the takes waiting for the end of this reactor turn, in call order.
-        self._batches: dict[str, list[tuple[list[Charge], Deferred]]] = {}
-        self._flush_call: Any = None
+        # The takes of this reactor turn, by hash tag, in call order.
+        self._batches = TurnBatches(reactor, self._take_batch)
         redis.preload(*SCRIPTS)
 
     def _key(self, key: str) -> str:
@@ -138,19 +136,13 @@ class RedisCounters:
         if not charges:
             return succeed(None)
         taken: Deferred = Deferred()
-        tag = charges[0].key.partition("}")[0]
-        self._batches.setdefault(tag, []).append((charges, taken))
-        if self._flush_call is None:
-            self._flush_call = self._reactor.callLater(0, self._flush)
+        self._batches.add(charges[0].key.partition("}")[0], (charges, taken))
         return taken
 
-    def _flush(self) -> None:
-        self._flush_call = None
-        batches, self._batches = self._batches, {}
-        for batch in batches.values():
-            ensureDeferred(self._take_batch(batch))
+    def _take_batch(self, tag: str, batch: list[tuple[list[Charge], Deferred]]) -> None:
+        ensureDeferred(self._take_group(batch))
 
-    async def _take_batch(self, batch: list[tuple[list[Charge], Deferred]]) -> None:
+    async def _take_group(self, batch: list[tuple[list[Charge], Deferred]]) -> None:
         keys = [self._key(charge.key) for charges, _ in batch for charge in charges]
         args = [len(batch), *(len(charges) for charges, _ in batch)]
         args += [value for charges, _ in batch for charge in charges
