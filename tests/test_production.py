@@ -191,3 +191,41 @@ async def test_stores_of_one_turn_are_one_script_call_decided_message_by_message
     finally:
         await _delete_keys(redis, redis_prefix)
         await redis.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_more_stores_in_one_turn_than_one_script_call_takes_stay_in_order(redis_prefix, monkeypatch):
+    """Past PUT_BATCH messages to one recipient in one turn, the turn is split into calls sent in
+    order: the recipient's inbox numbers them consecutively in the order they were sent."""
+    from construct.delivery.types import Submission
+    from construct.redis import inbox as inbox_module
+
+    redis = RedisClient(RedisAddress.parse(REDIS_URL), reactor)
+    redis.start()
+    await _until_connected(redis)
+    calls: list[int] = []
+    real_eval = redis.eval
+
+    def counting_eval(script, keys, args):
+        if script is inbox_module.PUT:
+            calls.append((len(args) - 7) // 4)
+        return real_eval(script, keys, args)
+
+    monkeypatch.setattr(redis, "eval", counting_eval)
+    try:
+        inbox = RedisInbox(redis, redis_prefix, reactor)
+        count = inbox_module.PUT_BATCH + 10
+        ids = [f"20000000-0000-4000-8000-{n:012d}" for n in range(count)]
+        recipient = "00000000-0000-4000-8000-000000000001"
+        stores = [
+            inbox.put(Submission("00000000-0000-4000-8000-000000000002", recipient, message_id, "e", "queued",
+                                 1_000_000, 60_000, 10_000))
+            for message_id in ids
+        ]
+        accepted = [await store for store in stores]
+        assert calls == [inbox_module.PUT_BATCH, 10]
+        assert [entry.seq for entry in accepted] == list(range(1, count + 1))
+        assert [entry.message_id for entry in await inbox.fetch(recipient, 0, count, 1_000_000)] == ids
+    finally:
+        await _delete_keys(redis, redis_prefix)
+        await redis.stop()

@@ -433,3 +433,39 @@ def test_a_store_batch_that_redis_answers_wrongly_or_not_at_all_fails_every_send
     redis.replies.append([["stored", "queued", "1000", 1], ["full"]])
     stored, full = two_sends()
     assert stored.seq == 1 and full.value.code == "INBOX_FULL"
+
+
+def test_a_take_batch_that_redis_answers_wrongly_or_not_at_all_fails_every_take_in_it():
+    """As for stores: a short reply, or a call that cannot be made, leaves no take waiting."""
+    from twisted.internet import defer, task
+
+    from construct.core.limits import Charge, Limit
+    from construct.redis.limits import RedisCounters
+
+    class ScriptedRedis:
+        def __init__(self) -> None:
+            self.replies: list = []
+
+        def preload(self, *scripts) -> None:
+            pass
+
+        def eval(self, script, keys, args):
+            reply = self.replies.pop(0)
+            if isinstance(reply, Exception):
+                raise reply
+            return defer.succeed(reply)
+
+    redis, clock = ScriptedRedis(), task.Clock()
+    counters = RedisCounters(redis, "test:", clock)
+
+    def two_takes() -> list:
+        takes = [counters.take([Charge("{u}:send", Limit(5, 60))]) for _ in range(2)]
+        clock.advance(0)
+        return [_outcome(taken) for taken in takes]
+
+    redis.replies.append([0])
+    assert all(outcome.check(ValueError) for outcome in two_takes()), "one result for two takes"
+    redis.replies.append(ConnectionError("no connection to write to"))
+    assert all(outcome.check(ConnectionError) for outcome in two_takes())
+    redis.replies.append([0, 1500])
+    assert two_takes() == [None, 1.5]

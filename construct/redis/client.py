@@ -211,6 +211,14 @@ class TurnBatches:
                 self.log.failure("handling a batch of Redis calls failed")
 
 
+def fail_unanswered(failure: Failure, batch: list[tuple[Any, defer.Deferred]]) -> None:
+    """A batched call failed, or its reply could not be read: every waiter of the batch not yet
+    answered fails with it, so none is left waiting."""
+    for _, waiter in batch:
+        if not waiter.called:
+            waiter.errback(failure)
+
+
 class RedisClient(_Connection):
     """Commands and scripts, pipelined on one connection."""
 

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from construct.delivery.types import Accepted, InboxEntry, Submission, Survey
-from construct.redis.client import RedisClient, Script, TurnBatches
+from construct.redis.client import RedisClient, Script, TurnBatches, fail_unanswered
 from construct.redis.presence import event_message, instance_channel, presence_key
 from construct.errors import duplicate_id_error, inbox_full_error, user_not_found_error
 
@@ -229,7 +229,7 @@ class RedisInbox:
                 stored = ensureDeferred(self._redis.eval(PUT, self._put_keys(recipient), self._put_args(batch)))
             except Exception:
                 stored = fail()
-            stored.addCallback(self._stored, recipient, batch).addErrback(self._not_stored, batch)
+            stored.addCallback(self._stored, recipient, batch).addErrback(fail_unanswered, batch)
 
     def _put_keys(self, recipient: str) -> list[str]:
         return [*self.keys(recipient), presence_key(self._prefix, recipient), self._tombstone(recipient)]
@@ -264,12 +264,6 @@ class RedisInbox:
                 stored.errback(duplicate_id_error())
             else:
                 stored.errback(inbox_full_error(batch[0][0].quota))
-
-    def _not_stored(self, failure: Failure, batch: list[tuple[Submission, Deferred]]) -> None:
-        """Redis failed, or gave a reply this code cannot read: every store not yet answered fails."""
-        for _, stored in batch:
-            if not stored.called:
-                stored.errback(failure)
 
     def _index_later(self, user_id: str, expires_ms: int) -> None:
         """Add the user to the pending index with the sends of this reactor turn, in one ZADD.

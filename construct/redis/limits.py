@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 
 from construct.core.limits import Charge
-from construct.redis.client import RedisClient, Script, TurnBatches
+from construct.redis.client import RedisClient, Script, TurnBatches, fail_unanswered
 
 # Takes in groups, in order, each all or nothing; a key may appear in several groups (one
 # sender's messages of one reactor turn). KEYS: every group's counters, group after group;
@@ -140,23 +139,22 @@ class RedisCounters:
         return taken
 
     def _take_batch(self, tag: str, batch: list[tuple[list[Charge], Deferred]]) -> None:
-        ensureDeferred(self._take_group(batch))
-
-    async def _take_group(self, batch: list[tuple[list[Charge], Deferred]]) -> None:
         keys = [self._key(charge.key) for charges, _ in batch for charge in charges]
         args = [len(batch), *(len(charges) for charges, _ in batch)]
         args += [value for charges, _ in batch for charge in charges
                  for value in (charge.limit.count, _window_ms(charge.limit.period))]
         try:
-            waits = await self._redis.eval(TAKE, keys, args)
+            taking = ensureDeferred(self._redis.eval(TAKE, keys, args))
         except Exception:
-            failure = Failure()
-            for _, taken in batch:
-                if not taken.called:
-                    taken.errback(failure)
-            return
+            taking = fail()
+        taking.addCallback(self._taken, batch).addErrback(fail_unanswered, batch)
+
+    @staticmethod
+    def _taken(waits: list[int], batch: list[tuple[list[Charge], Deferred]]) -> None:
+        if len(waits) != len(batch):
+            raise ValueError(f"TAKE answered {len(waits)} of {len(batch)} takes")
         for (_, taken), wait_ms in zip(batch, waits):
-            if not taken.called:
+            if not taken.called:  # cancelled meanwhile
                 taken.callback(wait_ms / 1000 if wait_ms else None)
 
     async def add(self, charges: Sequence[Charge]) -> None:
