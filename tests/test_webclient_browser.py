@@ -187,6 +187,16 @@ def test_a_browser_user_and_a_construct_chat_user_chat_both_ways(browser, server
         ("out", "Hello Dave, from the browser"), ("in", "Hello Carol, from the terminal ✓"), ("out", "Got it")]
     carol.check_clean()
 
+    # And the other way: Dave's construct-chat state file opens in a browser, with its history.
+    dave_web = BrowserUser(browser, server, "dave")
+    dave_web.page.set_input_files("#import-file", str(dave.state))
+    dave_web.page.fill("#import-passphrase", dave.env["CONSTRUCT_CHAT_PASSPHRASE"])
+    dave_web.page.click("#import-form button")
+    dave_web.wait_online()
+    dave_web.select("carol")
+    assert dave_web.wait_for_incoming(2) == ["Hello Dave, from the browser", "Got it"]
+    dave_web.check_clean()
+
 
 def test_offline_messages_arrive_on_next_open(browser, server):
     """Messages sent while Frank's page is closed wait on the server ("sent", not "delivered"); when
@@ -269,3 +279,35 @@ def test_an_identity_change_shows_the_warning(browser, server, tmp_path):
     hank.send("Welcome back")
     assert [m["text"] for m in new_gina.ok("listen", "--count", "1", "--timeout", "30")] == ["Welcome back"]
     hank.check_clean()
+
+
+def test_the_page_reconnects_and_sends_what_waited(browser, tmp_path):
+    """The server goes down (killed, as in a crash) and comes back: the page shows it is offline,
+    retries with backoff, and on its return sends the message written meanwhile."""
+    first = ServerProcess(tmp_path, "--data-dir", "data", "--bcrypt-cost", "4").start()
+    port = first.ports["http"]
+    ivan, judy = BrowserUser(browser, first, "ivan"), BrowserUser(browser, first, "judy")
+    for user in (ivan, judy):
+        user.register()
+    ivan.open_chat("judy")
+    ivan.send("before the restart")
+    judy.page.wait_for_selector("#contacts li >> text=ivan")
+    first.kill()
+    ivan.page.wait_for_selector("#status[data-state=waiting]")
+    ivan.send("written while the server was down")
+    assert ivan.outgoing_status("written while the server was down") == "pending"
+    ivan.screenshot("5-reconnecting")
+    again = ServerProcess(tmp_path, "--data-dir", "data", "--bcrypt-cost", "4", "--listen", f"tcp:{port}:interface=127.0.0.1")
+    again.start()
+    try:
+        ivan.page.wait_for_selector("#status[data-state=online]", timeout=45_000)
+        expect(ivan.page.locator("#messages li.out", has_text="while the server")).not_to_have_attribute("data-status", "pending", timeout=TIMEOUT_MS)
+        judy.page.wait_for_selector("#status[data-state=online]", timeout=45_000)
+        judy.select("ivan")
+        assert judy.wait_for_incoming(2) == ["before the restart", "written while the server was down"]
+        # The pages logged the dropped connections as errors; nothing else may have failed.
+        for user in (ivan, judy):
+            user.problems = [p for p in user.problems if "WebSocket connection" not in p and "ERR_CONNECTION_REFUSED" not in p]
+            user.check_clean()
+    finally:
+        again.stop()
