@@ -38,6 +38,7 @@ test("a conversation both ways: pinned on first contact, one-time prekey used on
   const first = account.prepareOutgoing(a.data, b.userId, "Hi Bob", fetched(b), T);
   const second = account.prepareOutgoing(a.data, b.userId, "still there?", null, T);
   assert.deepEqual(a.data.outbox.map((m) => m.id), [first.id, second.id]);
+  assert.match(first.id, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
   account.outgoingSettled(a.data, first.id, "delivered");
   assert.equal(a.data.history[0].status, "delivered");
 

@@ -170,6 +170,14 @@ export function trustIdentity(data, userId) {
 
 // Sending
 
+function uuid4() {
+  const bytes = random.bytes(16);
+  bytes[6] = (bytes[6] & 0x0f) | 0x40;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
 export function prepareOutgoing(data, peerId, text, bundle, now) {
   const me = account(data).userId;
   const contact = data.contacts[peerId];
@@ -187,7 +195,7 @@ export function prepareOutgoing(data, peerId, text, bundle, now) {
     if (data.contacts[peerId].identityWarning) throw new IdentityChanged(bundle.username, data.contacts[peerId].identityWarning);
     session = Session.initiate(identity(data), bundle.keys, bundle.oneTimePrekey ?? null);
   }
-  const messageId = crypto.randomUUID();
+  const messageId = uuid4();
   const out = session.encrypt(utf8(text), envelopeContext(me, peerId, messageId));
   data.sessions[peerId] = [session.toDict(), ...rest];
   const message = {
