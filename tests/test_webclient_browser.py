@@ -129,6 +129,20 @@ def _cli(tmp_path: Path, server: ServerProcess, name: str) -> Chat:
     return Chat(tmp_path, name, f"ws://127.0.0.1:{server.ports['http']}/ws")
 
 
+def _first_contact(browser, server, tmp_path: Path, web_name: str, cli_name: str, text: str) -> tuple[BrowserUser, Chat]:
+    """A construct-chat user and a browser user register; the browser user writes first (X3DH
+    from JavaScript, answered in Python), and the message arrives."""
+    cli = _cli(tmp_path, server, cli_name)
+    cli.ok("register", cli_name)
+    web = BrowserUser(browser, server, web_name)
+    web.register()
+    web.open_chat(cli_name)
+    web.send(text)
+    received = cli.ok("listen", "--count", "1", "--timeout", "30")
+    assert [(m["peer"], m["text"]) for m in received] == [(web_name, text)]
+    return web, cli
+
+
 def test_two_browser_users_chat(browser, server):
     """Alice and Bob register in their browsers and chat; delivery shows, safety numbers agree."""
     alice = BrowserUser(browser, server, "alice")
@@ -156,15 +170,7 @@ def test_two_browser_users_chat(browser, server):
 def test_a_browser_user_and_a_construct_chat_user_chat_both_ways(browser, server, tmp_path):
     """Carol in the browser and Dave on construct-chat: each reads the other, the safety numbers
     agree, and Carol's exported key file is a state file construct-chat reads."""
-    dave = _cli(tmp_path, server, "dave")
-    dave.ok("register", "dave")
-    carol = BrowserUser(browser, server, "carol")
-    carol.register()
-
-    carol.open_chat("dave")
-    carol.send("Hello Dave, from the browser")
-    received = dave.ok("listen", "--count", "1", "--timeout", "30")
-    assert [(m["peer"], m["text"]) for m in received] == [("carol", "Hello Dave, from the browser")]
+    carol, dave = _first_contact(browser, server, tmp_path, "carol", "dave", "Hello Dave, from the browser")
     assert dave.ok("send", "carol", "Hello Carol, from the terminal ✓")[0]["status"] == "delivered"
     assert carol.wait_for_incoming(1) == ["Hello Carol, from the terminal ✓"]
     carol.send("Got it")
@@ -250,13 +256,7 @@ def _delete_account(server: ServerProcess, username: str) -> None:
 def test_an_identity_change_shows_the_warning(browser, server, tmp_path):
     """Gina's name passes to a new account with new keys: Hank's browser shows her message under a
     warning and refuses to send until he has compared the safety number and trusts the new keys."""
-    gina = _cli(tmp_path, server, "gina")
-    gina.ok("register", "gina")
-    hank = BrowserUser(browser, server, "hank")
-    hank.register()
-    hank.open_chat("gina")
-    hank.send("Hi Gina")
-    assert [m["text"] for m in gina.ok("listen", "--count", "1", "--timeout", "30")] == ["Hi Gina"]
+    hank, _ = _first_contact(browser, server, tmp_path, "hank", "gina", "Hi Gina")
 
     _delete_account(server, "gina")
     (tmp_path / "new").mkdir()
