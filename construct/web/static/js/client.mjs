@@ -49,6 +49,7 @@ export class Messenger extends EventTarget {
     this.draining = false;
     this.flushing = false;
     this.checked = new Set();
+    this.maintaining = null;
     this.connection = new Connection(url, {
       authenticate: (connection) => this.authenticate(connection),
       onPush: (frame) => this.pushed(frame),
@@ -71,6 +72,8 @@ export class Messenger extends EventTarget {
       await removeAccount(username);
       throw error;
     }
+    // Done when the bundle naming the real user id is up: peers refuse the registration one.
+    await messenger.maintainKeys().catch((error) => messenger.warn(`Could not publish your keys yet (retried on the next connection): ${error.message}`));
     return messenger;
   }
 
@@ -165,7 +168,13 @@ export class Messenger extends EventTarget {
 
   // Keys on the server: the bundle with the real user id (a new signed prekey weekly), and the
   // one-time prekey pool topped up to 100 when fewer than 25 are left.
-  async maintainKeys() {
+  maintainKeys() {
+    // One run at a time: a second caller waits for the run in progress.
+    this.maintaining ??= this.publishKeys().finally(() => { this.maintaining = null; });
+    return this.maintaining;
+  }
+
+  async publishKeys() {
     const publish = await this.store.update((data) => account.signedPrekeyToPublish(data, now()));
     if (publish) {
       await this.connection.call("rotatePrekey", { update: publish.bundle });
