@@ -49,3 +49,8 @@ def rate_limited(retry_after: float, what: str = "Too many requests") -> Constru
     """`retryAfter` is whole seconds, at least 1, as in HTTP's Retry-After."""
     seconds = max(1, math.ceil(retry_after))
     return ConstructError("RATE_LIMITED", f"{what}; retry after {seconds} s", 429, retryAfter=seconds)
+
+
+def server_busy() -> ConstructError:
+    """This process is behind (construct.core.admission): nothing was done; send again after `retryAfter`."""
+    return ConstructError("SERVER_BUSY", "The server is busy; retry after 1 s", 503, retryAfter=1)

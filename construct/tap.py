@@ -15,6 +15,7 @@ from typing import Any, Callable
 from construct.config import Setting, SettingsOptions, boolean, int_between, non_empty
 from construct.core.abuse import AbuseLimits, AbuseSettings
 from construct.core.accounts import AccountService, KnownUsers, PasswordHasher
+from construct.core.admission import TICK_SECONDS, Admission
 from construct.core.app import Core
 from construct.core.deletion import AccountDeletion
 from construct.core.delivery import DeliveryHub, LocalWakeUps
@@ -36,7 +37,8 @@ from construct.redis import limits as redis_limits
 from construct.redis.presence import HEARTBEAT_SECONDS, InstancePresence
 from construct.redis.wakeups import RedisWakeUps
 from construct.redis.service import RedisService
-from construct.protocol.connection import AddressCounts, ConnectionLimits, ConnectionTracker
+from construct.protocol.connection import AddressCounts, ConnectionTracker
+from construct.protocol.timeouts import ConnectionLimits
 from construct.services import (
     CollectorTuning,
     DatabaseService,
@@ -219,6 +221,7 @@ def assemble_core(
         metrics=metrics,
         log_id=user_id_hasher(options["log-salt"]),
         deletion=AccountDeletion(AccountStore(db), inbox, wakeups.sessions_revoked),
+        admission=Admission(clock),
     )
 
 
@@ -303,6 +306,7 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     GuardedTimer(
         SESSION_CLEANUP_INTERVAL_SECONDS, "session cleanup", core.accounts.delete_expired_sessions, reactor
     ).setServiceParent(root)
+    GuardedTimer(TICK_SECONDS, "load check", core.admission.tick, reactor).setServiceParent(root)
 
     max_frame = options["max-message-bytes"] * 2 + FRAME_OVERHEAD_BYTES
     limits = connection_limits(options)

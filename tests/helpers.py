@@ -12,7 +12,8 @@ from nacl.signing import SigningKey
 from twisted.internet import defer, reactor
 
 from construct.protocol import codec
-from construct.protocol.connection import ClientConnection, ConnectionLimits
+from construct.protocol.connection import ClientConnection
+from construct.protocol.timeouts import ConnectionLimits
 
 PASSWORD = "CorrectHorse9"
 
@@ -66,10 +67,15 @@ class MemoryClient:
         self.encoding = encoding
         self.received: defer.DeferredQueue = defer.DeferredQueue()
         self.closed = False
+        # What the connection last told its transport: read the client, or stop.
+        self.reading = True
         self.connection = ClientConnection(
-            core, "memory", self._write, lambda: None, lambda: None, 256 * 1024,
+            core, "memory", self._write, lambda: self._read(False), lambda: self._read(True), 256 * 1024,
             address, self._close, limits, clock or reactor,
         )
+
+    def _read(self, reading: bool) -> None:
+        self.reading = reading
 
     def _close(self) -> None:
         self.closed = True

@@ -12,7 +12,7 @@ import treq
 from twisted.internet import defer, task
 
 from construct.core.limits import Limit
-from construct.protocol.connection import AUTH_TIMEOUT, IDLE, STOPPED_READING, ConnectionLimits
+from construct.protocol.timeouts import AUTH_TIMEOUT, IDLE, STOPPED_READING, ConnectionLimits
 from tests.helpers import PASSWORD, MemoryClient, b64, chat_message, error_reply, make_bundle, register
 
 WRONG = "Wrong-password-42"
@@ -269,20 +269,17 @@ async def test_a_client_that_stops_reading_is_not_read_and_not_pushed_to_until_i
     """Backpressure: while the transport says the client is not reading, the server reads none
     of its requests and holds its pushes in the inbox; then everything comes, in order."""
     core = await core_factory()
-    paused = []
     alice, a = await register(core, "alice")
     bob, b = await register(core, "bob")
     connection = bob.connection
-    connection._pause_reading = lambda: paused.append(True)
-    connection._resume_reading = lambda: paused.append(False)
     connection.pauseProducing()
-    assert paused[-1] is True and not connection.writable
+    assert not bob.reading and not connection.writable
     sent = [chat_message(a["userId"], b["userId"]) for _ in range(5)]
     for message in sent:
         assert (await alice.request("sendMessage", message))["type"] == "ack"
     assert bob.pending() == []
     connection.resumeProducing()
-    assert paused[-1] is False
+    assert bob.reading
     received = [(await bob.next_of("message"))["payload"]["id"] for _ in sent]
     assert received == [message["id"] for message in sent]
 

@@ -15,7 +15,7 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor, task, threads
 
-from construct.protocol.connection import AUTH_TIMEOUT, IDLE, STOPPED_READING
+from construct.protocol.timeouts import AUTH_TIMEOUT, IDLE, STOPPED_READING
 from tests.clients import TcpClient, WsClient
 from tests.helpers import PASSWORD, chat_message, make_bundle
 from tests.processes import ServerProcess

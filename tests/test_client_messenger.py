@@ -15,7 +15,8 @@ from construct.client.store import StateStore
 from construct.client.transport import AuthenticationFailed, ServerAddress, ServerError
 from construct.errors import ConstructError, rate_limited
 from construct.protocol import codec
-from construct.protocol.connection import AddressCounts, ConnectionLimits, ConnectionTracker
+from construct.protocol.connection import AddressCounts, ConnectionTracker
+from construct.protocol.timeouts import ConnectionLimits
 from construct.protocol.tcp import JsonLinesFactory
 from tests.helpers import PASSWORD, MemoryClient, register
 

@@ -45,6 +45,8 @@ WS_FUZZERS = 6
 TCP_FUZZERS = 4
 HTTP_FUZZERS = 4
 IDLE_CONNECTIONS = 40
+# Refusals that mean "not now, try again": the honest users wait and go on.
+NOT_NOW = ("RATE_LIMITED", "SERVER_BUSY")
 # The server's limits with default options (docs/protocol.md §2.3).
 FRAME_LIMIT = 2 * 65536 + 16384
 WS_HARD_CAP = 4 * FRAME_LIMIT
@@ -249,7 +251,9 @@ class HonestUser:
                 self.acked.append(message["id"])
             else:
                 self.refused.append(reply)
-                if reply["payload"]["code"] == "RATE_LIMITED":  # a long run can reach the send limit
+                # A long run can reach the send limit, and the fuzzers can load the server past what
+                # it takes (SERVER_BUSY): both say "not now", as a real client would hear them.
+                if reply["payload"]["code"] in NOT_NOW:
                     await sleep(min(reply["payload"].get("retryAfter", 1), max(0.0, self.ctx.deadline - time.monotonic())))
             number += 1
             if number % 10 == 0:
@@ -567,7 +571,7 @@ async def test_fuzz_live_server(server):
     for sender, recipient in ((alice, bob), (bob, alice)):
         from_sender = delivered(recipient, sender)
         assert from_sender == sender.acked, f"seed {SEED}: {recipient.name} got {len(from_sender)} of {len(sender.acked)}"
-        assert not [r for r in sender.refused if r["payload"]["code"] != "RATE_LIMITED"], (SEED, sender.refused[:5])
+        assert not [r for r in sender.refused if r["payload"]["code"] not in NOT_NOW], (SEED, sender.refused[:5])
         assert not [f for f in recipient.stray if f.get("type") != "message"], (SEED, recipient.stray[:5])
     assert alice.acked and bob.acked, f"seed {SEED}: the honest users sent nothing"
 

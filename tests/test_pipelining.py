@@ -6,12 +6,14 @@ from twisted.internet import defer, task
 
 from construct.core.abuse import AbuseLimits, AbuseSettings
 from construct.core.accounts import Identity
+from construct.core.admission import Admission
 from construct.core.limits import MemoryCounters
 from construct.core.messaging import MessageService, SendResult
 from construct.delivery.types import Accepted
 from construct.metrics import Metrics
 from construct.protocol import codec
-from construct.protocol.connection import MAX_IN_FLIGHT, ClientConnection, ConnectionLimits
+from construct.protocol.connection import MAX_IN_FLIGHT, ClientConnection
+from construct.protocol.timeouts import ConnectionLimits
 from tests.helpers import chat_message
 
 ALICE = "3f2b8c1e-7a4d-4e2b-9c61-0d5e8f7a1b2c"
@@ -81,6 +83,7 @@ class ScriptedCore:
     def __init__(self) -> None:
         self.messaging = ScriptedMessaging()
         self.metrics = Metrics()
+        self.admission = Admission(task.Clock())
 
 
 def _alice_connected() -> tuple[ScriptedCore, ClientConnection, list]:

@@ -11,7 +11,8 @@ from twisted.web.http import HTTPChannel, Request
 
 from construct.http.api import HttpApi
 from construct.http.site import build_site
-from construct.protocol.connection import AddressCounts, ConnectionLimits, ConnectionTracker
+from construct.protocol.connection import AddressCounts, ConnectionTracker
+from construct.protocol.timeouts import ConnectionLimits
 from construct.protocol.ws import ConstructWebSocketFactory
 from tests.clients import WsClient
 

@@ -13,7 +13,8 @@ from twisted.python import usage
 from construct.config import Setting, SettingsOptions, int_between
 from construct.errors import ConstructError
 from construct.protocol import codec
-from construct.protocol.connection import AddressCounts, ConnectionLimits, ConnectionTracker
+from construct.protocol.connection import AddressCounts, ConnectionTracker
+from construct.protocol.timeouts import ConnectionLimits
 from construct.protocol.tcp import JsonLinesFactory, JsonLinesProtocol
 from construct.tap import Options, default_instance_id
 

@@ -15,7 +15,8 @@ from twisted.web.http_headers import Headers
 
 from construct.http.api import HttpApi
 from construct.http.site import build_site
-from construct.protocol.connection import AddressCounts, ConnectionLimits, ConnectionTracker
+from construct.protocol.connection import AddressCounts, ConnectionTracker
+from construct.protocol.timeouts import ConnectionLimits
 from construct.protocol.ws import ConstructWebSocketFactory
 from construct.web.resource import CONTENT_SECURITY_POLICY, STATIC, load_assets
 from tests.clients import WsClient

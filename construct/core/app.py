@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from construct.core.accounts import AccountService
+from construct.core.admission import Admission
 from construct.core.deletion import AccountDeletion
 from construct.core.delivery import DeliveryHub
 from construct.core.keys import KeyService
@@ -24,3 +25,5 @@ class Core:
     log_id: Callable[[str], str]
     # Deletes an account and everything about it (deleteAccount, construct-admin user delete).
     deletion: AccountDeletion
+    # Whether new sends are taken now or shed (SERVER_BUSY).
+    admission: Admission

@@ -204,13 +204,17 @@ class MessageService:
         if not turn.called:
             turn.callback(None)
 
-    async def ack(self, user_id: str, message_ids: Any) -> list[float]:
-        """Remove acknowledged messages; return, for each one removed, seconds since it was accepted."""
-        if not isinstance(message_ids, list) or not 0 < len(message_ids) <= MAX_ACK_IDS:
-            raise ConstructError("INVALID_FORMAT", f"'messageIds' must be a list of 1 to {MAX_ACK_IDS} ids")
-        ids = [canonical_uuid(value, "messageIds[]") for value in message_ids]
+    def ack(self, user_id: str, message_ids: Any) -> Deferred:
+        """Remove acknowledged messages; fires with, for each one removed, seconds since it was accepted."""
+        try:
+            if not isinstance(message_ids, list) or not 0 < len(message_ids) <= MAX_ACK_IDS:
+                raise ConstructError("INVALID_FORMAT", f"'messageIds' must be a list of 1 to {MAX_ACK_IDS} ids")
+            ids = [canonical_uuid(value, "messageIds[]") for value in message_ids]
+            removed = self._inbox.ack(user_id, ids)
+        except Exception:
+            return fail()
         now_ms = self._now_ms()
-        return [(now_ms - accepted_ms) / 1000 for accepted_ms in await self._inbox.ack(user_id, ids)]
+        return removed.addCallback(lambda accepted: [(now_ms - accepted_ms) / 1000 for accepted_ms in accepted])
 
     async def pending(self, user_id: str, limit: int) -> list[InboxEntry]:
         return await self._inbox.fetch(user_id, 0, limit, self._now_ms())

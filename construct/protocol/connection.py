@@ -1,14 +1,19 @@
 """One live client connection (WebSocket or TCP), independent of framing.
 
-The transport hands over whole frames; this object decodes them, runs them in order (sends
-may overlap, stored still in the order sent), writes the replies in the order of the frames,
-and receives pushes from the delivery hub once the client is authenticated.
+The transport hands over whole frames; this object decodes them and runs them in order, and
+receives pushes from the delivery hub once the client is authenticated. Its parts, each of
+which can be read (and tested) on its own:
+
+- the order of replies (construct.protocol.replies): sends and acks may overlap (PIPELINED),
+  every other frame runs alone, and replies go out in the order of the frames;
+- backpressure both ways (construct.protocol.backpressure);
+- the timeouts a sweep closes it for (construct.protocol.timeouts);
+- binding to a user: `bind`/`unbind`, and the pushes of the delivery hub.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
@@ -21,28 +26,16 @@ from construct.core.accounts import Identity
 from construct.core.app import Core
 from construct.errors import ConstructError, rate_limited
 from construct.protocol import codec, operations
+from construct.protocol.backpressure import Backpressure
+from construct.protocol.replies import NO_REPLY, Place, ReplyOrder
+from construct.protocol.timeouts import STOPPED_READING, ConnectionLimits, overdue
 
-# Past this many frames waiting, stop reading the socket until the backlog shrinks.
-PAUSE_BACKLOG = 32
-RESUME_BACKLOG = 8
 # Operations that may start before the frames ahead of them are answered: the core keeps one
-# sender's stores in order, and the connection keeps replies in order.
-PIPELINED = frozenset({"sendMessage"})
+# sender's stores in order, and the reply order keeps replies in order.
+PIPELINED = frozenset({"sendMessage", "ackMessage"})
 MAX_IN_FLIGHT = 32
 # A client told to wait for a free connection slot is told to retry after this long.
 CONNECTION_RETRY_SECONDS = 10
-# A client that stopped reading may leave this much unread (or eight frames, if more) before it
-# is cut off at once; its unacknowledged messages wait in its inbox for the next connection.
-MIN_STALLED_BYTES = 1024 * 1024
-# Why the sweep closes a connection (ClientConnection.overdue).
-STOPPED_READING = "stopped reading"
-AUTH_TIMEOUT = "did not authenticate in time"
-IDLE = "sent nothing for too long"
-
-
-def closing_error(reason: str) -> ConstructError:
-    """Sent just before the server closes a connection that outstayed a limit."""
-    return ConstructError("CONNECTION_TIMEOUT", f"Closing the connection: {reason}", 408)
 
 
 def client_address(peer: Any) -> str:
@@ -58,20 +51,6 @@ def client_address(peer: Any) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """What one client connection may hold of this instance; 0 turns a limit off."""
-
-    per_address: int = 100
-    per_user: int = 20
-    # Seconds to authenticate after connecting.
-    auth_timeout: float = 60
-    # Seconds without a frame before a TCP connection is closed (WebSocket has pings instead).
-    idle_timeout: float = 300
-    # Seconds the client may leave the server's output unread.
-    slow_client_timeout: float = 30
 
 
 class AddressCounts:
@@ -96,27 +75,14 @@ class AddressCounts:
             self._open.pop(address, None)
 
 
-class _PendingReply:
-    """A pipelined frame's place in the order of replies."""
-
-    __slots__ = ("request_id", "encoding", "reply")
-
-    def __init__(self, request_id: str | None, encoding: str) -> None:
-        self.request_id = request_id
-        self.encoding = encoding
-        # `_send` arguments once answered ((None,): no reply).
-        self.reply: tuple | None = None
-
-
 @implementer(IPushProducer)
 class ClientConnection:
     log = Logger()
     # Thousands are open at once, most of them idle: no per-instance __dict__.
     __slots__ = (
-        "identity", "_core", "_transport_name", "_write", "_pause_reading", "_resume_reading",
-        "_max_frame_bytes", "_push_encoding", "_backlog", "_busy", "_paused", "_open", "_draining",
-        "_idle_waiters", "_in_flight", "_slot", "_replies", "_answered_waiter", "address", "_close", "_limits", "_clock",
-        "opened_at", "last_heard", "stalled_since", "_stalled_bytes", "_max_stalled_bytes",
+        "identity", "address", "opened_at", "last_heard", "_core", "_transport_name", "_write", "_close",
+        "_limits", "_clock", "_max_frame_bytes", "_push_encoding", "_backlog", "_running", "_alone", "_in_flight",
+        "_open", "_draining", "_idle_waiters", "_replies", "_flow",
     )
 
     def __init__(
@@ -136,35 +102,26 @@ class ClientConnection:
         the log only with --log-client-addresses (construct.logs withholds it otherwise)."""
         self.identity: Identity | None = None
         self.address = address
-        self._close = close
-        self._limits = limits
-        self._clock = clock
         self.opened_at = self.last_heard = clock.seconds()
-        # When the transport last asked us to stop writing (the client is not reading), if it still does.
-        self.stalled_since: float | None = None
-        self._stalled_bytes = 0
-        self._max_stalled_bytes = max(MIN_STALLED_BYTES, 8 * max_frame_bytes)
         self._core = core
         self._transport_name = transport_name
         self._write = write
-        self._pause_reading = pause_reading
-        self._resume_reading = resume_reading
+        self._close = close
+        self._limits = limits
+        self._clock = clock
         self._max_frame_bytes = max_frame_bytes
         self._push_encoding = codec.JSON
-        # A list, not a deque: an empty deque costs over 500 bytes, and the backlog stays short.
+        # Frames received and not yet started. A list: an empty deque costs over 500 bytes.
         self._backlog: list[tuple[bytes, str]] = []
-        self._busy = False
-        self._paused = False
+        self._running = False
+        # A frame that runs alone has started (or waits for the ones before it to be answered).
+        self._alone = False
+        self._in_flight = 0
         self._open = True
         self._draining = False
         self._idle_waiters: list[Deferred] = []
-        self._in_flight = 0
-        self._slot: Deferred | None = None
-        # The pipelined frames started and not yet answered, in frame order: replies go out
-        # from the front as they are ready, so they keep the order of the frames.
-        self._replies: list[_PendingReply] = []
-        # Fires once every pipelined frame has been answered, for a frame that must wait.
-        self._answered_waiter: Deferred | None = None
+        self._replies = ReplyOrder(self._send)
+        self._flow = Backpressure(pause_reading, resume_reading, max_frame_bytes, clock)
         core.metrics.connection_opened(transport_name)
 
     # Transport side
@@ -183,22 +140,13 @@ class ClientConnection:
             return
         self._push_encoding = encoding
         if len(data) > self._max_frame_bytes:
-            self._send_error(
-                ConstructError("MESSAGE_TOO_LARGE", f"Frames are limited to {self._max_frame_bytes} bytes", 413),
-                None,
-                encoding,
-            )
+            self.frame_too_large(encoding)
             return
         self._backlog.append((data, encoding))
-        if len(self._backlog) >= PAUSE_BACKLOG and not self._paused:
-            self._paused = True
-            self._update_reading()
-        if not self._busy:
-            self._busy = True
-            ensureDeferred(self._process_backlog())
+        self._run_backlog()
 
     def frame_too_large(self, encoding: str) -> None:
-        """The transport dropped an oversize frame unread."""
+        """The transport dropped an oversize frame unread (or this one is)."""
         self._send_error(
             ConstructError("MESSAGE_TOO_LARGE", f"Frames are limited to {self._max_frame_bytes} bytes", 413),
             None,
@@ -206,12 +154,10 @@ class ClientConnection:
         )
 
     def drain(self) -> Deferred:
-        """Stop taking frames; fires once those already received have been answered."""
+        """Take no new frames; fires once those already received have been answered. The
+        transport goes on reading, so the client's side of a closing handshake is read."""
         self._draining = True
-        if not self._paused:
-            self._paused = True
-            self._update_reading()
-        if not self._busy and not self._in_flight:
+        if not self._busy():
             return succeed(None)
         waiter: Deferred = Deferred()
         self._idle_waiters.append(waiter)
@@ -226,14 +172,10 @@ class ClientConnection:
 
     def overdue(self, now: float, pings: bool) -> str | None:
         """Why this connection must go now, if it must: the sweep of its tracker asks."""
-        limits = self._limits
-        if self.stalled_since is not None and limits.slow_client_timeout and now - self.stalled_since > limits.slow_client_timeout:
-            return STOPPED_READING
-        if self.identity is None and limits.auth_timeout and now - self.opened_at > limits.auth_timeout:
-            return AUTH_TIMEOUT
-        if not pings and limits.idle_timeout and now - self.last_heard > limits.idle_timeout:
-            return IDLE
-        return None
+        return overdue(
+            self._limits, now, self.opened_at, self.last_heard, self.identity is not None, self._flow.stalled_since,
+            pings,
+        )
 
     def send_error(self, error: ConstructError) -> None:
         """An error that answers no request (the connection is about to close)."""
@@ -243,34 +185,21 @@ class ClientConnection:
 
     def pauseProducing(self) -> None:
         """Take no more requests until the client reads what it has been sent."""
-        if self.stalled_since is None:
-            self.stalled_since = self._clock.seconds()
-            self._stalled_bytes = 0
-            self._update_reading()
+        self._flow.stalled()
 
     def resumeProducing(self) -> None:
-        if self.stalled_since is not None:
-            self.stalled_since = None
-            self._update_reading()
-            if self.identity is not None:
-                self._core.hub.resume(self)
-
-    @property
-    def writable(self) -> bool:
-        """For the hub: False while the client leaves what it was sent unread."""
-        return self.stalled_since is None
+        if self._flow.unstalled() and self.identity is not None:
+            self._core.hub.resume(self)
 
     def stopProducing(self) -> None:
         pass
 
-    def _update_reading(self) -> None:
-        """Read the socket unless the backlog is full, a drain started, or the client is not reading."""
-        if self._paused or self.stalled_since is not None:
-            self._pause_reading()
-        else:
-            self._resume_reading()
+    @property
+    def writable(self) -> bool:
+        """For the hub: False while the client leaves what it was sent unread."""
+        return self._flow.writable
 
-    # Client protocol for operations
+    # Binding, and the LiveConnection protocol of the delivery hub
 
     def bind(self, identity: Identity) -> None:
         most = self._limits.per_user
@@ -291,8 +220,6 @@ class ClientConnection:
         self.identity = None
         self._core.hub.detach(self)
 
-    # LiveConnection protocol for the delivery hub
-
     def push_message(self, message: dict) -> None:
         self._send("message", message, None, self._push_encoding)
 
@@ -300,84 +227,91 @@ class ClientConnection:
         self.identity = None
         self._send("sessionExpired", None, None, self._push_encoding)
 
-    # Internals
+    # Running frames, in order
 
-    async def _process_backlog(self) -> None:
+    def _busy(self) -> bool:
+        return bool(self._backlog or self._in_flight or self._alone)
+
+    def _run_backlog(self) -> None:
+        """Start the frames received, in order, as far as each may start now: a pipelined one
+        while fewer than MAX_IN_FLIGHT are, any other once every frame before it is answered
+        (and the next one only once it is). Called again whenever that may have changed."""
+        if self._running:
+            return
+        self._running = True
+        backlog = self._backlog
         try:
-            while self._backlog and self._open:
-                data, encoding = self._backlog.pop(0)
-                if self._paused and not self._draining and len(self._backlog) <= RESUME_BACKLOG:
-                    self._paused = False
-                    self._update_reading()
+            while backlog and self._open and not self._alone:
+                data, encoding = backlog[0]
                 try:
-                    frame = codec.decode(data, encoding)
+                    frame: Any = codec.decode(data, encoding)
                 except codec.FrameError as e:
-                    await self._all_answered()
-                    self._send_error(e, e.request_id, encoding)
-                    continue
-                if frame.type in PIPELINED and self.identity is not None:
-                    while self._in_flight >= MAX_IN_FLIGHT:
-                        self._slot = Deferred()
-                        await self._slot
-                    pending = _PendingReply(frame.request_id, encoding)
-                    self._replies.append(pending)
-                    self._in_flight += 1
-                    operations.start(self._core, self, frame.type, frame.payload).addBoth(self._pipelined_outcome, pending)
+                    frame = e
+                if not isinstance(frame, codec.FrameError) and frame.type in PIPELINED and self.identity is not None:
+                    if self._in_flight >= MAX_IN_FLIGHT:
+                        break
+                    backlog.pop(0)
+                    self._start(frame, encoding)
                 else:
-                    await self._all_answered()
-                    try:
-                        reply = await operations.run(self._core, self, frame.type, frame.payload)
-                    except Exception:
-                        reply = Failure()
-                    self._send_reply(self._reply_to(reply, frame.request_id, encoding))
+                    backlog.pop(0)
+                    self._alone = True
+                    self._replies.all_answered().addCallback(self._run_alone, frame, encoding)
         finally:
-            self._busy = False
-            self._notify_if_idle()
+            self._running = False
+            self._flow.backlog(len(backlog))
+        self._notify_if_idle()
 
-    def _all_answered(self) -> Deferred:
-        """Fires once every frame before the current one has been answered."""
-        if not self._replies:
-            return succeed(None)
-        if self._answered_waiter is None:
-            self._answered_waiter = Deferred()
-        return self._answered_waiter
+    def _start(self, frame: codec.Frame, encoding: str) -> None:
+        place = self._replies.take(frame.request_id, encoding)
+        self._in_flight += 1
+        operations.start(self._core, self, frame.type, frame.payload).addBoth(self._pipelined_answered, place)
 
-    def _pipelined_outcome(self, result: Any, pending: "_PendingReply") -> None:
-        """A pipelined frame is answered: send every reply now ready at the front, in frame order."""
+    def _pipelined_answered(self, result: Any, place: Place) -> None:
         try:
-            try:
-                pending.reply = self._reply_to(result, pending.request_id, pending.encoding)
-            except Exception:
-                self.log.failure("could not answer a pipelined frame")
-                pending.reply = (None,)
-            replies = self._replies
-            while replies and replies[0].reply is not None:
-                reply = replies.pop(0).reply
-                try:
-                    self._send_reply(reply)
-                except Exception:
-                    # One reply that cannot go out must not hold back the ones after it.
-                    self.log.failure("could not send the reply to a pipelined frame")
+            reply = self._reply_to(result, place.request_id, place.encoding)
+        except Exception:
+            self.log.failure("could not answer a pipelined frame")
+            reply = NO_REPLY
+        self._in_flight -= 1
+        self._replies.answer(place, reply)
+        self._run_backlog()
+
+    def _run_alone(self, _: None, frame: Any, encoding: str) -> None:
+        if not self._open:
+            self._alone = False
+            return
+        if isinstance(frame, codec.FrameError):
+            self._alone_answered(Failure(frame), frame.request_id, encoding)
+            return
+        try:
+            running = ensureDeferred(operations.run(self._core, self, frame.type, frame.payload))
+        except Exception:
+            running = Deferred()
+            running.errback()
+        running.addBoth(self._alone_answered, frame.request_id, encoding)
+
+    def _alone_answered(self, result: Any, request_id: str | None, encoding: str) -> None:
+        try:
+            reply = self._reply_to(result, request_id, encoding)
+            if reply[0] is not None:
+                self._send(*reply)
+        except Exception:
+            self.log.failure("could not answer a frame")
         finally:
-            self._in_flight -= 1
-            if not self._replies and self._answered_waiter is not None:
-                waiter, self._answered_waiter = self._answered_waiter, None
-                waiter.callback(None)
-            if self._slot is not None and not self._slot.called:
-                self._slot.callback(None)
-            self._notify_if_idle()
+            self._alone = False
+            self._run_backlog()
 
     def _notify_if_idle(self) -> None:
-        if not self._busy and not self._in_flight:
+        if self._idle_waiters and not self._busy():
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
 
     def _reply_to(self, result: Any, request_id: str | None, encoding: str) -> tuple:
-        """The reply to a frame as `_send` arguments ((None,) for none): an operation's Reply,
+        """The reply to a frame as `_send` arguments (NO_REPLY for none): an operation's Reply,
         None, or its Failure, which is answered with an error."""
         if not isinstance(result, Failure):
-            return (None,) if result is None else (result.type, result.payload, request_id, encoding)
+            return NO_REPLY if result is None else (result.type, result.payload, request_id, encoding)
         if result.check(ConstructError):
             error = result.value
         else:
@@ -385,10 +319,6 @@ class ClientConnection:
             error = ConstructError("SERVER_ERROR", "Internal server error", 500)
         self._core.metrics.error(error.code)
         return "error", error.payload(), request_id, encoding
-
-    def _send_reply(self, reply: tuple) -> None:
-        if reply[0] is not None:
-            self._send(*reply)
 
     def _send_error(self, error: ConstructError, request_id: str | None, encoding: str) -> None:
         self._core.metrics.error(error.code)
@@ -398,15 +328,13 @@ class ClientConnection:
         if not self._open:
             return
         data = codec.encode(message_type, payload, request_id, encoding)
-        if self.stalled_since is not None:
-            # The hub holds pushes back meanwhile; replies to requests read before the stall
-            # (and a client that stalls forever) are bounded here.
-            self._stalled_bytes += len(data)
-            if self._stalled_bytes > self._max_stalled_bytes:
-                self.log.info("dropping a {transport} connection whose client stopped reading", transport=self._transport_name)
-                self.connection_lost()
-                self._close()
-                return
+        # The hub holds pushes back while the client is not reading; replies to requests read
+        # before that (and a client that stops reading for good) are bounded here.
+        if self._flow.over_allowance(len(data)):
+            self.log.info("dropping a {transport} connection whose client stopped reading", transport=self._transport_name)
+            self.connection_lost()
+            self._close()
+            return
         self._write(data, encoding)
 
 

@@ -7,16 +7,17 @@ and the payload, and returns the reply (type and payload) or None when there is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail
 
 from construct.core.accounts import Identity, IssuedSession
+from construct.core.admission import Admission
 from construct.core.app import Core
 from construct.core.keys import first_suite_keys
 from construct.core.messaging import SendResult
 from construct.core.validation import canonical_uuid, require
-from construct.errors import ConstructError, auth_required
+from construct.errors import ConstructError, auth_required, server_busy
 
 
 class Client(Protocol):
@@ -133,7 +134,16 @@ async def lookup_user(core: Core, client: Client, payload: dict) -> Reply:
 def send_message(core: Core, client: Client, payload: dict) -> Deferred:
     # No coroutine: the busiest operation by far, and the core's send is a Deferred already.
     identity = _authenticated(client)
-    return core.messaging.send(identity.user_id, payload).addCallback(_ack, core)
+    admission = core.admission
+    if admission.busy:
+        raise server_busy()
+    admission.started()
+    return core.messaging.send(identity.user_id, payload).addBoth(_sent, admission).addCallback(_ack, core)
+
+
+def _sent(result: Any, admission: Admission) -> Any:
+    admission.finished()
+    return result
 
 
 def _ack(result: SendResult, core: Core) -> Reply:
@@ -144,10 +154,14 @@ def _ack(result: SendResult, core: Core) -> Reply:
     )
 
 
-async def ack_message(core: Core, client: Client, payload: dict) -> None:
+def ack_message(core: Core, client: Client, payload: dict) -> Deferred:
+    # No coroutine: one per message delivered.
     identity = _authenticated(client)
-    core.metrics.acknowledged(await core.messaging.ack(identity.user_id, payload.get("messageIds")))
-    return None
+    return core.messaging.ack(identity.user_id, payload.get("messageIds")).addCallback(_acknowledged, core)
+
+
+def _acknowledged(latencies: list[float], core: Core) -> None:
+    core.metrics.acknowledged(latencies)
 
 
 async def rotate_prekey(core: Core, client: Client, payload: dict) -> Reply:

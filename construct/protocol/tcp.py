@@ -13,15 +13,13 @@ from construct.errors import rate_limited
 from construct.protocol import codec
 from construct.protocol.writes import write_now
 from construct.protocol.connection import (
-    AUTH_TIMEOUT,
     CONNECTION_RETRY_SECONDS,
     AddressCounts,
     ClientConnection,
-    ConnectionLimits,
     ConnectionTracker,
     client_address,
-    closing_error,
 )
+from construct.protocol.timeouts import AUTH_TIMEOUT, ConnectionLimits, closing_error
 
 
 class JsonLinesProtocol(Protocol):

@@ -13,14 +13,8 @@ from twisted.logger import Logger
 from construct.core.app import Core
 from construct.protocol import codec
 from construct.protocol.writes import write_now
-from construct.protocol.connection import (
-    AddressCounts,
-    ClientConnection,
-    ConnectionLimits,
-    ConnectionTracker,
-    client_address,
-    closing_error,
-)
+from construct.protocol.connection import AddressCounts, ClientConnection, ConnectionTracker, client_address
+from construct.protocol.timeouts import ConnectionLimits, closing_error
 
 GOING_AWAY = 1001
 POLICY_VIOLATION = 1008

@@ -301,12 +301,11 @@ class RedisInbox:
         flat = await self._redis.eval(FETCH, self.keys(recipient_id)[:3], [after_seq, limit, now_ms])
         return [InboxEntry(int(flat[i]), flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
 
-    async def ack(self, recipient_id: str, message_ids: list[str]) -> list[int]:
-        if not message_ids:
-            return []
+    def ack(self, recipient_id: str, message_ids: list[str]) -> Deferred:
         keys = self.keys(recipient_id)
-        accepted = await self._redis.eval(ACK, [keys[0], keys[1], keys[3]], message_ids)
-        return [int(value) for value in accepted]
+        return ensureDeferred(self._redis.eval(ACK, [keys[0], keys[1], keys[3]], message_ids)).addCallback(
+            lambda accepted: [int(value) for value in accepted]
+        )
 
     async def depth(self, recipient_id: str, now_ms: int) -> int:
         return int(await self._redis.execute("ZCARD", self.keys(recipient_id)[0]))
