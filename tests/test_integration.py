@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import time
 import uuid
 
 import pytest
@@ -17,6 +18,9 @@ from construct.protocol import codec
 from tests.clients import HttpClient, TcpClient, WsClient
 from tests.helpers import PASSWORD, chat_message, make_bundle
 from tests.processes import REPO, ServerProcess, run_twistd
+
+# Autobahn's closeHandshakeTimeout as the server sets it (construct.protocol.ws).
+CLOSE_HANDSHAKE_TIMEOUT_SECONDS = 5
 
 pytestmark = pytest.mark.integration
 
@@ -288,6 +292,24 @@ async def test_sigterm_under_traffic_drains_and_loses_nothing(tmp_path):
         assert (await bob.request("ping"))["type"] == "pong"
         await alice.close()
         await bob.close()
+    finally:
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_completes_the_closing_handshake_instead_of_waiting_it_out(tmp_path):
+    """The server reads the clients' answers to its close frames, so a shutdown with clients
+    connected does not wait for Autobahn's closing-handshake timeout (5 s) on each of them."""
+    server = ServerProcess(tmp_path, "--data-dir", "data", "--bcrypt-cost", "4").start()
+    try:
+        clients = [await WsClient.connect(server.ports["http"], codec.JSON) for _ in range(3)]
+        for number, client in enumerate(clients):
+            await _register(client, f"closer{number}")
+        started = time.monotonic()
+        server.process.terminate()
+        assert [await client.closed.addTimeout(15, reactor) for client in clients] == [1001] * 3
+        assert server.process.wait(15) in (0, -15)
+        assert time.monotonic() - started < CLOSE_HANDSHAKE_TIMEOUT_SECONDS - 1, server.log_text()[-2000:]
     finally:
         server.stop()
 

@@ -160,3 +160,21 @@ def test_a_reply_that_cannot_be_written_does_not_hold_back_the_ones_after_it():
     assert [frame.request_id for frame in written] == ["r1", "r2"]
     connection.frame_received(codec.encode("ping", {}, "p", codec.JSON), codec.JSON)
     assert written[-1].type == "pong", "the connection goes on"
+
+
+def test_a_busy_server_answers_new_sends_at_once_in_their_place_and_still_takes_acks():
+    """While admission sheds, a send is refused with SERVER_BUSY without reaching the inbox; the
+    refusal waits behind the replies before it, and an ack goes on as usual."""
+    core, connection, written = _alice_connected()
+    acks: list = []
+    core.messaging.ack = lambda user_id, ids: acks.append(ids) or defer.succeed([1.0])
+    connection.frame_received(codec.encode("sendMessage", chat_message(ALICE, BOB), "taken", codec.JSON), codec.JSON)
+    core.admission.busy = True
+    connection.frame_received(codec.encode("sendMessage", chat_message(ALICE, BOB), "shed", codec.JSON), codec.JSON)
+    connection.frame_received(codec.encode("ackMessage", {"messageIds": ["m"]}, "ack", codec.JSON), codec.JSON)
+    assert len(core.messaging.sends) == 1 and acks == [["m"]]
+    assert written == [], "the refusal waits for the send before it"
+    core.messaging.sends[0].callback(Accepted(False, 5000, duplicate=False))
+    assert [(frame.type, frame.request_id) for frame in written] == [("ack", "taken"), ("error", "shed")]
+    assert written[1].payload == {"code": "SERVER_BUSY", "message": "The server is busy; retry after 1 s", "retryAfter": 1}
+    assert core.admission.in_flight == 0
