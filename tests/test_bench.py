@@ -139,3 +139,39 @@ def test_cli_prints_a_json_report_of_the_bare_relay():
     relay = report["results"]["bare_relay"]
     assert_all_delivered(relay, 100)
     assert set(relay["latency_ms"]) == {"samples", "p50", "p99", "p99_9", "max"}
+
+
+@pytest.mark.parametrize("limit", [50.0, 350.0, 3_300.0, 7_900.0, 150_000.0])
+@pytest_twisted.ensureDeferred
+async def test_the_capacity_search_finds_the_limit_to_its_resolution(limit):
+    """Against a server that sustains everything up to `limit`: the answer is sustained, within
+    the resolution of the limit, and no probe beyond the highest rate allowed was tried."""
+    search = scenarios.Search(start_rate=1000, max_rate=100_000, resolution=0.05)
+    probed: list[float] = []
+
+    async def probe(rate: float) -> bool:
+        probed.append(rate)
+        return rate <= limit
+
+    found = await scenarios.search_capacity(probe, search)
+    assert max(probed) <= search.max_rate
+    if limit < search.start_rate / 10:
+        assert found is None
+    elif limit >= search.max_rate:
+        assert found == max(rate for rate in probed if rate <= search.max_rate)
+    else:
+        assert found <= limit and limit - found <= search.resolution * found + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_overload_reports_what_is_accepted_past_a_given_capacity():
+    """Twice a (small) capacity offered to an embedded server: every figure is there and honest."""
+    load = replace(TINY, messages=None, duration=2.0, warmup=0.5, pairs=20)
+    report = await scenarios.overload(reactor, ServerPlan(), load, scenarios.Search(), 200.0, 2.0)
+    results = report["results"]
+    construct = results["construct"]
+    assert results["offered_per_s"] == 400.0
+    assert construct["accepted_per_s"] > 0 and construct["lost"] == 0
+    assert results["accepted_share_of_capacity"] == round(construct["accepted_per_s"] / 200.0, 3)
+    assert construct["server_cpu_us_per_message"] > 0
+    assert "overload" in render(report)

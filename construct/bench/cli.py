@@ -1,7 +1,10 @@
 """`construct-bench`: measure a Construct server (docs/performance.md).
 
-    construct-bench throughput --transport ws-msgpack --pairs 10 --duration 10
-    construct-bench throughput --rate 2000 --no-relay
+    construct-bench throughput                       # 1,000 pairs, 5,000 msg/s offered (open loop)
+    construct-bench throughput --rate 10000 --processes 2 --no-relay
+    construct-bench throughput --closed-loop --pairs 10 --window 64
+    construct-bench capacity --p99-bound 50            # the highest rate sustained, by search
+    construct-bench overload                           # 2x that capacity for 10 s
     construct-bench idle --connections 10000 --transport tcp
     construct-bench drain --messages 10000
     construct-bench login-storm --logins 50
@@ -44,6 +47,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be above 0")
+    return value
+
+
+def _search_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("capacity search")
+    defaults = scenarios.Search()
+    group.add_argument("--p99-bound", type=_positive_float, default=defaults.p99_bound_ms,
+                       help=f"latency p99 a sustained rate must stay under, ms (default {defaults.p99_bound_ms:g})")
+    group.add_argument("--start-rate", type=_positive_float, default=defaults.start_rate,
+                       help=f"first rate probed, msg/s (default {defaults.start_rate:g})")
+    group.add_argument("--max-rate", type=_positive_float, default=defaults.max_rate,
+                       help=f"highest rate probed (default {defaults.max_rate:g})")
+    group.add_argument("--resolution", type=_positive_float, default=defaults.resolution,
+                       help=f"stop when the gap is this share of the rate (default {defaults.resolution:g})")
+    group.add_argument("--probe-duration", type=_positive_float, default=defaults.probe_seconds,
+                       help=f"measured seconds per probe (default {defaults.probe_seconds:g})")
+    group.add_argument("--probe-warmup", type=float, default=defaults.probe_warmup,
+                       help=f"seconds before measuring each probe (default {defaults.probe_warmup:g})")
+
+
 def _server_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     group = options.add_argument_group("server")
@@ -67,11 +94,15 @@ def _load_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     group = options.add_argument_group("load")
     group.add_argument("--transport", choices=TRANSPORTS, default=WS_MSGPACK)
-    group.add_argument("--pairs", type=_positive_int, default=10, help="sender/recipient pairs (default 10)")
+    group.add_argument("--pairs", type=_positive_int, default=scenarios.DEFAULT_PAIRS,
+                       help=f"sender/recipient pairs (default {scenarios.DEFAULT_PAIRS:,})")
     group.add_argument("--processes", type=_positive_int, default=1, help="load-generator processes (default 1)")
     group.add_argument("--window", type=_positive_int, default=64,
-                       help="most sends without their ack, per sender (default 64)")
-    group.add_argument("--rate", type=float, help="offered msg/s over all pairs (default: as fast as possible)")
+                       help="closed loop: most sends without their ack, per sender (default 64)")
+    group.add_argument("--rate", type=_positive_float, default=scenarios.DEFAULT_RATE,
+                       help=f"offered msg/s over all pairs, open loop (default {scenarios.DEFAULT_RATE:,.0f})")
+    group.add_argument("--closed-loop", dest="rate", action="store_const", const=None,
+                       help="instead of a rate: each sender keeps --window sends unanswered, as fast as it can")
     group.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
     group.add_argument("--messages", type=_positive_int, help="send this many in all instead of --duration")
     group.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default 2)")
@@ -91,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("throughput", parents=[server, _load_options()],
                         help="message rate, latency, CPU and memory, and the bare relay ceiling")
     commands.add_parser("relay", parents=[server, _load_options()], help="the bare relay ceiling alone")
+    capacity = commands.add_parser("capacity", parents=[server, _load_options()],
+                                   help="the highest offered rate sustained with p99 under a bound")
+    _search_options(capacity)
+    overload = commands.add_parser("overload", parents=[server, _load_options()],
+                                   help="twice the capacity offered: what is still accepted, how fast, what refused")
+    _search_options(overload)
+    overload.add_argument("--capacity", type=_positive_float, help="skip the search: the capacity in msg/s")
+    overload.add_argument("--factor", type=_positive_float, default=2.0, help="times the capacity offered (default 2)")
     scale = commands.add_parser("scale-out", parents=[server, _load_options()],
                                 help="one process against two (production)")
     scale.add_argument("--cross", action="store_true", help="put each recipient on the other process")
@@ -110,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--messages", type=_positive_int, default=10_000, help="queued messages (default 10000)")
     drain.add_argument("--window", type=_positive_int, default=64, help="most sends without their ack (default 64)")
     every = commands.add_parser("all", parents=[server, _load_options()], help="every scenario, one report each")
+    _search_options(every)
     every.add_argument("--rates", default="2000,10000", help="offered rates of the latency runs (default 2000,10000)")
     every.add_argument("--connections", type=_positive_int, default=10_000, help="of the idle runs (default 10000)")
     every.add_argument("--drain-messages", type=_positive_int, default=10_000, help="of the drain run (default 10000)")
@@ -140,6 +180,13 @@ def load_from(arguments: argparse.Namespace) -> scenarios.LoadOptions:
     )
 
 
+def search_from(arguments: argparse.Namespace) -> scenarios.Search:
+    return scenarios.Search(
+        p99_bound_ms=arguments.p99_bound, start_rate=arguments.start_rate, max_rate=arguments.max_rate,
+        resolution=arguments.resolution, probe_seconds=arguments.probe_duration, probe_warmup=arguments.probe_warmup,
+    )
+
+
 async def run_scenario(reactor: Any, arguments: argparse.Namespace) -> dict:
     plan = plan_from(arguments)
     name = arguments.scenario
@@ -152,6 +199,10 @@ async def run_scenario(reactor: Any, arguments: argparse.Namespace) -> dict:
         return await scenarios.throughput(reactor, plan, load)
     if name == "relay":
         return await scenarios.relay(reactor, plan, load)
+    if name == "capacity":
+        return await scenarios.capacity(reactor, plan, load, search_from(arguments))
+    if name == "overload":
+        return await scenarios.overload(reactor, plan, load, search_from(arguments), arguments.capacity, arguments.factor)
     if name == "scale-out":
         return await scenarios.scale_out(reactor, plan, load, arguments.cross)
     if name == "login-storm":
@@ -160,7 +211,8 @@ async def run_scenario(reactor: Any, arguments: argparse.Namespace) -> dict:
         )
     rates = [float(rate) for rate in arguments.rates.split(",") if rate.strip()]
     return await scenarios.everything(
-        reactor, plan, load, rates, arguments.connections, arguments.drain_messages, arguments.logins
+        reactor, plan, load, rates, arguments.connections, arguments.drain_messages, arguments.logins,
+        search_from(arguments),
     )
 
 

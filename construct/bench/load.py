@@ -3,8 +3,11 @@
 Run as `python -m construct.bench.load` by `construct.bench.workers`. Over stdin and stdout, one
 JSON object a line: it reads its `LoadSpec`, registers its pairs, writes `{"ready": true}`,
 waits for `{"start": <monotonic seconds>}` (every process starts at the same instant; the
-monotonic clock is shared by the processes of a machine), runs, and writes its result. A
-`{"stop": true}` line ends a run that has no duration or message count of its own.
+monotonic clock is shared by the processes of a machine), runs, and writes its result. A start
+line may set `rate`, `duration` and `warmup` for that run; after the result, another start line
+runs the same pairs again (a capacity search probes one rate after another). During a run, any
+line ends it (a run with no duration or message count of its own); outside one, end of input
+or any other line ends the process.
 
 Two ways to load a server:
 
@@ -214,7 +217,6 @@ class PairLoad:
                 sender_id, recipient_id = accounts[2 * index]["userId"], accounts[2 * index + 1]["userId"]
                 frames = SendFrames(self._codec, sender_id, recipient_id, spec.content_bytes)
                 sender = Sender(sender_link, frames, self.stats, spec.window, quotas[start + index])
-                sender.paced = spec.rate is not None
                 recipient = Recipient(recipient_link, self.stats)
                 sender_link.party, recipient_link.party = sender, recipient
                 self.senders.append(sender)
@@ -226,28 +228,39 @@ class PairLoad:
     def stop(self) -> None:
         self._stopped = True
 
-    def _control_readable(self, fd: int) -> None:
+    def _control_readable(self, control: "Control") -> None:
         """Any line from the coordinator, or its going away, stops the run."""
-        if not os.read(fd, 4096):
-            self.loop.unwatch(fd)
-        self.stop()
+        control.readable()
+        if control.closed:
+            self.loop.unwatch(control.fd)
+        if control.has_line():
+            self.stop()
 
-    def run(self, start: float, control_fd: int | None = None) -> dict:
+    def run(
+        self, start: float, control: "Control | None" = None, rate: float | None = None, duration: float | None = None,
+        warmup: float | None = None,
+    ) -> dict:
+        """One run of the pairs, with the spec's rate, duration and warmup unless given here."""
         spec = self._spec
-        if control_fd is not None:
-            self.loop.watch(control_fd, lambda: self._control_readable(control_fd))
+        rate = spec.rate if rate is None else rate
+        duration = spec.duration if duration is None else duration
+        warmup = spec.warmup if warmup is None else warmup
+        self._stopped = False
+        if control is not None:
+            self.loop.watch(control.fd, lambda: self._control_readable(control))
         while time.monotonic() < start:
             time.sleep(min(0.01, start - time.monotonic()))
-        stats = self.stats
+        stats = self._fresh_stats()
         stats.started_ns = time.monotonic_ns()
-        measure_from = start + spec.warmup
-        stop_at = None if spec.duration is None else measure_from + spec.duration
+        measure_from = start + warmup
+        stop_at = None if duration is None else measure_from + duration
         for sender in self.senders:
             sender.open = True
-        if spec.rate is None:
+            sender.paced = rate is not None
+        if rate is None:
             for sender in self.senders:
                 sender.fill()
-        pacer = _Pacer(self.senders, stats, start, spec.rate) if spec.rate is not None else None
+        pacer = _Pacer(self.senders, stats, start, rate) if rate is not None else None
 
         def tick() -> float | None:
             now = time.monotonic()
@@ -267,10 +280,22 @@ class PairLoad:
         for sender in self.senders:
             sender.open = False
         self._settle()
+        if control is not None:
+            self.loop.unwatch(control.fd)
+        return self._result(measured_from=measure_from, measured_until=measured_until)
+
+    def _fresh_stats(self) -> Stats:
+        """New counters for a run, shared by every sender and recipient."""
+        self.stats = Stats()
+        self.stats.on_connection_lost = self.stop
+        for party in [*self.senders, *self.recipients]:
+            party._stats = self.stats
+        return self.stats
+
+    def close(self) -> None:
         for recipient in self.recipients:
             recipient.running = False
         self.loop.close()
-        return self._result(measured_from=measure_from, measured_until=measured_until)
 
     def _all_answered(self) -> bool:
         return all(sender.replied == sender.sent for sender in self.senders)
@@ -284,6 +309,7 @@ class PairLoad:
         return quotas_met and self._all_answered() and self._caught_up()
 
     def _settle(self) -> None:
+        """Wait for the answers and deliveries still due after the last send (or SETTLE_SECONDS)."""
         deadline = time.monotonic() + self._spec.settle
 
         def tick() -> float | None:
@@ -368,16 +394,44 @@ def _write(message: dict) -> None:
     sys.stdout.buffer.flush()
 
 
+class Control:
+    """The coordinator's lines on stdin, read without a buffer of Python's, so that a run can
+    watch the same descriptor on its epoll (any line stops it) and nothing read is lost."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = b""
+        self.closed = False
+
+    def readable(self) -> None:
+        """Take what is there now (call only when the descriptor is readable)."""
+        chunk = os.read(self.fd, 65536)
+        self._buffer += chunk
+        self.closed = not chunk
+
+    def has_line(self) -> bool:
+        return b"\n" in self._buffer or self.closed
+
+    def read_line(self) -> dict:
+        """The next line, waiting for it; an empty dict at the end of input."""
+        while b"\n" not in self._buffer and not self.closed:
+            self.readable()
+        if b"\n" not in self._buffer:
+            return {}
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json_loads(line)
+
+
 def main() -> None:
-    control = sys.stdin.buffer
-    load = PairLoad(LoadSpec.from_dict(json_loads(control.readline())))
+    control = Control(sys.stdin.fileno())
+    load = PairLoad(LoadSpec.from_dict(control.read_line()))
     load.setup()
     _write({"ready": True})
-    go = json_loads(control.readline() or b"{}")
-    if "start" not in go:
-        return
-    # Any later line (or the coordinator going away) stops the run.
-    _write(load.run(go["start"], control.fileno()))
+    try:
+        while "start" in (go := control.read_line()):
+            _write(load.run(go["start"], control, go.get("rate"), go.get("duration"), go.get("warmup")))
+    finally:
+        load.close()
 
 
 if __name__ == "__main__":

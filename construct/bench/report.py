@@ -44,17 +44,47 @@ def _sum_known(values: list[float | None]) -> float | None:
     return None if not values or any(value is None for value in values) else sum(values)
 
 
+# A load process busier than this (of one core), or sending this late after its messages were
+# due (open loop, p99), was the limit of a run rather than the server.
+LOADGEN_BUSY_PERCENT = 90.0
+LOADGEN_LATE_MS = 10.0
+MACHINE_BUSY_PERCENT = 95.0
+
+
+def limits_of(figures: dict, load_process_percents: list[float]) -> list[str]:
+    """What, besides the server, may have set the pace of a run."""
+    limits = []
+    if load_process_percents and max(load_process_percents) >= LOADGEN_BUSY_PERCENT:
+        limits.append("load generator CPU")
+    lag = figures.get("send_lag_ms")
+    if lag and lag["p99"] is not None and lag["p99"] > LOADGEN_LATE_MS:
+        limits.append("load generator behind its schedule")
+    if figures["machine_cpu_percent"] is not None and figures["machine_cpu_percent"] >= MACHINE_BUSY_PERCENT:
+        limits.append("machine CPU")
+    return limits
+
+
+def _per_message_us(cpu_percent: float | None, messages_per_s: float) -> float | None:
+    """CPU time per message from two rates: CPU (% of a core) and messages per second."""
+    return None if cpu_percent is None or not messages_per_s else round(cpu_percent / 100 / messages_per_s * 1e6, 1)
+
+
 def load_figures(outcome: dict, server_pids: list[int | None], server_rss: list[int | None]) -> dict:
-    """What one load run shows: rates over the measured window, latency, CPU, memory, losses, errors."""
+    """What one load run shows: rates over the measured window, latency, CPU per message (the
+    server's and Redis's own), memory, losses, errors, and what else may have set the pace."""
     measured = outcome["measured"]
     seconds = max(measured["until"] - measured["from"], 1e-9)
-    cpu = outcome["cpu"] or {"processes": {}, "machine": None}
+    cpu = outcome["cpu"] or {"processes": {}, "machine": None, "seconds": None}
     by_pid = cpu["processes"]
     rss = _sum_known(server_rss)
-    return {
+    server_percent = _sum_known([by_pid.get(pid) for pid in server_pids])
+    redis_seconds = outcome.get("redis_cpu_seconds")
+    redis_percent = None if redis_seconds is None or not cpu["seconds"] else 100 * redis_seconds / cpu["seconds"]
+    accepted_per_s = measured["accepted"] / seconds
+    figures = {
         "window_s": round(seconds, 3),
         "offered_per_s": round(measured["sent"] / seconds, 1),
-        "accepted_per_s": round(measured["accepted"] / seconds, 1),
+        "accepted_per_s": round(accepted_per_s, 1),
         "delivered_per_s": round(measured["delivered"] / seconds, 1),
         "latency_ms": latency_summary(outcome["latency_us"]),
         "sent": outcome["sent"],
@@ -64,11 +94,18 @@ def load_figures(outcome: dict, server_pids: list[int | None], server_rss: list[
         "lost": outcome["lost"],
         "unanswered": outcome["unanswered"],
         "errors": outcome["errors"],
-        "server_cpu_percent": _rounded(_sum_known([by_pid.get(pid) for pid in server_pids])),
+        "server_cpu_percent": _rounded(server_percent),
+        "server_cpu_us_per_message": _per_message_us(server_percent, accepted_per_s),
+        "redis_cpu_percent": _rounded(redis_percent),
+        "redis_cpu_us_per_message": _per_message_us(redis_percent, accepted_per_s),
         "server_rss_mb": None if rss is None else round(rss / MB, 1),
         "loadgen_cpu_percent": _rounded(_sum_known([by_pid.get(pid) for pid in outcome["load_pids"]])),
         "machine_cpu_percent": _rounded(cpu["machine"]),
     }
+    if outcome.get("send_lag_us"):
+        figures["send_lag_ms"] = latency_summary(outcome["send_lag_us"])
+    figures["limited_by"] = limits_of(figures, [by_pid[pid] for pid in outcome["load_pids"] if pid in by_pid])
+    return figures
 
 
 def _rounded(value: float | None) -> float | None:
@@ -99,9 +136,15 @@ LOAD_ROWS: list[tuple[str, Callable[[dict], str]]] = [
     ("latency p99.9 ms", lambda f: _number(f["latency_ms"]["p99_9"], 2)),
     ("latency max ms", lambda f: _number(f["latency_ms"]["max"], 2)),
     ("server CPU %", lambda f: _number(f["server_cpu_percent"])),
+    ("server CPU µs per message", lambda f: _number(f["server_cpu_us_per_message"], 1)),
+    ("Redis CPU %", lambda f: _number(f["redis_cpu_percent"]) if f["redis_cpu_percent"] is not None else "-"),
+    ("Redis CPU µs per message", lambda f: _number(f["redis_cpu_us_per_message"], 1)
+     if f["redis_cpu_us_per_message"] is not None else "-"),
     ("server RSS MB", lambda f: _number(f["server_rss_mb"], 1)),
     ("load generator CPU %", lambda f: _number(f["loadgen_cpu_percent"])),
+    ("load generator late p99 ms", lambda f: _number(f["send_lag_ms"]["p99"], 2) if "send_lag_ms" in f else "-"),
     ("machine CPU % (all cores)", lambda f: _number(f["machine_cpu_percent"])),
+    ("also limited by", lambda f: ", ".join(f["limited_by"]) or "-"),
     ("sent / accepted / delivered", lambda f: f"{f['sent']:,} / {f['accepted']:,} / {f['delivered']:,}"),
     ("lost / duplicates", lambda f: f"{f['lost']:,} / {f['duplicates']:,}"),
     ("errors", lambda f: _errors(f["errors"])),
@@ -197,7 +240,40 @@ def _label(key: str) -> str:
     return key.replace("_", " ")
 
 
+def _render_probes(probes: list[dict]) -> list[str]:
+    rows = [[
+        _number(probe["offered_per_s"]), _number(probe["accepted_per_s"]), _number(probe["p99_ms"], 2),
+        "yes" if probe["sustained"] else "no", _errors(probe["errors"]), _number(probe["server_cpu_us_per_message"], 1),
+        "-" if probe["redis_cpu_us_per_message"] is None else _number(probe["redis_cpu_us_per_message"], 1),
+        ", ".join(probe["limited_by"]) or "-",
+    ] for probe in probes]
+    return _table(["offered/s", "accepted/s", "p99 ms", "sustained", "errors", "server µs/msg", "Redis µs/msg",
+                   "also limited by"], rows)
+
+
+def _render_capacity(report: dict) -> list[str]:
+    results = report["results"]
+    capacity = results["capacity_per_s"]
+    lines = _render_probes(results["probes"])
+    lines.append(f"capacity: {'none found' if capacity is None else f'{capacity:,.0f} msg/s'} "
+                 f"(accepted >= 99% of offered, p99 <= {results['p99_bound_ms']:g} ms)")
+    if "construct" in results:
+        lines += ["", "at capacity:", *load_table({"construct": results["construct"]})]
+    return lines
+
+
+def _render_overload(report: dict) -> list[str]:
+    results = report["results"]
+    lines = _render_probes(results["probes"]) + [""] if "probes" in results else []
+    lines.append(f"capacity {results['capacity_per_s']:,.0f} msg/s; offered {results['offered_per_s']:,.0f} msg/s")
+    lines += load_table({"construct": results["construct"]})
+    lines.append(f"accepted: {results['accepted_share_of_capacity']:.1%} of capacity")
+    return lines
+
+
 RENDERERS = {
+    "capacity": _render_capacity,
+    "overload": _render_overload,
     "throughput": _render_load,
     "relay": _render_load,
     "scale-out": _render_load,

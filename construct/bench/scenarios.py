@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from twisted.internet import defer, task
 
@@ -16,7 +16,7 @@ from construct.bench.load import LoadSpec, Recipient, Sender, Stats
 from construct.bench.procstat import CpuMeter, memory_bytes
 from construct.bench.report import MB, latency_between, load_figures
 from construct.bench.server import RunningServer, ServerPlan, bare_relay, construct_servers
-from construct.bench.workers import run_load
+from construct.bench.workers import LoadRun, run_load
 from construct.bench.wire import CODECS, PASSWORD, SendFrames, TCP, TRANSPORTS, WS_MSGPACK, key_bundle
 
 IDLE_CONCURRENCY = 200
@@ -32,15 +32,24 @@ STORM_BEFORE_SECONDS = 5.0
 STORM_BCRYPT_COST = 12
 
 
+# The shape operators see: many users each sending a little, each message to another recipient,
+# offered at a rate (open loop).
+DEFAULT_PAIRS = 1000
+DEFAULT_RATE = 5000.0
+# Capacity: the highest rate sustained with accepted >= SUSTAINED of offered and p99 under a bound.
+SUSTAINED = 0.99
+DEFAULT_P99_BOUND_MS = 50.0
+
+
 @dataclass
 class LoadOptions:
     """How the message load runs, for every scenario that drives pairs."""
 
     transport: str = WS_MSGPACK
-    pairs: int = 10
+    pairs: int = DEFAULT_PAIRS
     processes: int = 1
     window: int = 64
-    rate: float | None = None  # offered msg/s for all pairs; None: as fast as the window allows
+    rate: float | None = DEFAULT_RATE  # offered msg/s for all pairs (open loop); None: closed loop
     messages: int | None = None  # in all; None: run for `duration`
     duration: float = 10.0
     warmup: float = 2.0
@@ -64,8 +73,8 @@ class LoadOptions:
             "transport": self.transport,
             "pairs": self.pairs,
             "load_processes": self.processes,
-            "window": self.window,
-            "offered_rate": self.rate if self.rate is not None else "as fast as possible",
+            "window": self.window if self.rate is None else None,
+            "offered_rate": self.rate if self.rate is not None else "closed loop, as fast as possible",
             "messages": self.messages,
             "duration_seconds": None if self.messages is not None else self.duration,
             "warmup_seconds": self.warmup,
@@ -91,7 +100,7 @@ Placement = Callable[[int], tuple[Target, Target]]
 async def _measure(reactor: Any, load: LoadOptions, servers: list[RunningServer], placement: Placement) -> dict:
     pids = [server.pid for server in servers]
     outcome = await run_load(reactor, load.spec([placement(index) for index in range(load.pairs)]), load.processes,
-                             pids)
+                             pids, redis=servers[0].redis)
     return load_figures(outcome, pids, [server.rss() for server in servers])
 
 
@@ -106,9 +115,9 @@ def _ratio(part: dict, whole: dict) -> float | None:
 
 
 async def _relay_ceiling(reactor: Any, plan: ServerPlan, load: LoadOptions) -> dict:
-    """The bare relay under the same pairs, transport and window, always as fast as possible."""
+    """The bare relay under the same load: the same pairs, transport, window and offered rate."""
     async with bare_relay(reactor, plan) as relay:
-        return await _measure(reactor, replace(load, rate=None), [relay], _on(relay))
+        return await _measure(reactor, load, [relay], _on(relay))
 
 
 async def throughput(reactor: Any, plan: ServerPlan, load: LoadOptions) -> dict:
@@ -124,6 +133,130 @@ async def throughput(reactor: Any, plan: ServerPlan, load: LoadOptions) -> dict:
 async def relay(reactor: Any, plan: ServerPlan, load: LoadOptions) -> dict:
     results = {"bare_relay": await _relay_ceiling(reactor, plan, load)}
     return _report("relay", plan, load.settings(), [], results)
+
+
+def _sustained(figures: dict, rate: float, bound_ms: float) -> bool:
+    p99 = figures["latency_ms"]["p99"]
+    return figures["accepted_per_s"] >= SUSTAINED * rate and p99 is not None and p99 <= bound_ms
+
+
+def _probe_row(rate: float, figures: dict, sustained: bool) -> dict:
+    return {
+        "offered_per_s": rate,
+        "accepted_per_s": figures["accepted_per_s"],
+        "p99_ms": figures["latency_ms"]["p99"],
+        "sustained": sustained,
+        "errors": figures["errors"],
+        "server_cpu_us_per_message": figures["server_cpu_us_per_message"],
+        "redis_cpu_us_per_message": figures["redis_cpu_us_per_message"],
+        "limited_by": figures["limited_by"],
+    }
+
+
+@dataclass
+class Search:
+    """How the capacity search probes: doubling from `start_rate` until a rate is not sustained,
+    then halving the gap until it is under `resolution` of the best rate sustained."""
+
+    p99_bound_ms: float = DEFAULT_P99_BOUND_MS
+    start_rate: float = 1000.0
+    max_rate: float = 100_000.0
+    resolution: float = 0.05
+    probe_seconds: float = 5.0
+    probe_warmup: float = 2.0
+
+
+async def search_capacity(probe: Callable[[float], Awaitable[bool]], search: Search) -> float | None:
+    """The highest rate `probe` says is sustained: doubling from the start rate until one is not,
+    then halving the gap between the best and the worst (None if not even a tenth of the start
+    rate is)."""
+    best, worst, rate = 0.0, None, search.start_rate
+    while rate <= search.max_rate:
+        if not await probe(rate):
+            worst = rate
+            break
+        best, rate = rate, rate * 2
+    floor = search.start_rate / 10
+    while worst is not None and worst - best > search.resolution * max(best, floor):
+        middle = round((best + worst) / 2)
+        if middle < floor:
+            break
+        if await probe(middle):
+            best = middle
+        else:
+            worst = middle
+    return best or None
+
+
+async def _capacity(run: LoadRun, server: RunningServer, search: Search) -> tuple[float | None, list[dict], dict]:
+    """(capacity, every probe, the figures of the best probe) on pairs already set up."""
+    probes: list[dict] = []
+    figures_at: dict[float, dict] = {}
+
+    async def probe(rate: float) -> bool:
+        outcome = await run.measure([server.pid], server.redis, rate=rate, duration=search.probe_seconds,
+                                    warmup=search.probe_warmup)
+        figures = load_figures(outcome, [server.pid], [server.rss()])
+        sustained = _sustained(figures, rate, search.p99_bound_ms)
+        probes.append(_probe_row(rate, figures, sustained))
+        figures_at[rate] = figures
+        return sustained
+
+    found = await search_capacity(probe, search)
+    return found, probes, figures_at.get(found, {})
+
+
+async def capacity(reactor: Any, plan: ServerPlan, load: LoadOptions, search: Search) -> dict:
+    """The highest offered rate the server sustains with p99 under the bound, found by search."""
+    async with construct_servers(reactor, plan) as servers:
+        server = servers[0]
+        run = LoadRun(reactor, load.spec([_on(server)(index) for index in range(load.pairs)]), load.processes)
+        try:
+            await run.start()
+            found, probes, at_capacity = await _capacity(run, server, search)
+        finally:
+            run.kill()
+        described = [server.describe()]
+    results = {"capacity_per_s": found, "p99_bound_ms": search.p99_bound_ms, "probes": probes}
+    if at_capacity:
+        results["construct"] = at_capacity
+    settings = {**load.settings(), "offered_rate": "searched", "duration_seconds": search.probe_seconds,
+                "p99_bound_ms": search.p99_bound_ms}
+    return _report("capacity", plan, settings, described, results)
+
+
+async def overload(
+    reactor: Any, plan: ServerPlan, load: LoadOptions, search: Search, known_capacity: float | None, factor: float,
+) -> dict:
+    """`factor` times the capacity offered (searched first unless known) for `duration` seconds:
+    how much is still accepted, how fast, and what is refused."""
+    async with construct_servers(reactor, plan) as servers:
+        server = servers[0]
+        run = LoadRun(reactor, load.spec([_on(server)(index) for index in range(load.pairs)]), load.processes)
+        probes: list[dict] = []
+        try:
+            await run.start()
+            found = known_capacity
+            if found is None:
+                found, probes, _ = await _capacity(run, server, search)
+            if not found:
+                raise BenchError("no rate was sustained, so there is no capacity to overload")
+            outcome = await run.measure([server.pid], server.redis, rate=factor * found, duration=load.duration,
+                                        warmup=load.warmup)
+        finally:
+            run.kill()
+        figures = load_figures(outcome, [server.pid], [server.rss()])
+        described = [server.describe()]
+    results = {
+        "capacity_per_s": found,
+        "offered_per_s": factor * found,
+        "accepted_share_of_capacity": round(figures["accepted_per_s"] / found, 3),
+        "construct": figures,
+    }
+    if probes:
+        results["probes"] = probes
+    settings = {**load.settings(), "offered_rate": f"{factor:g} x capacity", "factor": factor}
+    return _report("overload", plan, settings, described, results)
 
 
 async def scale_out(reactor: Any, plan: ServerPlan, load: LoadOptions, cross: bool = False) -> dict:
@@ -378,14 +511,15 @@ def _rate_between(outcome: dict, from_s: float, until_s: float) -> float:
 
 async def everything(
     reactor: Any, plan: ServerPlan, load: LoadOptions, rates: list[float], connections: int, drain_messages: int,
-    logins: int,
+    logins: int, search: Search,
 ) -> dict:
     """Every scenario at its usual size, one report each (scale-out only in production mode)."""
     reports = []
     for transport in TRANSPORTS:
-        reports.append(await throughput(reactor, plan, replace(load, transport=transport, rate=None)))
+        reports.append(await throughput(reactor, plan, replace(load, transport=transport)))
     for rate in rates:
         reports.append(await throughput(reactor, plan, replace(load, rate=rate, relay=False)))
+    reports.append(await overload(reactor, plan, load, search, None, 2.0))
     for transport in (WS_MSGPACK, TCP):
         reports.append(await idle(reactor, plan, transport, connections))
     reports.append(await drain(reactor, plan, load.transport, drain_messages, load.window))
@@ -393,5 +527,5 @@ async def everything(
         reactor, plan, replace(load, rate=STORM_RATE), logins, STORM_BEFORE_SECONDS, STORM_BCRYPT_COST
     ))
     if plan.mode == "production":
-        reports.append(await scale_out(reactor, plan, replace(load, rate=None)))
+        reports.append(await scale_out(reactor, plan, load))
     return {"scenario": "all", "reports": reports}

@@ -16,7 +16,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
-from urllib.parse import urlsplit
 
 import psycopg2
 from twisted.internet import task
@@ -35,6 +33,7 @@ from twisted.logger import Logger
 import construct
 from construct.bench.clients import BenchError, Target
 from construct.bench.procstat import memory_bytes
+from construct.bench.redisinfo import RedisInfo
 
 log = Logger()
 
@@ -76,6 +75,8 @@ class RunningServer:
     target: Target
     pid: int | None
     rss_at_start: int | None = None
+    # The Redis it runs on (production mode), for Redis's own CPU counters.
+    redis: RedisInfo | None = None
 
     def rss(self) -> int | None:
         return memory_bytes(self.pid) if self.pid else None
@@ -151,7 +152,6 @@ class ScratchServices:
     def __init__(self, postgres_admin_url: str, redis_url: str) -> None:
         self._admin_url = postgres_admin_url
         self.redis_url = redis_url
-        self._redis = urlsplit(redis_url)
         tag = uuid.uuid4().hex[:12]
         self._database = f"construct_bench_{tag}"
         self.redis_prefix = f"construct-bench:{tag}:"
@@ -176,48 +176,7 @@ class ScratchServices:
 
     def remove(self) -> None:
         self._admin(f"DROP DATABASE IF EXISTS {self._database} WITH (FORCE)")
-        self._delete_redis_keys()
-
-    def _delete_redis_keys(self) -> None:
-        with socket.create_connection((self._redis.hostname or "127.0.0.1", self._redis.port or 6379), 10) as sock:
-            replies = sock.makefile("rb")
-
-            def command(*words: str) -> Any:
-                sock.sendall(_resp_command(words))
-                return _resp_reply(replies)
-
-            if self._redis.password:
-                command("AUTH", *filter(None, [self._redis.username, self._redis.password]))
-            command("SELECT", self._redis.path.strip("/") or "0")
-            cursor = b"0"
-            while True:
-                cursor, keys = command("SCAN", cursor.decode(), "MATCH", f"{self.redis_prefix}*", "COUNT", "1000")
-                if keys:
-                    command("DEL", *(key.decode() for key in keys))
-                if cursor == b"0":
-                    return
-
-
-def _resp_command(words: tuple[str, ...]) -> bytes:
-    parts = [b"*%d\r\n" % len(words)]
-    for word in words:
-        data = word.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
-def _resp_reply(replies: Any) -> Any:
-    """One Redis reply, read from a blocking socket file: enough RESP for SELECT, SCAN and DEL."""
-    line = replies.readline().rstrip(b"\r\n")
-    kind, rest = line[:1], line[1:]
-    if kind == b"-":
-        raise BenchError(f"Redis refused a cleanup command: {rest.decode(errors='replace')}")
-    if kind in (b"+", b":"):
-        return rest
-    if kind == b"$":
-        return None if int(rest) < 0 else replies.read(int(rest) + 2)[:-2]
-    return [_resp_reply(replies) for _ in range(int(rest))]
-
+        RedisInfo(self.redis_url).delete_keys(self.redis_prefix)
 
 # The load comes from one address and a few hundred users sending as fast as they can: the abuse
 # limits would be what is measured. A server the tool only targets (--server) needs them off too.
@@ -277,7 +236,11 @@ async def construct_servers(
                     f"construct-{index + 1}", construct_command(directory, cost, arguments), directory,
                     ("http", "tcp", "health"),
                 ))
-            yield [await process.start(reactor) for process in processes]
+            running = [await process.start(reactor) for process in processes]
+            if services is not None:
+                for server in running:
+                    server.redis = RedisInfo(services.redis_url)
+            yield running
         finally:
             for process in processes:
                 await process.stop(reactor)

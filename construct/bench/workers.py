@@ -20,6 +20,7 @@ from twisted.internet.protocol import ProcessProtocol
 from construct.bench.clients import BenchError
 from construct.bench.load import LoadSpec
 from construct.bench.procstat import CpuMeter
+from construct.bench.redisinfo import RedisInfo
 from construct.bench.server import child_environment
 from construct.bench.wire import json_dumps, json_loads
 
@@ -89,23 +90,22 @@ def _proportion(messages: int, pairs: int, index: int, count: int) -> int:
 
 
 class LoadRun:
-    """Load processes started together, with the CPU of the watched processes over the measured window."""
+    """Load processes with their pairs set up, run once or several times (`measure`), with the
+    CPU of the watched processes, of the machine and of Redis over each measured window."""
 
     def __init__(self, reactor: Any, spec: LoadSpec, processes: int) -> None:
         self._reactor = reactor
         self._spec = spec
         self._specs = share(spec, processes)
         self._processes: list[_LoadProcess] = []
-        self._meter: CpuMeter | None = None
-        self._cpu: dict | None = None
         self.start_at = 0.0
 
     @property
     def pids(self) -> list[int]:
         return [process.pid for process in self._processes]
 
-    async def start(self, watched_pids: list[int | None]) -> None:
-        """Spawn, wait until every process has set up its pairs, then start them all at once."""
+    async def start(self) -> None:
+        """Spawn, and wait until every process has set up its pairs."""
         for spec in self._specs:
             process = _LoadProcess()
             self._reactor.spawnProcess(
@@ -116,35 +116,71 @@ class LoadRun:
         await defer.gatherResults(
             [defer.ensureDeferred(process.reply()) for process in self._processes], consumeErrors=True
         ).addTimeout(READY_TIMEOUT, self._reactor).addErrback(_first_error)
+
+    async def measure(
+        self,
+        watched_pids: list[int | None],
+        redis: RedisInfo | None = None,
+        rate: float | None = None,
+        duration: float | None = None,
+        warmup: float | None = None,
+        while_running: Callable[["LoadRun"], Awaitable[None]] | None = None,
+    ) -> dict:
+        """One run, all processes starting at the same instant, with the spec's rate, duration
+        and warmup unless given; returns the merged results. `while_running` may stop an
+        open-ended run (`stop`)."""
+        rate = self._spec.rate if rate is None else rate
+        duration = self._spec.duration if duration is None else duration
+        warmup = self._spec.warmup if warmup is None else warmup
         self.start_at = time.monotonic() + START_DELAY
-        for process in self._processes:
-            process.send({"start": self.start_at})
-        self._meter = CpuMeter([*watched_pids, *self.pids])
-        measure_from = self.start_at - time.monotonic() + self._spec.warmup
-        self._reactor.callLater(measure_from, self._meter.start)
-        if self._spec.duration is not None:
-            self._reactor.callLater(measure_from + self._spec.duration, self._stop_meter)
-
-    def _stop_meter(self) -> None:
-        if self._cpu is None and self._meter.started:
-            self._cpu = self._meter.stop()
-
-    def stop(self) -> None:
-        """End an open-ended run."""
-        for process in self._processes:
-            process.send({"stop": True})
-
-    async def finish(self) -> dict:
+        for spec, process in zip(self._specs, self._processes):
+            share_of_rate = None if rate is None else rate * len(spec.pairs) / len(self._spec.pairs)
+            process.send({"start": self.start_at, "rate": share_of_rate, "duration": duration, "warmup": warmup})
+        window = _Window(CpuMeter([*watched_pids, *self.pids]), redis)
+        measure_from = self.start_at - time.monotonic() + warmup
+        self._reactor.callLater(measure_from, window.start)
+        if duration is not None:
+            self._reactor.callLater(measure_from + duration, window.stop)
+        if while_running is not None:
+            await while_running(self)
         results = [await process.reply() for process in self._processes]
-        self._stop_meter()
+        window.stop()
         merged = merge(results)
-        merged["cpu"] = self._cpu
+        merged["cpu"], merged["redis_cpu_seconds"] = window.cpu, window.redis_cpu_seconds
         merged["load_pids"] = self.pids
         return merged
+
+    def stop(self) -> None:
+        """End an open-ended run (and, after it, the processes)."""
+        for process in self._processes:
+            process.send({"stop": True})
 
     def kill(self) -> None:
         for process in self._processes:
             process.kill()
+
+
+class _Window:
+    """CPU over a measured window: of processes and the machine, and of Redis by its own count."""
+
+    def __init__(self, meter: CpuMeter, redis: RedisInfo | None) -> None:
+        self._meter = meter
+        self._redis = redis
+        self._redis_start: float | None = None
+        self.cpu: dict | None = None
+        self.redis_cpu_seconds: float | None = None
+
+    def start(self) -> None:
+        self._meter.start()
+        if self._redis is not None:
+            self._redis_start = self._redis.cpu_seconds()
+
+    def stop(self) -> None:
+        if self.cpu is not None or not self._meter.started:
+            return
+        self.cpu = self._meter.stop()
+        if self._redis_start is not None:
+            self.redis_cpu_seconds = self._redis.cpu_seconds() - self._redis_start
 
 
 def _first_error(failure: Any) -> Any:
@@ -157,14 +193,14 @@ async def run_load(
     processes: int,
     watched_pids: list[int | None],
     while_running: Callable[[LoadRun], Awaitable[None]] | None = None,
+    redis: RedisInfo | None = None,
 ) -> dict:
-    """Run the load to its end (or until `while_running` stops it) and merge the processes' results."""
+    """Set up the pairs, run the load once to its end (or until `while_running` stops it), and
+    merge the processes' results."""
     run = LoadRun(reactor, spec, processes)
     try:
-        await run.start(watched_pids)
-        if while_running is not None:
-            await while_running(run)
-        return await run.finish()
+        await run.start()
+        return await run.measure(watched_pids, redis, while_running=while_running)
     finally:
         run.kill()
 
