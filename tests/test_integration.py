@@ -215,6 +215,9 @@ def test_bad_options_and_unreachable_database_exit_with_one_line(tmp_path):
         (["construct", "--listen", "bogus:1"], "--listen"),
         (["construct", "--database", "postgresql://127.0.0.1:1/none"], "cannot use the PostgreSQL"),
         (["construct", "--database", "mysql://x"], "postgresql://"),
+        # An unreachable Redis is the same at startup (afterwards, outages are ridden out).
+        (["construct", "--redis", "redis://127.0.0.1:1/0"], "cannot use Redis at 127.0.0.1:1"),
+        (["construct-worker", "--redis", "redis://127.0.0.1:1/0"], "cannot use Redis at 127.0.0.1:1"),
     ]
     for args, expected in cases:
         result = run_twistd(tmp_path, *args)

@@ -109,9 +109,11 @@ class InstancePresence(RedisPresence):
 
     # Core callbacks
 
-    def sessions_revoked(self, user_id: str, token_hashes: list[str]) -> None:
-        self._hub.on_sessions_revoked(user_id, token_hashes)
-        self._background(self._notify_others(user_id, "revoked", tokenHashes=token_hashes), "revoking sessions")
+    def sessions_revoked(self, user_id: str, token_hashes: list[str], reason: str | None = None) -> None:
+        self._hub.on_sessions_revoked(user_id, token_hashes, reason)
+        self._background(
+            self._notify_others(user_id, "revoked", tokenHashes=token_hashes, reason=reason), "revoking sessions"
+        )
 
     async def _notify_others(self, user_id: str, event: str, **fields: Any) -> None:
         message = event_message(event, user_id, **fields)
@@ -129,7 +131,7 @@ class InstancePresence(RedisPresence):
         elif event["event"] == "redeliver":
             self._hub.redeliver(user_id, event["attachedBefore"])
         elif event["event"] == "revoked":
-            self._hub.on_sessions_revoked(user_id, event["tokenHashes"])
+            self._hub.on_sessions_revoked(user_id, event["tokenHashes"], event.get("reason"))
         else:
             self.log.warn("unknown instance event {event!r}", event=event["event"])
 
