@@ -21,6 +21,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
@@ -298,7 +299,9 @@ class _JsonLinesProtocol(LineOnlyReceiver):
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.channel is not None:
-            self.channel.connection_lost("TCP connection closed")
+            # A clean close says nothing more; a TLS failure says which ("certificate verify failed").
+            why = "" if reason is None or reason.check(ConnectionDone) else f": {reason.value}"
+            self.channel.connection_lost(f"TCP connection closed{why}")
 
 
 class _JsonLinesFactory(Factory):

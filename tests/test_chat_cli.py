@@ -1,0 +1,248 @@
+"""`construct-chat` as a newcomer meets it: the real command against a real server process.
+
+Each test walks one of the ways the client used to hang, lose a message or say the wrong thing:
+a server that is down or restarts, a username taken over by another account, a mistyped
+passphrase or weak password, Ctrl-C, a deleted account, TLS on the raw TCP listener.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import PASSWORD
+from tests.processes import REPO, ServerProcess, process_env
+from tests.test_chat_e2e import PASSPHRASE, Chat
+from tests.test_tls import make_certificates
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class FixedPortServer(ServerProcess):
+    """An embedded server on ports that stay the same across a restart (clients keep their URL)."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.fixed = {name: free_port() for name in ("http", "tcp", "health")}
+        super().__init__(
+            tmp_path, "--data-dir", "data", "--bcrypt-cost", "4",
+            "--listen", f"tcp:{self.fixed['http']}:interface=127.0.0.1",
+            "--tcp", f"tcp:{self.fixed['tcp']}:interface=127.0.0.1",
+            "--health", f"tcp:{self.fixed['health']}:interface=127.0.0.1", *args,
+        )
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.fixed['http']}/ws"
+
+
+def error(result: subprocess.CompletedProcess) -> dict:
+    return json.loads(result.stderr.strip().splitlines()[-1])["error"]
+
+
+def listening(chat: Chat, *args: str) -> subprocess.Popen:
+    """`listen` in the background; returns once it is connected and listening."""
+    command = [sys.executable, "-m", "construct.client", "--server", chat.server, "--state", str(chat.state),
+               *args, "listen"]
+    process = subprocess.Popen(command, env=chat.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    assert "istening" in process.stderr.readline()
+    return process
+
+
+def finished(process: subprocess.Popen, timeout: float = 20) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stdout, stderr
+
+
+def test_a_message_sent_while_the_server_is_down_waits_in_the_outbox(tmp_path):
+    """`send` with the server down exits 3 and keeps the message; the next send delivers both, in order."""
+    server = FixedPortServer(tmp_path).start()
+    alice, bob = Chat(tmp_path, "alice", server.ws), Chat(tmp_path, "bob", server.ws)
+    try:
+        alice.ok("register", "alice")
+        bob.ok("register", "bob")
+        server.stop()
+        down = alice.run("send", "bob", "written while the server was down")
+        assert down.returncode == 3 and "waits in the outbox" in error(down)["message"], down.stderr
+        history = alice.ok("history", "bob")
+        assert [(m["text"], m["status"]) for m in history] == [("written while the server was down", "pending")]
+        server.start()
+        assert alice.ok("send", "bob", "written after")[0]["status"] == "queued"
+        received = bob.ok("listen", "--count", "2", "--timeout", "30")
+        assert [m["text"] for m in received] == ["written while the server was down", "written after"]
+        assert [(m["text"], m["status"]) for m in alice.ok("history", "bob")] == [
+            ("written while the server was down", "sent"), ("written after", "sent")
+        ]
+    finally:
+        server.stop()
+
+
+def test_register_and_login_check_what_they_can_before_asking_more(tmp_path):
+    """Bad usernames, weak passwords and existing state files are refused before any prompt
+    or network call, and a failed registration leaves no state file; a wrong passphrase is
+    said before the password is asked for."""
+    unreachable = Chat(tmp_path, "alice", "ws://127.0.0.1:1/ws")
+    unreachable.env["CONSTRUCT_CHAT_PASSWORD"] = "weakpassword"
+    weak = unreachable.run("register", "alice")
+    assert (weak.returncode, error(weak)["code"]) == (1, "USAGE") and "upper-case" in error(weak)["message"]
+    assert not unreachable.state.exists()
+    bad_name = unreachable.run("register", "a")
+    assert bad_name.returncode == 1 and "not a username" in error(bad_name)["message"]
+
+    server = ServerProcess(tmp_path, "--data-dir", "data", "--bcrypt-cost", "4").start()
+    try:
+        alice = Chat(tmp_path, "alice", f"ws://127.0.0.1:{server.ports['http']}/ws")
+        alice.ok("register", "alice")
+        again = alice.run("register", "alice")
+        assert again.returncode == 1 and "already exists" in error(again)["message"]
+        taken = Chat(tmp_path, "alice-again", alice.server)
+        refused = taken.run("register", "alice")
+        assert (refused.returncode, error(refused)["code"]) == (1, "USERNAME_TAKEN")
+        assert not taken.state.exists() and not Path(f"{taken.state}.history").exists()
+
+        alice.env["CONSTRUCT_CHAT_PASSPHRASE"] = "not the passphrase"
+        del alice.env["CONSTRUCT_CHAT_PASSWORD"]
+        wrong = alice.run("login", "alice")
+        assert (wrong.returncode, error(wrong)["code"]) == (2, "WRONG_PASSPHRASE")
+        alice.env["CONSTRUCT_CHAT_PASSPHRASE"] = PASSPHRASE
+        alice.env["CONSTRUCT_CHAT_PASSWORD"] = "Wrong-password-42"
+        bad_password = alice.run("login", "alice")
+        assert bad_password.returncode == 2 and "it may have been deleted" in error(bad_password)["message"]
+    finally:
+        server.stop()
+
+
+def test_a_reused_username_is_an_identity_change_until_trust(tmp_path):
+    """Bob's account is deleted and someone registers `bob` again: Alice's `send bob` exits 4
+    (not "sent" to the newcomer), the newcomer's messages are refused, until `trust bob` has
+    shown both safety numbers and been confirmed."""
+    server = ServerProcess(tmp_path, "--data-dir", "data", "--bcrypt-cost", "4").start()
+    try:
+        url = f"ws://127.0.0.1:{server.ports['http']}/ws"
+        alice, bob = Chat(tmp_path, "alice", url), Chat(tmp_path, "bob", url)
+        alice.ok("register", "alice")
+        bob.ok("register", "bob")
+        alice.ok("send", "bob", "for the real bob")
+        assert [m["text"] for m in bob.ok("listen", "--once", "--timeout", "30")] == ["for the real bob"]
+        pinned = alice.ok("fingerprint", "bob")[0]["safetyNumber"]
+        deleted = subprocess.run(
+            [sys.executable, "-m", "construct.admin", "user", "delete", "--yes", "bob"], cwd=tmp_path,
+            env=process_env(CONSTRUCT_DATA_DIR=str(tmp_path / "data")), capture_output=True, text=True, timeout=30,
+        )
+        assert deleted.returncode == 0, deleted.stderr
+        newcomer = Chat(tmp_path, "newcomer", url)
+        newcomer.ok("register", "bob")
+
+        refused = alice.run("send", "bob", "meant for the real bob")
+        assert (refused.returncode, error(refused)["code"]) == (4, "IDENTITY_CHANGED"), refused.stderr
+        assert "construct-chat trust bob" in error(refused)["message"]
+        assert newcomer.run("listen", "--once", "--timeout", "3").returncode == 6
+        assert newcomer.ok("send", "alice", "hi, I am bob")
+        quiet = alice.run("listen", "--once", "--timeout", "5")
+        assert quiet.returncode == 6 and "trust bob" in quiet.stderr and quiet.stdout == ""
+
+        unconfirmed = alice.run("trust", "bob")
+        assert unconfirmed.returncode == 1 and "--yes" in error(unconfirmed)["message"]
+        trusted = alice.ok("trust", "bob", "--yes")[0]
+        assert trusted["trusted"] and trusted["pinned"]["safetyNumber"] == pinned
+        assert trusted["safetyNumber"] != pinned and trusted["userId"] != trusted["pinned"]["userId"]
+        assert alice.ok("send", "bob", "welcome, new bob")[0]["status"] == "queued"
+        assert [m["text"] for m in newcomer.ok("listen", "--once", "--timeout", "30")] == ["welcome, new bob"]
+        history = [(m["text"], m["status"]) for m in alice.ok("history", "bob")]
+        assert history == [("for the real bob", "sent"), ("meant for the real bob", "failed"),
+                           ("welcome, new bob", "sent")]
+    finally:
+        server.stop()
+
+
+def test_what_the_listener_says_when_stopped_or_when_the_account_goes(tmp_path):
+    """Ctrl-C stops `listen` with exit 130 and says so (no "reconnecting"); a deleted account
+    ends it with exit 2 saying the account is gone; history of a stranger and sending to
+    oneself are refused with a reason."""
+    server = ServerProcess(tmp_path, "--data-dir", "data", "--bcrypt-cost", "4").start()
+    try:
+        url = f"tcp://127.0.0.1:{server.ports['tcp']}"
+        bob = Chat(tmp_path, "bob", url)
+        bob.ok("register", "bob")
+        unknown = bob.run("history", "carol")
+        assert (unknown.returncode, error(unknown)["code"]) == (5, "NO_SUCH_CONTACT")
+        itself = Chat(tmp_path, "bob", "ws://127.0.0.1:1/ws").run("send", "bob", "note to self")
+        assert itself.returncode == 1 and "yourself" in error(itself)["message"]
+
+        listener = listening(bob)
+        listener.send_signal(signal.SIGINT)
+        status, _, stderr = finished(listener)
+        assert status == 130 and "stopped (Ctrl-C)" in stderr and "reconnecting" not in stderr, stderr
+
+        listener = listening(bob)
+        with socket.create_connection(("127.0.0.1", server.ports["tcp"]), timeout=10) as raw:
+            lines = raw.makefile("rw")
+            for request in ({"type": "login", "payload": {"username": "bob", "password": PASSWORD}},
+                            {"type": "deleteAccount", "payload": {"password": PASSWORD}}):
+                lines.write(json.dumps(request) + "\n")
+                lines.flush()
+                assert json.loads(lines.readline())["type"] in ("loginSuccess", "accountDeleted")
+        status, _, stderr = finished(listener)
+        assert status == 2 and "the account was deleted" in stderr, stderr
+    finally:
+        server.stop()
+
+
+def test_tcps_speaks_json_lines_over_verified_tls(tmp_path):
+    """tcps:// with --ca-file reaches a TLS TCP listener; a client that does not trust its CA is refused."""
+    ca_pem, other_ca_pem = make_certificates(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    (tmp_path / "other.pem").write_bytes(other_ca_pem)
+    tls = f"ssl:0:interface=127.0.0.1:privateKey={tmp_path / 'server.key'}:certKey={tmp_path / 'server.crt'}"
+    server = ServerProcess(tmp_path, "--data-dir", "data", "--bcrypt-cost", "4", "--tcp", tls).start()
+    try:
+        url = f"tcps://localhost:{server.ports['tcp']}"
+        alice, bob = Chat(tmp_path, "alice", url), Chat(tmp_path, "bob", url)
+        for chat in (alice, bob):
+            chat.env["CONSTRUCT_CHAT_CA_FILE"] = str(tmp_path / "ca.pem")
+            chat.ok("register", chat.name)
+        assert alice.ok("send", "bob", "over TLS")[0]["status"] == "queued"
+        assert [m["text"] for m in bob.ok("listen", "--once", "--timeout", "30")] == ["over TLS"]
+        bob.env["CONSTRUCT_CHAT_CA_FILE"] = str(tmp_path / "other.pem")
+        untrusted = bob.run("listen", "--once", "--timeout", "30")
+        assert untrusted.returncode == 3 and "certificate verify failed" in untrusted.stderr
+    finally:
+        server.stop()
+
+
+def test_listen_reconnects_across_a_server_restart_and_says_so(tmp_path, monkeypatch):
+    """A listener stays up across a restart: it reconnects (with backoff), says `reconnected`,
+    and prints what was sent after the restart."""
+    server = FixedPortServer(tmp_path).start()
+    alice, bob = Chat(tmp_path, "alice", server.ws), Chat(tmp_path, "bob", server.ws)
+    try:
+        alice.ok("register", "alice")
+        bob.ok("register", "bob")
+        listener = listening(bob, "--json")
+        started = time.monotonic()
+        server.stop()
+        server.start()
+        alice.ok("send", "bob", "after the restart")
+        line = listener.stdout.readline()
+        assert json.loads(line)["text"] == "after the restart"
+        assert time.monotonic() - started < 30
+        listener.send_signal(signal.SIGINT)
+        status, _, stderr = finished(listener)
+        events = [json.loads(line).get("event") for line in stderr.splitlines() if line.startswith("{")]
+        assert "connectionLost" in events and "reconnected" in events, stderr
+        assert status == 130
+    finally:
+        server.stop()
