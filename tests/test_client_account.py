@@ -335,7 +335,7 @@ def test_history_keeps_the_newest_messages_and_refused_junk_goes_too(users, monk
         assert bob.accept(message, None).status == "undecryptable"
     assert [m["text"] for m in bob.messages()] == ["m2", "m3", "m4"]
     db = bob.history._connection()
-    assert db.execute("SELECT count(*) FROM entries WHERE kind = 'seen'").fetchone()[0] == 5
+    assert db.execute("SELECT count(*) FROM seen").fetchone()[0] == 5
     assert bob.accept(junk[-1], None).status == "duplicate"
 
 

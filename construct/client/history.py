@@ -2,13 +2,16 @@
 
 Kept out of the state file so that a message costs the same however long the history is: the
 state file (keys, sessions, contacts) is rewritten on every change, the history only gets a
-row. Two kinds of rows:
+row, and dropping the oldest rows past the bound costs the same every time. Two tables:
 
-- `message`: one message shown to the user, sent or received, as a SecretBox of its JSON
+- `messages`: one message shown to the user, sent or received, as a SecretBox of its JSON
   entry under the history key (which lives in the encrypted state file). The newest `keep`
   are kept; older ones are deleted as new ones come.
-- `seen`: the id of an incoming message that was handled (shown or refused), so that a message
+- `seen`: the ids of incoming messages that were handled (shown or refused), so that a message
   delivered again is recognised. The newest SEEN_KEPT are kept, so refused junk goes too.
+
+Rows are only ever deleted from the oldest end and `seq` only grows, so the newest N of a table
+are exactly those with `seq > max(seq) - N`.
 
 What the file shows without the key: how many rows there are, and an opaque tag per row
 (HMAC of the message id under the history key). No text, no names, no times.
@@ -33,7 +36,7 @@ from nacl.secret import SecretBox
 # again while it is unacknowledged, and only that many can be.
 SEEN_KEPT = 10_000
 DEFAULT_KEEP = 10_000
-MESSAGE = "message"
+MESSAGE = "messages"
 SEEN = "seen"
 
 
@@ -61,9 +64,7 @@ class HistoryLog:
         tag = self._tag(SEEN, message_id)
         if (SEEN, tag) in self._pending_tags:
             return True
-        return self._connection().execute(
-            "SELECT 1 FROM entries WHERE kind = ? AND tag = ?", (SEEN, tag)
-        ).fetchone() is not None
+        return self._connection().execute("SELECT 1 FROM seen WHERE tag = ?", (tag,)).fetchone() is not None
 
     def mark_seen(self, message_id: str) -> None:
         self._add(SEEN, message_id, None)
@@ -75,7 +76,7 @@ class HistoryLog:
     def messages(self) -> list[dict]:
         """Every message kept, oldest first (those added in this change too)."""
         box = SecretBox(self._opened())
-        rows = self._connection().execute("SELECT box FROM entries WHERE kind = ? ORDER BY seq", (MESSAGE,))
+        rows = self._connection().execute("SELECT box FROM messages ORDER BY seq")
         kept = [json.loads(box.decrypt(row[0])) for row in rows]
         return kept + [entry for kind, _, entry in self._pending if kind == MESSAGE and entry is not None]
 
@@ -104,17 +105,14 @@ class HistoryLog:
         db = self._connection()
         with db:
             for kind, name, entry in pending:
-                sealed = b"" if entry is None else bytes(box.encrypt(json.dumps(entry, ensure_ascii=False).encode()))
-                db.execute(
-                    "INSERT OR IGNORE INTO entries (kind, tag, box) VALUES (?, ?, ?)", (kind, self._tag(kind, name), sealed)
-                )
-            for kind, keep in ((MESSAGE, self.keep), (SEEN, SEEN_KEPT)):
-                if any(item[0] == kind for item in pending):
-                    db.execute(
-                        "DELETE FROM entries WHERE kind = ? AND seq <= "
-                        "(SELECT seq FROM entries WHERE kind = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                        (kind, kind, keep),
-                    )
+                if entry is None:
+                    db.execute("INSERT OR IGNORE INTO seen (tag) VALUES (?)", (self._tag(kind, name),))
+                else:
+                    sealed = bytes(box.encrypt(json.dumps(entry, ensure_ascii=False).encode("utf-8")))
+                    db.execute("INSERT OR IGNORE INTO messages (tag, box) VALUES (?, ?)", (self._tag(kind, name), sealed))
+            for table, keep in ((MESSAGE, self.keep), (SEEN, SEEN_KEPT)):
+                if any(item[0] == table for item in pending):
+                    db.execute(f"DELETE FROM {table} WHERE seq <= (SELECT max(seq) FROM {table}) - ?", (keep,))
 
     def rollback(self) -> None:
         self._pending, self._pending_tags = [], set()
@@ -133,10 +131,9 @@ class HistoryLog:
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")
             db.execute(
-                "CREATE TABLE IF NOT EXISTS entries ("
-                "seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, tag BLOB NOT NULL, box BLOB NOT NULL,"
-                " UNIQUE (kind, tag))"
+                "CREATE TABLE IF NOT EXISTS messages"
+                " (seq INTEGER PRIMARY KEY AUTOINCREMENT, tag BLOB NOT NULL UNIQUE, box BLOB NOT NULL)"
             )
-            db.execute("CREATE INDEX IF NOT EXISTS entries_by_kind ON entries (kind, seq)")
+            db.execute("CREATE TABLE IF NOT EXISTS seen (seq INTEGER PRIMARY KEY AUTOINCREMENT, tag BLOB NOT NULL UNIQUE)")
             self._db = db
         return self._db
