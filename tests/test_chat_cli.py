@@ -8,6 +8,8 @@ passphrase or weak password, Ctrl-C, a deleted account, TLS on the raw TCP liste
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -246,3 +248,112 @@ def test_listen_reconnects_across_a_server_restart_and_says_so(tmp_path, monkeyp
         assert status == 130
     finally:
         server.stop()
+
+
+README = REPO / "README.md"
+
+
+def _sh_blocks(section: str) -> list[list[str]]:
+    """The ```sh blocks of a README section, each as its command lines."""
+    text = README.read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [[line for line in block.split("```", 1)[0].splitlines() if line.strip()]
+            for block in text.split("```sh\n")[1:]]
+
+
+class Terminal:
+    """One terminal of the README: its shell lines run one by one with the exports made so far."""
+
+    def __init__(self, tmp_path: Path, env: dict) -> None:
+        self.tmp_path = tmp_path
+        self.env = env
+        self.exports: list[str] = []
+
+    def script(self, line: str) -> list[str]:
+        if line.startswith("export "):
+            self.exports.append(line)
+        return ["bash", "-c", "\n".join(["set -e", *self.exports, line])]
+
+    def run(self, line: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        result = subprocess.run(self.script(line), env=self.env, cwd=self.tmp_path, capture_output=True, text=True,
+                                timeout=timeout, start_new_session=True)
+        assert result.returncode == 0, (line, result.returncode, result.stdout, result.stderr)
+        return result
+
+    def start(self, line: str) -> subprocess.Popen:
+        return subprocess.Popen(self.script(line), env=self.env, cwd=self.tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _interrupt(process: subprocess.Popen) -> tuple[str, str]:
+    """Ctrl-C, as a terminal sends it: to the whole foreground process group."""
+    os.killpg(process.pid, signal.SIGINT)
+    return process.communicate(timeout=30)
+
+
+def test_the_readme_walkthrough_works_across_a_server_restart(tmp_path):
+    """The README's commands, literally: the server, Bob's terminal (register, listen), the
+    server restarted while Bob listens, Alice's terminal (register, send), Bob's answer and
+    Alice's listen, and both fingerprints."""
+    ports = {name: free_port() for name in ("LISTEN", "TCP", "HEALTH")}
+    env = process_env(
+        HOME=str(tmp_path), CONSTRUCT_CHAT_PASSPHRASE=PASSPHRASE, CONSTRUCT_CHAT_PASSWORD=PASSWORD,
+        CONSTRUCT_CHAT_KDF_COST="interactive", CONSTRUCT_CHAT_SERVER=f"ws://127.0.0.1:{ports['LISTEN']}/ws",
+        CONSTRUCT_BCRYPT_COST="4", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **{f"CONSTRUCT_{name}": f"tcp:{port}:interface=127.0.0.1" for name, port in ports.items()},
+    )
+    (install_and_run,) = _sh_blocks("Install and run")
+    assert install_and_run[1] == "twistd -n construct"
+    bob_lines, alice_lines, _ = _sh_blocks("Chatting from the terminal")
+    prose = README.read_text()
+    for said in ('construct-chat send alice "Hi!"', "construct-chat listen", "construct-chat fingerprint alice",
+                 "construct-chat fingerprint bob", "`[2026-03-01 09:30:00] alice: Hi Bob, it's Alice`", "reconnected"):
+        assert said in prose
+
+    server_terminal = Terminal(tmp_path, env)
+    server = server_terminal.start(install_and_run[1])
+    _wait_for_port(ports["LISTEN"])
+    bob, alice = Terminal(tmp_path, dict(env)), Terminal(tmp_path, dict(env))
+    try:
+        assert [line.split("#")[0].strip() for line in bob_lines[1:]] == ["construct-chat register bob",
+                                                                           "construct-chat listen"]
+        bob.run(bob_lines[0])
+        assert "Registered bob" in bob.run(bob_lines[1]).stdout
+        bob_listening = bob.start(bob_lines[2])
+        assert "Listening" in bob_listening.stderr.readline()
+
+        # The server restarts while Bob listens.
+        _interrupt(server)
+        server = server_terminal.start(install_and_run[1])
+        _wait_for_port(ports["LISTEN"])
+
+        alice.run(alice_lines[0])
+        assert "Registered alice" in alice.run(alice_lines[1]).stdout
+        assert "Sent to bob" in alice.run(alice_lines[2]).stdout
+        shown = bob_listening.stdout.readline()
+        assert re.fullmatch(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] alice: Hi Bob, it's Alice\n", shown), shown
+        _, bob_said = _interrupt(bob_listening)
+        assert "reconnected" in bob_said, bob_said
+
+        bob.run('construct-chat send alice "Hi!"')
+        alice_listening = alice.start("construct-chat listen")
+        assert "Listening" in alice_listening.stderr.readline()
+        assert alice_listening.stdout.readline().endswith("] bob: Hi!\n")
+        _interrupt(alice_listening)
+        numbers = [re.findall(r"\d{5}", terminal.run(f"construct-chat fingerprint {name}").stdout)
+                   for terminal, name in ((alice, "bob"), (bob, "alice"))]
+        assert len(numbers[0]) == 12 and numbers[0] == numbers[1]
+    finally:
+        if server.poll() is None:
+            _interrupt(server)
+
+
+def _wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

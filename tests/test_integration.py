@@ -97,7 +97,8 @@ async def test_users_on_every_transport_chat(server):
     poll = defer.ensureDeferred(http.call("GET", "/v1/messages?wait=10"))
     await task.deferLater(reactor, 0.3, lambda: None)
     late = chat_message(a["userId"], d["userId"])
-    await ws_bin.request("sendMessage", late)
+    # A waiting long-poll counts as connected (protocol.md §7.6): the sender hears "delivered".
+    assert (await ws_bin.request("sendMessage", late))["payload"]["status"] == "delivered"
     status, pending = await poll
     assert status == 200 and [m["id"] for m in pending["messages"]] == [late["id"]]
 
