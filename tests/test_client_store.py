@@ -79,18 +79,18 @@ async def test_history_rows_are_written_with_their_change_and_never_without_it(t
         if fail:
             raise ValueError("no")
 
-    await store.transact(partial(received, text="one"))
+    await store.transact(partial(received, text="first-message-id"))
     with pytest.raises(ValueError):
         await store.transact(partial(received, text="two", fail=True))
     other = StateStore(str(path), "pw", FAST)
-    seen = await other.transact(lambda data, history: (history.seen("one"), history.seen("two")), save=False)
+    seen = await other.transact(lambda data, history: (history.seen("first-message-id"), history.seen("two")), save=False)
     assert seen == (True, False)
     assert [m["text"] for m in await other.transact(lambda data, history: history.messages(), save=False)] == [
-        "the text one"
+        "the text first-message-id"
     ]
     assert await other.read(lambda data: data["n"]) == 1
     stored = b"".join(file.read_bytes() for file in tmp_path.glob("state.json.history*"))
-    assert b"one" not in stored and b"the text" not in stored and len(stored) > 0
+    assert b"first-message-id" not in stored and b"the text" not in stored and len(stored) > 0
     for each in (store, other):
         await each.close()
 
