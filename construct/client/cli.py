@@ -143,7 +143,7 @@ def _common_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
     parser.add_argument(
         "--keep-messages", type=_count, default=default(None),
-        help="how many messages the history keeps, newest first, from now on; remembered in the state "
+        help="how many messages the history keeps (the newest), from now on; remembered in the state "
         "file (env CONSTRUCT_CHAT_KEEP_MESSAGES; default 10000; 0 keeps none)",
     )
 
