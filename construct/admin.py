@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from twisted.internet import task
@@ -30,6 +31,14 @@ from construct.tap import redis_address
 
 PROGRAM = "construct-admin"
 REDIS_CONNECT_SECONDS = 5.0
+# Fields of `user show` that are unix seconds: JSON keeps the number, people get a date.
+TIME_FIELDS = ("createdAt", "keysUpdatedAt")
+
+
+def readable_time(seconds: int | None) -> str:
+    if seconds is None:
+        return "never"
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class UsernameOptions(usage.Options):
@@ -147,7 +156,9 @@ class Admin:
             "keysUpdatedAt": user.keys_updated_at_ms // 1000 if user.keys_updated_at_ms else None,
             "pendingMessages": await inbox.depth(user.id, self._now_ms()),
         }
-        self._print(record, [f"{name}: {value}" for name, value in record.items()])
+        self._print(record, [
+            f"{name}: {readable_time(value) if name in TIME_FIELDS else value}" for name, value in record.items()
+        ])
         return 0
 
     async def _delete(self, db: Database, inbox: Any, username: str, confirmed: bool) -> int:
@@ -166,11 +177,11 @@ class Admin:
             presence = RedisPresence(self._redis, prefix, self._reactor)
             wakeups = RedisWakeUps(self._redis, prefix, presence, PROGRAM)
 
-        def revoked(user_id: str, token_hashes: list[str]) -> None:
+        def revoked(user_id: str, token_hashes: list[str], reason: str | None) -> None:
             # Live connections of the user, on any instance, are told their session ended. The
             # presence lookup goes out now, ahead of the inbox deletion that removes presence.
             if wakeups is not None:
-                notices.append(ensureDeferred(wakeups.revoked_elsewhere(user_id, token_hashes)))
+                notices.append(ensureDeferred(wakeups.revoked_elsewhere(user_id, token_hashes, reason)))
 
         # The same deletion as the user's own deleteAccount (construct.core.deletion).
         deletion = await AccountDeletion(AccountStore(db), inbox, revoked).delete(user.id)

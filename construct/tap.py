@@ -31,7 +31,7 @@ from construct.logs import log_format, use_log_format, user_id_hasher
 from construct.metrics import Metrics
 from construct.protocol.tcp import JsonLinesFactory
 from construct.protocol.ws import ConstructWebSocketFactory
-from construct.redis.client import RedisAddress, RedisClient, RedisSubscriber
+from construct.redis.client import RedisAddress, RedisClient, RedisSubscriber, check_reachable
 from construct.redis.inbox import RedisInbox
 from construct.redis import limits as redis_limits
 from construct.redis.presence import HEARTBEAT_SECONDS, InstancePresence
@@ -67,12 +67,23 @@ def redis_address(text: str) -> RedisAddress:
 
 
 def per_period(text: str) -> Limit:
-    """COUNT/SECONDS, e.g. 600/60; 0 turns the limit off."""
-    count, slash, seconds = text.strip().partition("/")
+    """COUNT/SECONDS, e.g. 600/60; 0 turns the limit off.
+
+    A count without its period (`5`) is refused rather than guessed: some would read it as per
+    second, others per minute or per hour."""
+    count_text, slash, seconds_text = text.strip().partition("/")
+    malformed = ValueError(f"must be COUNT/SECONDS such as 600/60, or 0 for off, not {text!r}")
     try:
-        limit = Limit(int(count), float(seconds) if slash else 1.0)
+        count = int(count_text)
+        period = float(seconds_text) if slash else 0.0
     except ValueError:
-        raise ValueError(f"must be COUNT/SECONDS such as 600/60, or 0 for off, not {text!r}") from None
+        raise malformed from None
+    if count > 0 and not slash:
+        raise ValueError(f"must be COUNT/SECONDS such as {count}/60 (a count alone has no period), not {text!r}")
+    try:
+        limit = Limit(count, period)
+    except ValueError:
+        raise malformed from None
     if limit.count < 0 or (limit.enabled and not 0 < limit.period <= 86400 * 7):
         raise ValueError(f"must be COUNT/SECONDS with a count of 0 or more and 1 to 604800 seconds, not {text!r}")
     return limit
@@ -99,6 +110,9 @@ ABUSE_OPTIONS = {
     "limit-registrations": ("registrations_per_address", "registrations from one client address"),
     "limit-key-fetches": ("key_fetches_per_pair", "fetches of one user's key bundle by one user"),
     "limit-key-fetches-by-user": ("key_fetches_per_requester", "key bundles one user may fetch, of anyone"),
+    "limit-bundle-checks": (
+        "bundle_checks_per_requester", "key bundles one user may read without a one-time prekey (sender checks)",
+    ),
     "limit-prekeys-served": ("prekeys_served_per_user", "one-time prekeys handed out per user (then bundles come without)"),
     "limit-login-failures": ("login_failures_per_address", "failed logins from one client address"),
     "limit-login-failures-per-account": ("login_failures_per_account_address", "failed logins on one account from one address"),
@@ -183,6 +197,16 @@ def open_database(program: str, database_url: str | None, data_dir: str, pool_si
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"{program}: cannot use the {engine.describe()}: {reason}") from None
     return Database(engine, reactor)
+
+
+def require_redis(program: str, address: RedisAddress) -> None:
+    """Stop startup with one line when Redis cannot be used, as for the database; once running,
+    the connections ride out Redis outages by themselves."""
+    try:
+        check_reachable(address)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"{program}: cannot use Redis at {address.host}:{address.port}: {reason}") from None
 
 
 def assemble_core(
@@ -299,6 +323,7 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
         core, worker = build_embedded(db, reactor, options, metrics, run_blocking)
         GuardedTimer(SWEEP_INTERVAL_SECONDS, "delivery sweep", worker.sweep, reactor).setServiceParent(root)
     else:
+        require_redis(PROGRAM, options["redis"])
         core, presence, redis, subscriber = build_production(db, reactor, reactor, options, metrics, run_blocking)
         RedisService(redis, subscriber).setServiceParent(root)
         GuardedTimer(HEARTBEAT_SECONDS, "presence heartbeat", presence.heartbeat, reactor).setServiceParent(root)

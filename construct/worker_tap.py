@@ -27,7 +27,7 @@ from construct.redis.presence import RedisPresence, online_channel
 from construct.redis.service import RedisService
 from construct.redis.wakeups import RedisWakeUps
 from construct.services import GuardedTimer, ListenerService, SequentialMultiService, parse_endpoint
-from construct.tap import SWEEP_INTERVAL_SECONDS, redis_address
+from construct.tap import SWEEP_INTERVAL_SECONDS, redis_address, require_redis
 
 PROGRAM = "construct-worker"
 
@@ -72,8 +72,9 @@ class OnlineListener:
 
     log = Logger()
 
-    def __init__(self, worker: DeliveryWorker) -> None:
+    def __init__(self, worker: DeliveryWorker, redis: RedisClient) -> None:
         self._worker = worker
+        self._redis = redis
 
     def message(self, channel: str, message: str) -> None:
         user_id = json.loads(message)["userId"]
@@ -83,9 +84,14 @@ class OnlineListener:
 
     def subscribed(self) -> None:
         # Announcements sent while we were away are lost; the sweep finds what they would have.
-        ensureDeferred(self._worker.sweep()).addErrback(
+        ensureDeferred(self._sweep()).addErrback(
             lambda f: self.log.warn("sweep after subscribing failed: {error}", error=f.value)
         )
+
+    async def _sweep(self) -> None:
+        # The subscription may be up before the command connection is.
+        await self._redis.when_connected()
+        await self._worker.sweep()
 
 
 def makeService(options: Options, reactor: Any = None) -> SequentialMultiService:
@@ -93,6 +99,7 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
         from twisted.internet import reactor
     health_endpoint = parse_endpoint(reactor, PROGRAM, "health", options["health"])
     address, prefix = options["redis"], options["redis-prefix"]
+    require_redis(PROGRAM, address)
     metrics = Metrics()
     redis = RedisClient(address, reactor)
     presence = RedisPresence(redis, prefix, reactor)
@@ -104,10 +111,14 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     worker = DeliveryWorker(
         inbox, presence.is_online, wakeups, leases, reactor, metrics, options["redelivery-timeout"]
     )
-    listener = OnlineListener(worker)
+    listener = OnlineListener(worker, redis)
     subscriber = RedisSubscriber(address, reactor, [online_channel(prefix)], listener.message, listener.subscribed)
 
     async def sweep() -> None:
+        if not redis.connected:
+            # Not yet (at startup) or not now (Redis down, which the connection logs): the
+            # sweep that follows every (re)subscription makes up for this one.
+            return
         # One worker sweeps per interval; the others skip.
         if await leases.acquire("sweep", options["sweep-interval"] * 0.9):
             await worker.sweep()

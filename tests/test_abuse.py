@@ -91,12 +91,32 @@ async def test_key_fetches_per_requester_and_target(core_factory):
     carol, _ = await register(core, "carol")
     _, b = await register(core, "bob")
     for _ in range(2):
-        reply = await alice.request("getPublicKey", {"userId": b["userId"], "oneTimePrekey": False})
-        assert reply["type"] == "publicKeyBundle"
+        assert (await alice.request("getPublicKey", {"userId": b["userId"]}))["type"] == "publicKeyBundle"
     _rate_limited(await error_reply(alice, "getPublicKey", {"userId": b["userId"]}), 3600)
     # Other requesters, and Alice's own bundle, are not affected.
     assert (await carol.request("getPublicKey", {"userId": b["userId"]}))["type"] == "publicKeyBundle"
     assert (await alice.request("getPublicKey", {"userId": a["userId"]}))["type"] == "publicKeyBundle"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sender_checks_have_their_own_limit_and_spend_nothing_of_the_key_fetch_budget(core_factory):
+    """Bundles read without a one-time prekey (a client checking who sent a message) count on
+    their own per-requester limit: a stranger who makes a client check them many times cannot
+    use up that client's fetches of them, which it needs to start a session."""
+    core = await core_factory(limit_key_fetches=Limit(2, 3600), limit_bundle_checks=Limit(40, 3600))
+    alice, _ = await register(core, "alice")
+    _, m = await register(core, "mallory")
+    _, b = await register(core, "bob")
+    for _ in range(31):
+        reply = await alice.request("getPublicKey", {"userId": m["userId"], "oneTimePrekey": False})
+        assert reply["type"] == "publicKeyBundle"
+    for _ in range(2):
+        assert (await alice.request("getPublicKey", {"userId": m["userId"]}))["type"] == "publicKeyBundle"
+    for _ in range(9):
+        assert (await alice.request("getPublicKey", {"userId": b["userId"], "oneTimePrekey": False}))["type"] == (
+            "publicKeyBundle"
+        )
+    _rate_limited(await error_reply(alice, "getPublicKey", {"userId": b["userId"], "oneTimePrekey": False}), 3600)
 
 
 @pytest_twisted.ensureDeferred
@@ -329,8 +349,10 @@ def test_limit_and_origin_options_parse_as_documented_and_refuse_the_rest():
     assert options["limit-messages"] == Limit(120, 30)
     assert not options["limit-registrations"].enabled
     assert options["allowed-origins"] == ["https://chat.example.org:443", "http://*.example.net:8080"]
-    for bad in ("many", "10/x", "-1/60", "10/0", "10/9999999"):
+    for bad in ("many", "10/x", "-1/60", "10/0", "10/9999999", "5"):
         with pytest.raises(SystemExit, match="--limit-messages must be COUNT/SECONDS"):
             Options(environ={}).parseOptions(["--limit-messages", bad])
+    with pytest.raises(SystemExit, match="such as 5/60 .a count alone has no period"):
+        Options(environ={}).parseOptions(["--limit-messages", "5"])
     with pytest.raises(SystemExit, match="--allowed-origins must be comma-separated origin patterns"):
         Options(environ={}).parseOptions(["--allowed-origins", "https://a.example,,"])

@@ -88,7 +88,8 @@ async def test_delete_account_removes_everything(core_factory, backend, clock, t
         assert (await _reply(alice_client, "getPrekeyCount"))["payload"]["count"] == 5
 
         assert await _reply(alice_client, "deleteAccount", {"password": PASSWORD}) == {"type": "accountDeleted"}
-        assert (await other_connection.next_of("sessionExpired"))["type"] == "sessionExpired"
+        # It says why, so a client does not ask its user to log in to an account that is gone.
+        assert (await other_connection.next_of("sessionExpired")).get("payload") == {"reason": "accountDeleted"}
         assert (await _error(alice_client, "getPrekeyCount", {}))["code"] == "AUTH_REQUIRED"
         assert not await core.hub.is_online(alice["userId"])
 
@@ -179,7 +180,7 @@ async def test_admin_delete_removes_everything(mode, tmp_path, request):
         assert json.loads(deleted.stdout) == {"deleted": a["userId"]}
         if mode == "production":
             # Embedded mode has no channel from construct-admin to the server (docs/operations.md).
-            assert (await live.next_of("sessionExpired"))["type"] == "sessionExpired"
+            assert (await live.next_of("sessionExpired")).get("payload") == {"reason": "accountDeleted"}
 
         assert sql_rows_mentioning(database, a["userId"], "zed-alice") == []
         if redis is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 
 import pytest
 import pytest_twisted
@@ -59,6 +61,11 @@ async def test_admin_shows_counts_and_deletes_a_user(mode, tmp_path, request):
         assert shown.returncode == 0, shown.stderr
         record = json.loads(shown.stdout)
         assert (record["userId"], record["username"], record["pendingMessages"]) == (a["userId"], "alice", 3)
+        # People read dates; JSON keeps unix seconds.
+        assert abs(record["createdAt"] - time.time()) < 600
+        human = admin(tmp_path, "user", "show", "alice", env=settings).stdout
+        created = datetime.fromtimestamp(record["createdAt"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        assert f"createdAt: {created}" in human and str(record["createdAt"]) not in human
         stats = json.loads(admin(tmp_path, "--json", "stats", env=settings).stdout)
         assert stats["users"] == 2 and stats["pendingMessages"] == 3 and stats["keyBundles"] == 2
 

@@ -207,6 +207,7 @@ def test_exit_statuses_and_json_errors(tmp_path):
     chat.state = tmp_path / "nobody.state"
     missing = chat.run("whoami")
     assert (missing.returncode, error(missing)) == (1, "NO_STATE")
+    chat.state = tmp_path / "alice.state"
     del chat.env["CONSTRUCT_CHAT_PASSPHRASE"]
     unattended = chat.run("whoami")
     assert unattended.returncode == 1 and "CONSTRUCT_CHAT_PASSPHRASE" in unattended.stderr

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import pytest_twisted
 from nacl.pwhash import argon2id
 from twisted.internet import defer, reactor, task
 
 from construct.client import messenger as messenger_module
-from construct.client.crypto import verify_key_bundle
+from construct.client.crypto import IdentityKeys, b64encode, envelope_context, verify_key_bundle
+from construct.client.ratchet import Session
 from construct.client.messenger import Messenger
 from construct.client.state import KdfParams
 from construct.client.store import StateStore
 from construct.client.transport import AuthenticationFailed, ServerAddress, ServerError
+from construct.core.limits import Limit
 from construct.errors import ConstructError, rate_limited
 from construct.protocol import codec
 from construct.protocol.connection import AddressCounts, ConnectionTracker
@@ -183,3 +187,64 @@ async def test_revoked_session_ends_listening(core, server, tmp_path):
     assert (await other.request("changePassword", change))["type"] == "changePasswordSuccess"
     with pytest.raises(AuthenticationFailed):
         await listening.addTimeout(10, reactor)
+
+
+def _forged_initial(mallory_id: str, bob_id: str, bob_bundle: dict) -> dict:
+    """An initial message from Mallory's account whose X3DH header claims made-up identity keys:
+    Bob can only reject it after checking Mallory's bundle."""
+    session = Session.initiate(IdentityKeys.generate(), verify_key_bundle(bob_bundle, bob_id))
+    message_id = str(uuid.uuid4())
+    key, number, content = session.encrypt(b"let me in", envelope_context(mallory_id, bob_id, message_id))
+    return {"id": message_id, "from": mallory_id, "to": bob_id, "ephemeralPublicKey": b64encode(key),
+            "messageNumber": number, "content": content, "timestamp": 1}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest_twisted.ensureDeferred
+async def test_a_stranger_cannot_stall_the_queue(core_factory, tmp_path, monkeypatch):
+    """31 forged first messages ahead of a real one: each would need a check of the sender's
+    bundle. They cost one fetch (the result is cached), and when checks are refused
+    (RATE_LIMITED) the message is set aside, unacknowledged, instead of holding up the rest."""
+    # Bob checks Alice once when she first writes, then Mallory once; Trudy finds the budget spent.
+    core = await core_factory(limit_bundle_checks=Limit(2, 3600))
+    server = Server(core)
+    try:
+        alice = Messenger(reactor, StateStore(str(tmp_path / "alice.state"), "pw", FAST), server.address, codec.JSON)
+        bob = Messenger(reactor, StateStore(str(tmp_path / "bob.state"), "pw", FAST), server.address, codec.JSON)
+        await alice.register(str(server.address), "alice", PASSWORD)
+        bob_id = (await bob.register(str(server.address), "bob", PASSWORD))["userId"]
+        await alice.send("bob", "hello")
+        await bob.listen(lambda entry: None, count=1)
+        mallory, m = await register(core, "mallory")
+        bob_bundle = (await mallory.request("getPublicKey", {"userId": bob_id}))["payload"]
+        fetches: list[tuple[str, bool]] = []
+        real_get = core.keys.get
+
+        def counted(user_id, requester_id, wants_prekey=True):
+            fetches.append((user_id, wants_prekey))
+            return real_get(user_id, requester_id, wants_prekey)
+
+        monkeypatch.setattr(core.keys, "get", counted)
+        for _ in range(31):
+            reply = await mallory.request("sendMessage", _forged_initial(m["userId"], bob_id, bob_bundle))
+            assert reply["type"] == "ack"
+        # A second stranger's check is refused: its message waits, and the queue goes on.
+        trudy, t = await register(core, "trudy")
+        waiting = _forged_initial(t["userId"], bob_id, bob_bundle)
+        assert (await trudy.request("sendMessage", waiting))["type"] == "ack"
+        await alice.send("bob", "the real message")
+        warnings: list[str] = []
+        bob.on_warning = warnings.append
+        received: list[dict] = []
+        await defer.ensureDeferred(bob.listen(received.append, count=1)).addTimeout(20, reactor)
+        assert [entry["text"] for entry in received] == ["the real message"]
+        assert fetches.count((m["userId"], False)) == 1
+        assert sum("dropped message" in w and m["userId"] in w for w in warnings) == 31
+        assert any(waiting["id"] in w and "refuses key bundle checks" in w for w in warnings)
+        # Mallory's are acknowledged and gone; Trudy's waits on the server for a later check.
+        assert [entry.message_id for entry in await core.messaging.pending(bob_id, 100)] == [waiting["id"]]
+        for messenger in (alice, bob):
+            await messenger.close()
+    finally:
+        await server.port.stopListening()
+        server.cut()

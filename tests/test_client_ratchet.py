@@ -29,6 +29,7 @@ from construct.client.crypto import (
 )
 from construct.client.ratchet import (
     MAX_SKIP,
+    MAX_SKIPPED_AGE_SECONDS,
     MAX_SKIPPED_TOTAL,
     VERSION_INITIAL,
     VERSION_NORMAL,
@@ -38,6 +39,7 @@ from construct.client.ratchet import (
 
 ALICE_ID = "11111111-2222-4333-8444-555555555555"
 BOB_ID = "99999999-8888-4777-8666-555555555555"
+NOW = 1_800_000_000.0
 LOW_ORDER_POINT = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")
 
 
@@ -85,14 +87,14 @@ def send(session: Session, sender: str, recipient: str, plaintext: bytes) -> Wir
 
 
 def receive(session: Session, wire: Wire) -> bytes:
-    return session.decrypt(wire.ratchet_public, wire.number, wire.content, wire.context)
+    return session.decrypt(wire.ratchet_public, wire.number, wire.content, wire.context, now=NOW)
 
 
 def accept(bob: Party, wire: Wire) -> tuple[Session, bytes]:
     """Bob's handling of a first message: build the session, burn the OPK."""
     session, plaintext, opk_id = Session.from_initial(
         bob.identity, bob.signed_prekeys, bob.one_time_prekeys,
-        wire.ratchet_public, wire.number, wire.content, wire.context,
+        wire.ratchet_public, wire.number, wire.content, wire.context, now=NOW,
     )
     if opk_id is not None:
         del bob.one_time_prekeys[opk_id]
@@ -227,7 +229,7 @@ def test_from_initial_rejects_normal_message():
     wire = send(b, BOB_ID, ALICE_ID, b"x")
     with pytest.raises(DecryptionError):
         Session.from_initial(alice.identity, alice.signed_prekeys, alice.one_time_prekeys,
-                             wire.ratchet_public, wire.number, wire.content, wire.context)
+                             wire.ratchet_public, wire.number, wire.content, wire.context, now=NOW)
 
 
 def test_is_ratchet_content():
@@ -432,6 +434,43 @@ def test_skipped_store_is_bounded():
     assert receive(b, newest) == str(MAX_SKIP - 2).encode()
 
 
+def test_skipped_keys_expire_after_a_while():
+    """A key kept for a message that never came is dropped MAX_SKIPPED_AGE_SECONDS later: the
+    message no longer decrypts (a later theft of the state cannot read it); fresh ones do."""
+    _, _, a, b = pair()
+    late, on_time, recent = (send(a, "s", "r", text) for text in (b"late", b"on time", b"recent"))
+    b.decrypt(recent.ratchet_public, recent.number, recent.content, recent.context, now=NOW)
+    assert len(b.to_dict()["skipped"]) == 2
+    just_in_time = NOW + MAX_SKIPPED_AGE_SECONDS
+    assert b.decrypt(on_time.ratchet_public, on_time.number, on_time.content, on_time.context, now=just_in_time) == (
+        b"on time"
+    )
+    after = send(a, "s", "r", b"after")
+    assert b.decrypt(after.ratchet_public, after.number, after.content, after.context, now=just_in_time + 1) == (
+        b"after"
+    )
+    assert b.to_dict()["skipped"] == []
+    # Its key is gone: it is refused like a replay.
+    with pytest.raises(ReplayError):
+        b.decrypt(late.ratchet_public, late.number, late.content, late.context, now=just_in_time + 2)
+
+
+def test_a_version_1_state_keeps_its_skipped_keys_and_stamps_them_when_next_used():
+    """Sessions saved before skipped keys had times still read their delayed messages; the keys
+    count their age from the first decrypt after the upgrade."""
+    _, _, a, b = pair()
+    delayed, newer = send(a, "s", "r", b"delayed"), send(a, "s", "r", b"newer")
+    receive(b, newer)
+    old = b.to_dict()
+    old["version"] = 1
+    old["skipped"] = [item[:3] for item in old["skipped"]]
+    restored = Session.from_dict(old)
+    later = NOW + 10 * MAX_SKIPPED_AGE_SECONDS
+    assert restored.decrypt(delayed.ratchet_public, delayed.number, delayed.content, delayed.context, now=later) == (
+        b"delayed"
+    )
+
+
 def test_too_large_plaintext_leaves_session_unchanged():
     """encrypt raises MessageTooLarge without advancing the chain."""
     _, _, a, b = pair()
@@ -469,7 +508,7 @@ def test_from_dict_rejects_malformed_state():
     """A damaged session dict raises CryptoError, not a random exception."""
     _, _, a, _ = pair()
     good = a.to_dict()
-    for bad in ({}, dict(good, version=2), dict(good, ns=-1), dict(good, rootKey="x"),
+    for bad in ({}, dict(good, version=3), dict(good, ns=-1), dict(good, rootKey="x"),
                 dict(good, skipped=[["a"]]), dict(good, sendInitial="yes"), dict(good, dhr=5)):
         with pytest.raises(CryptoError):
             Session.from_dict(bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+from functools import partial
 
 import pytest
 import pytest_twisted
@@ -10,6 +11,7 @@ from nacl.pwhash import argon2id
 from twisted.internet import defer
 
 from construct.client import state as state_module
+from construct.client.crypto import b64encode
 from construct.client.state import KdfParams, WrongPassphrase, load_state, load_state_with_key, save_state
 from construct.client.store import StateExists, StateStore
 
@@ -60,6 +62,37 @@ async def test_update_saves_and_a_failing_update_changes_nothing(tmp_path):
         await store.update(broken)
     assert await store.read(lambda data: data["items"]) == [1]
     assert load_state(path, "pw") == {"items": [1]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_rows_are_written_with_their_change_and_never_without_it(tmp_path):
+    """What a transaction adds to the history file is there once it returns, nothing of it when it
+    raises, and the file keeps no readable text; a second process's store sees it."""
+    path = tmp_path / "state.json"
+    store = StateStore(str(path), "pw", FAST)
+    await store.create({"historyKey": b64encode(bytes(range(32))), "keepMessages": 10, "n": 0})
+
+    def received(data, history, text, fail=False):
+        history.mark_seen(text)
+        history.add_message({"id": text, "direction": "in", "peer": "p", "text": f"the text {text}"})
+        data["n"] += 1
+        if fail:
+            raise ValueError("no")
+
+    await store.transact(partial(received, text="first-message-id"))
+    with pytest.raises(ValueError):
+        await store.transact(partial(received, text="two", fail=True))
+    other = StateStore(str(path), "pw", FAST)
+    seen = await other.transact(lambda data, history: (history.seen("first-message-id"), history.seen("two")), save=False)
+    assert seen == (True, False)
+    assert [m["text"] for m in await other.transact(lambda data, history: history.messages(), save=False)] == [
+        "the text first-message-id"
+    ]
+    assert await other.read(lambda data: data["n"]) == 1
+    stored = b"".join(file.read_bytes() for file in tmp_path.glob("state.json.history*"))
+    assert b"first-message-id" not in stored and b"the text" not in stored and len(stored) > 0
+    for each in (store, other):
+        await each.close()
 
 
 @pytest_twisted.ensureDeferred

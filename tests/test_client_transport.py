@@ -6,10 +6,12 @@ import json
 
 import pytest
 import pytest_twisted
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
+from construct.client import transport
 from construct.client.transport import (
     AuthenticationFailed,
     ConnectFailed,
@@ -66,10 +68,12 @@ async def server():
 
 
 def test_server_addresses():
-    """ws, wss and tcp URLs parse with their default ports; anything else is refused."""
+    """ws, wss, tcp and tcps URLs parse with their default ports; anything else is refused."""
     assert ServerAddress.parse("ws://127.0.0.1:8080/ws") == ServerAddress("ws", "127.0.0.1", 8080, "/ws")
     assert str(ServerAddress.parse("wss://chat.example.org/ws")) == "wss://chat.example.org:443/ws"
     assert str(ServerAddress.parse("tcp://localhost")) == "tcp://localhost:8081"
+    assert str(ServerAddress.parse("tcps://chat.example.org:9443")) == "tcps://chat.example.org:9443"
+    assert ServerAddress.parse("tcps://chat.example.org").lines
     for bad in ("http://x/", "127.0.0.1:8080", "ws://", "tcp://host:port"):
         with pytest.raises(ValueError):
             ServerAddress.parse(bad)
@@ -179,3 +183,87 @@ async def test_acknowledge_is_confirmed_by_a_ping(server):
     with pytest.raises(ServerError):
         await channel.acknowledge(["bad"])
     await link.stop()
+
+
+class _ClosingWebSocket(WebSocketServerProtocol):
+    """Answers every request; told to, it sends a close frame and stops reading, as a server
+    does in its shutdown window, so the client sits in the closing state."""
+
+    def onOpen(self) -> None:
+        self.factory.connections.append(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        frame = json.loads(payload)
+        self.factory.received.append(frame["type"])
+        answer = {"connect": "connectSuccess"}.get(frame["type"], "pong")
+        self.sendMessage(json.dumps({"type": answer, "requestId": frame.get("requestId")}).encode())
+
+    def close_and_stop_reading(self) -> None:
+        self.sendCloseFrame(code=1001, reasonUtf8=b"shutting down", isReply=False)
+        self.transport.pauseProducing()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keepalive_in_the_servers_shutdown_window_does_not_stop_reconnecting(monkeypatch):
+    """A keepalive ping that lands while the WebSocket is closing ("Attempt to send on a closed
+    protocol") neither kills the keepalive nor the link: it reconnects and says so."""
+    monkeypatch.setattr(transport, "KEEPALIVE_SECONDS", 0.05)
+    factory = WebSocketServerFactory()
+    factory.protocol = _ClosingWebSocket
+    factory.connections, factory.received = [], []
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    address = ServerAddress.parse(f"ws://127.0.0.1:{port.getHost().port}/ws")
+    statuses: list[tuple[str, str]] = []
+    link = Link(reactor, address, codec.JSON, lambda frame: None, FAST_RETRY, on_status=lambda *s: statuses.append(s))
+
+    async def authenticate(channel):
+        await channel.request("connect", {"sessionToken": "t"})
+
+    link.authenticate = authenticate
+    try:
+        first = await link.channel()
+        factory.connections[0].close_and_stop_reading()
+        await first.closed
+        second = await link.channel()
+        assert second is not first
+        while not statuses or statuses[-1][0] != "reconnected":
+            await task.deferLater(reactor, 0.02, lambda: None)
+        assert [event for event, _ in statuses] == ["lost", "reconnected"]
+        assert "1001" in statuses[0][1] or "1006" in statuses[0][1]
+        # Keepalives go on, on the new connection.
+        pings = factory.received.count("ping")
+        await task.deferLater(reactor, 0.3, lambda: None)
+        assert factory.received.count("ping") > pings
+    finally:
+        await link.stop()
+        await port.stopListening()
+        for connection in factory.connections:
+            connection.transport.abortConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_answers_a_close_at_once():
+    """When the server closes, the client answers the close handshake right away (the server's
+    close is clean and quick), so a shutting-down server need not wait for it."""
+    closed: list[tuple[bool, float]] = []
+
+    class Server(_ClosingWebSocket):
+        def onClose(self, wasClean, code, reason) -> None:
+            closed.append((wasClean, reactor.seconds()))
+
+    factory = WebSocketServerFactory()
+    factory.protocol = Server
+    factory.connections, factory.received = [], []
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    address = ServerAddress.parse(f"ws://127.0.0.1:{port.getHost().port}/ws")
+    link = Link(reactor, address, codec.JSON, lambda frame: None, FAST_RETRY)
+    try:
+        await link.channel()
+        started = reactor.seconds()
+        factory.connections[0].sendCloseFrame(code=1001, reasonUtf8=b"shutting down", isReply=False)
+        while not closed:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert closed[0][0] is True and closed[0][1] - started < 0.5
+    finally:
+        await link.stop()
+        await port.stopListening()

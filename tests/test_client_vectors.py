@@ -96,12 +96,14 @@ def test_the_conversation_replays_byte_for_byte():
                 opk = OneTimePrekey(me["oneTimePrekey"]["keyId"], bytes.fromhex(me["oneTimePrekey"]["privateKey"]))
                 session, plaintext, used = Session.from_initial(
                     identities[recipient], {spk.key_id: spk}, {opk.key_id: opk}, ratchet_public,
-                    message["messageNumber"], message["content"], context, random_bytes,
+                    message["messageNumber"], message["content"], context, random_bytes, now=0,
                 )
                 assert used == opk.key_id
             else:
                 session = Session.from_dict(sessions[recipient].to_dict(), random_bytes)
-                plaintext = session.decrypt(ratchet_public, message["messageNumber"], message["content"], context)
+                plaintext = session.decrypt(
+                    ratchet_public, message["messageNumber"], message["content"], context, now=0
+                )
             assert plaintext == message["plaintext"].encode()
             assert random_bytes.left == []
             sessions[recipient] = session

@@ -282,6 +282,17 @@ async def test_live_message_is_pushed_and_acked_delivered(core):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_message_to_oneself_is_relayed_like_any_other(core):
+    """protocol.md §6.5: `to` may be the sender (only the reference client refuses to send one)."""
+    alice, a = await register(core, "alice")
+    message = chat_message(a["userId"], a["userId"])
+    alice.send("sendMessage", message)
+    frames = [await alice.next(), await alice.next()]
+    assert sorted(frame["type"] for frame in frames) == ["ack", "message"]
+    assert next(f for f in frames if f["type"] == "message")["payload"]["id"] == message["id"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_offline_messages_wait_and_are_redelivered_until_acked(core):
     """Queued messages arrive in order on login, again on every reconnect, never after ackMessage."""
     alice, a = await register(core, "alice")

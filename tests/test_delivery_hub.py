@@ -31,7 +31,7 @@ class Connection:
     def push_message(self, message: dict) -> None:
         self.pushed.append(message["id"])
 
-    def session_revoked(self) -> None:
+    def session_revoked(self, reason: str | None = None) -> None:
         raise AssertionError("not expected")
 
 

@@ -101,7 +101,8 @@ async def test_users_on_every_transport_chat(server):
     poll = defer.ensureDeferred(http.call("GET", "/v1/messages?wait=10"))
     await task.deferLater(reactor, 0.3, lambda: None)
     late = chat_message(a["userId"], d["userId"])
-    await ws_bin.request("sendMessage", late)
+    # A waiting long-poll counts as connected (protocol.md §7.6): the sender hears "delivered".
+    assert (await ws_bin.request("sendMessage", late))["payload"]["status"] == "delivered"
     status, pending = await poll
     assert status == 200 and [m["id"] for m in pending["messages"]] == [late["id"]]
 
@@ -219,6 +220,9 @@ def test_bad_options_and_unreachable_database_exit_with_one_line(tmp_path):
         (["construct", "--listen", "bogus:1"], "--listen"),
         (["construct", "--database", "postgresql://127.0.0.1:1/none"], "cannot use the PostgreSQL"),
         (["construct", "--database", "mysql://x"], "postgresql://"),
+        # An unreachable Redis is the same at startup (afterwards, outages are ridden out).
+        (["construct", "--redis", "redis://127.0.0.1:1/0"], "cannot use Redis at 127.0.0.1:1"),
+        (["construct-worker", "--redis", "redis://127.0.0.1:1/0"], "cannot use Redis at 127.0.0.1:1"),
     ]
     for args, expected in cases:
         result = run_twistd(tmp_path, *args)

@@ -104,6 +104,9 @@ async def test_cross_instance_live_offline_and_fifo(cluster):
     assert ids == [m["id"] for m in backlog + during]
     for client in (alice, bob):
         await client.close()
+    # A worker starting with Redis up does not sweep before its connection is ready.
+    for worker in cluster.workers.values():
+        assert "failed" not in worker.log_text() and "#critical]" not in worker.log_text(), worker.log_text()
 
 
 @pytest_twisted.ensureDeferred

@@ -2,23 +2,31 @@
 
 The state is one JSON-able dict, kept encrypted by `construct.client.store`:
 
-    {"version": 1, "server": "ws://…",
+    {"version": 2, "server": "ws://…",
      "identity": IdentityKeys.to_dict(),
      "account": {"userId", "username", "sessionToken", "expires"} or None,
      "signedPrekeys": [{"keyId", "privateKey", "createdAt", "published", "retiredAt"}, …]  newest first,
      "oneTimePrekeys": [{"keyId", "privateKey"}, …], "nextPrekeyId": int,
-     "contacts": {userId: {"username", "masterKey", "identityKey", "pinnedAt"}},
+     "contacts": {userId: {"username", "masterKey", "identityKey", "pinnedAt", "bundleTime",
+                           "formerIds": [userId, …]}},
      "sessions": {userId: [Session.to_dict(), …]}   the one to send on first,
-     "history": [entry, …]   in the order sent or received,
-     "outbox": [ChatMessage, …]   encrypted and saved, not yet acknowledged by the server}
+     "outbox": [{"id", "peerName", "peer", "text", "createdAt", "message"}, …]   in the order
+         written; `peer` is None until the name is looked up, `message` (the ChatMessage) None
+         until encrypted; an entry leaves when the server has it or refused it for good,
+     "historyKey": b64 of 32 bytes, "keepMessages": int   the history file's (construct.client.history)}
 
-Every function here takes the dict, changes it in place and returns what the caller needs; the
-store runs them on a copy and saves the copy, so a function that raises changes nothing.
-Times are unix seconds passed in by the caller.
+A contact is pinned on first contact: its user id, under its username, and its master key. A
+name that comes to mean another account, or a master key that changes, is an IdentityChanged
+until the user runs `trust` (`trust_contact`).
+
+Every function here takes the dict (and the history, for those that record messages), changes
+it in place and returns what the caller needs; the store runs them on a copy and saves the
+copy, so a function that raises changes nothing. Times are unix seconds passed in by the caller.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +36,9 @@ from construct.client.crypto import (
     CryptoError,
     DecryptionError,
     IdentityKeys,
+    MAX_PLAINTEXT,
+    InvalidBundle,
+    MessageTooLarge,
     OneTimePrekey,
     ReplayError,
     SignedPrekey,
@@ -38,9 +49,11 @@ from construct.client.crypto import (
     generate_one_time_prekeys,
     make_key_bundle,
 )
+from construct.client.history import DEFAULT_KEEP, HistoryLog
 from construct.client.ratchet import VERSION_INITIAL, Session, is_ratchet_content
+from construct.client.x3dh import HEADER_SIZE, InitialHeader
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 PREKEY_BATCH = 100
 # Top the server's pool up to PREKEY_BATCH when fewer than this many are left.
 PREKEY_LOW_WATER = 25
@@ -56,18 +69,30 @@ class NotRegistered(Exception):
 
 
 class IdentityChanged(Exception):
-    """A contact's master identity key is not the one pinned on first contact."""
+    """A contact is not who was pinned: another master key, or the name now means another account."""
 
-    def __init__(self, username: str) -> None:
+    def __init__(self, username: str, detail: str) -> None:
         super().__init__(
-            f"{username}'s identity key has changed since you first talked. The server may be "
-            f"impersonating them; compare safety numbers out of band before trusting this account."
+            f"{detail} The server may be impersonating {username}. Check the safety number with "
+            f"{username} in person or over another channel, then run: construct-chat trust {username}"
         )
         self.username = username
 
 
 class SenderUnverified(Exception):
     """The keys an initial message claims cannot be matched with the sender's signed bundle."""
+
+
+class StaleBundle(InvalidBundle):
+    """A contact's bundle is older than one already seen: a server replaying an old signed prekey."""
+
+
+class SelfMessage(Exception):
+    """Messages to oneself are not supported (one state cannot be both ends of a session)."""
+
+
+class NoSuchContact(Exception):
+    """No contact of this name in the state file."""
 
 
 @dataclass(frozen=True)
@@ -110,9 +135,40 @@ def new_state(server: str, now: float) -> dict[str, Any]:
         "nextPrekeyId": 1,
         "contacts": {},
         "sessions": {},
-        "history": [],
         "outbox": [],
+        "historyKey": b64encode(os.urandom(32)),
+        "keepMessages": DEFAULT_KEEP,
     }
+
+
+def upgrade(data: dict[str, Any], history: HistoryLog) -> None:
+    """Bring a state of an earlier version up to this one (nothing to do if it is current).
+
+    Version 1 kept the history (and the text of unsent messages) in the state file.
+    """
+    if data.get("version") != 1:
+        return
+    data["historyKey"] = b64encode(os.urandom(32))
+    data["keepMessages"] = DEFAULT_KEEP
+    history.begin(b64decode(data["historyKey"]), DEFAULT_KEEP)
+    old = data.pop("history", [])
+    texts = {entry["id"]: entry.get("text", "") for entry in old if entry["direction"] == "out"}
+    for entry in old:
+        if entry["direction"] == "in":
+            history.mark_seen(entry["id"])
+        if "text" in entry and entry.get("status") in ("received", "sent", "failed"):
+            history.add_message({key: value for key, value in entry.items() if key != "verified"})
+    data["outbox"] = [
+        {"id": message["id"], "peerName": _contact_name(data, message["to"]), "peer": message["to"],
+         "text": texts.get(message["id"], ""), "createdAt": message["timestamp"], "message": message}
+        for message in data["outbox"]
+    ]
+    data["version"] = STATE_VERSION
+
+
+def set_keep(data: dict[str, Any], keep: int) -> None:
+    """How many messages the history keeps from now on (older ones go as new ones come)."""
+    data["keepMessages"] = keep
 
 
 def _new_signed_prekey(now: float) -> dict[str, Any]:
@@ -195,35 +251,148 @@ def contact_by_name(data: Mapping[str, Any], username: str) -> tuple[str, dict] 
     return None
 
 
-def pin_contact(data: dict[str, Any], user_id: str, bundle: PeerBundle, now: float) -> dict[str, Any]:
-    """Trust on first use: remember the peer's master key, and refuse a different one later.
+def _contact_name(data: Mapping[str, Any], user_id: str) -> str | None:
+    contact = data["contacts"].get(user_id)
+    return contact["username"] if contact else None
+
+
+def check_name(data: Mapping[str, Any], username: str, user_id: str) -> None:
+    """The server says `username` is `user_id`: refuse it if a pinned contact says otherwise."""
+    found = contact_by_name(data, username)
+    if found is not None and found[0] != user_id:
+        raise IdentityChanged(
+            username,
+            f"The server now gives another account for {username} (user id {user_id}) than the one "
+            f"you pinned (user id {found[0]}): {username} may have deleted their account and someone "
+            f"else registered the name.",
+        )
+    known = _contact_name(data, user_id)
+    if known is not None and known != username:
+        raise IdentityChanged(
+            username, f"The server says {username} is the account you pinned as {known} (user id {user_id})."
+        )
+
+
+def bundle_time(keys: VerifiedBundle) -> int:
+    """The bundle's signed timestamp, in unix seconds."""
+    return int(datetime.fromisoformat(keys.timestamp.replace("Z", "+00:00")).timestamp())
+
+
+def pin_contact(
+    data: dict[str, Any], user_id: str, bundle: PeerBundle, now: float, for_session: bool = False
+) -> dict[str, Any]:
+    """Trust on first use: remember the peer's id under its name and its master key, and refuse
+    either changing later (IdentityChanged).
 
     The X25519 identity key may change (the owner signs a new bundle), so it is updated when a
-    bundle signed by the pinned master key says so.
+    bundle signed by the pinned master key says so. The newest bundle time seen is kept, and a
+    session (`for_session`) starts only on a bundle at least that new: old bundles stay validly
+    signed forever, and a server serving one could make a first message use a signed prekey its
+    owner no longer has (or whose private key leaked). Age alone is not refused: someone offline
+    for months still has a bundle only they could have signed.
     """
+    check_name(data, bundle.username, user_id)
     master = b64encode(bundle.keys.master_key)
+    signed_at = bundle_time(bundle.keys)
     contact = data["contacts"].get(user_id)
     if contact is None:
-        contact = {"username": bundle.username, "masterKey": master, "pinnedAt": int(now)}
+        contact = {"username": bundle.username, "masterKey": master, "pinnedAt": int(now), "formerIds": []}
         data["contacts"][user_id] = contact
     elif contact["masterKey"] != master:
-        raise IdentityChanged(contact["username"])
+        raise IdentityChanged(
+            contact["username"], f"{contact['username']}'s identity key has changed since you first talked."
+        )
+    elif for_session and signed_at < contact.get("bundleTime", 0):
+        raise StaleBundle(
+            f"the server sent {contact['username']}'s key bundle of {bundle.keys.timestamp}, older than one "
+            "seen before (a replayed old bundle)"
+        )
     contact["identityKey"] = b64encode(bundle.keys.identity_key)
+    contact["bundleTime"] = max(contact.get("bundleTime", 0), signed_at)
     return contact
+
+
+def trust_contact(data: dict[str, Any], username: str, user_id: str, bundle: PeerBundle, now: float) -> None:
+    """Accept, on the user's word, `user_id` with this bundle as `username`: what was pinned
+    under that name (or for that id) before is replaced, and its sessions are dropped. The
+    history of a former account stays, shown under the name."""
+    replaced = {user_id} | {found[0] for found in [contact_by_name(data, username)] if found is not None}
+    former: list[str] = []
+    for old_id in replaced:
+        old = data["contacts"].pop(old_id, None)
+        data["sessions"].pop(old_id, None)
+        if old is not None:
+            former += old.get("formerIds", []) + ([old_id] if old_id != user_id else [])
+    contact = pin_contact(data, user_id, PeerBundle(username, bundle.keys, None), now)
+    contact["formerIds"] = sorted(set(former) - {user_id})
+
+
+def history_of(data: Mapping[str, Any], history: HistoryLog, username: str) -> list[dict]:
+    """The messages with a contact, oldest first: kept ones, then those still in the outbox.
+
+    Messages written to the name but never looked up (the server was down, or the name had come
+    to mean another account) count as the contact's too."""
+    found = contact_by_name(data, username)
+    ids = {found[0], *found[1].get("formerIds", [])} if found is not None else set()
+
+    def mine(entry: Mapping[str, Any]) -> bool:
+        return entry["peer"] in ids or (entry["peer"] is None and entry.get("peerName") == username)
+
+    kept = [dict(entry, peerName=username) for entry in history.messages() if mine(entry)]
+    queued = [
+        {"id": entry["id"], "peer": entry["peer"], "peerName": username, "direction": "out", "text": entry["text"],
+         "timestamp": entry["createdAt"], "status": "pending"}
+        for entry in data["outbox"] if mine(entry)
+    ]
+    if found is None and not kept and not queued:
+        raise NoSuchContact(f"you have no conversation with {username} in this state file")
+    return kept + queued
 
 
 # Sending
 
 
-def prepare_outgoing(
-    data: dict[str, Any], peer_id: str, text: str, bundle: PeerBundle | None, now: float
-) -> dict[str, Any] | None:
-    """Encrypt `text` for the peer and put the ChatMessage in the outbox and history.
+def queue_outgoing(data: dict[str, Any], peer_name: str, text: str, now: float) -> dict[str, Any]:
+    """Put a message for `peer_name` in the outbox, before anything goes over the network.
+
+    It is looked up, encrypted and sent from there (`resolve_outgoing`, `encrypt_outgoing`), in
+    order, by this or a later run."""
+    if peer_name == account(data)["username"]:
+        raise SelfMessage("sending to yourself is not supported: one state file cannot be both ends of a session")
+    if len(text.encode("utf-8")) > MAX_PLAINTEXT:
+        raise MessageTooLarge(f"the message is {len(text.encode('utf-8'))} bytes, at most {MAX_PLAINTEXT} fit")
+    entry = {"id": str(uuid.uuid4()), "peerName": peer_name, "peer": None, "text": text, "createdAt": int(now),
+             "message": None}
+    data["outbox"].append(entry)
+    return entry
+
+
+def outbox_entry(data: Mapping[str, Any], entry_id: str) -> dict[str, Any]:
+    for entry in data["outbox"]:
+        if entry["id"] == entry_id:
+            return entry
+    raise KeyError(f"no outbox entry {entry_id}")
+
+
+def resolve_outgoing(data: dict[str, Any], entry_id: str, user_id: str) -> None:
+    """The server says the entry's name is `user_id`; IdentityChanged if pinning disagrees."""
+    entry = outbox_entry(data, entry_id)
+    check_name(data, entry["peerName"], user_id)
+    if user_id == account(data)["userId"]:
+        raise SelfMessage("sending to yourself is not supported")
+    entry["peer"] = user_id
+
+
+def encrypt_outgoing(data: dict[str, Any], entry_id: str, bundle: PeerBundle | None, now: float) -> dict[str, Any] | None:
+    """Encrypt an outbox entry for its peer; returns the ChatMessage, also kept in the entry.
 
     Returns None when there is no session yet and no bundle was given: fetch the peer's bundle
     (which hands out one of their one-time prekeys) and call again with it.
     """
-    me = account(data)["userId"]
+    entry = outbox_entry(data, entry_id)
+    if entry["message"] is not None:
+        return entry["message"]
+    me, peer_id = account(data)["userId"], entry["peer"]
     stored = data["sessions"].get(peer_id, [])
     if stored:
         session = Session.from_dict(stored[0])
@@ -231,14 +400,15 @@ def prepare_outgoing(
     elif bundle is None:
         return None
     else:
-        pin_contact(data, peer_id, bundle, now)
+        pin_contact(data, peer_id, bundle, now, for_session=True)
         session = Session.initiate(identity(data), bundle.keys, bundle.one_time_prekey)
         rest = []
-    message_id = str(uuid.uuid4())
-    ratchet_key, number, content = session.encrypt(text.encode("utf-8"), envelope_context(me, peer_id, message_id))
+    ratchet_key, number, content = session.encrypt(
+        entry["text"].encode("utf-8"), envelope_context(me, peer_id, entry["id"])
+    )
     data["sessions"][peer_id] = [session.to_dict(), *rest]
-    message = {
-        "id": message_id,
+    entry["message"] = {
+        "id": entry["id"],
         "from": me,
         "to": peer_id,
         "ephemeralPublicKey": b64encode(ratchet_key),
@@ -246,24 +416,23 @@ def prepare_outgoing(
         "content": content,
         "timestamp": int(now),
     }
-    data["outbox"].append(message)
-    data["history"].append(
-        {"id": message_id, "peer": peer_id, "direction": "out", "text": text, "timestamp": int(now), "status": "pending"}
-    )
-    return message
+    return entry["message"]
 
 
-def outgoing_settled(data: dict[str, Any], message_id: str, status: str) -> None:
-    """The server acknowledged the message ("sent"), or refused it for good ("failed")."""
-    data["outbox"] = [message for message in data["outbox"] if message["id"] != message_id]
-    for entry in reversed(data["history"]):
-        if entry["id"] == message_id and entry["direction"] == "out":
-            entry["status"] = status
-            break
+def outgoing_settled(data: dict[str, Any], history: HistoryLog, entry_id: str, status: str, reason: str = "") -> None:
+    """The server has the message ("sent"), or it cannot go ("failed", saying why): it leaves
+    the outbox for the history."""
+    entry = outbox_entry(data, entry_id)
+    data["outbox"].remove(entry)
+    record = {"id": entry["id"], "peer": entry["peer"], "peerName": entry["peerName"], "direction": "out",
+              "text": entry["text"], "timestamp": entry["createdAt"], "status": status}
+    if reason:
+        record["reason"] = reason
+    history.add_message(record)
 
 
 def wire_message(stored: Mapping[str, Any]) -> dict[str, Any]:
-    """An outbox entry as sent: the key as bytes (MessagePack `bin`, base64 in JSON)."""
+    """An outbox message as sent: the key as bytes (MessagePack `bin`, base64 in JSON)."""
     return dict(stored, ephemeralPublicKey=b64decode(stored["ephemeralPublicKey"]))
 
 
@@ -271,48 +440,47 @@ def wire_message(stored: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def accept_incoming(
-    data: dict[str, Any], message: Mapping[str, Any], sender: PeerBundle | str | None, now: float
+    data: dict[str, Any], history: HistoryLog, message: Mapping[str, Any], sender: PeerBundle | str | None, now: float
 ) -> Incoming:
     """Decrypt a pushed ChatMessage with the Double Ratchet and store it in the history.
 
     Anything else, such as the seed's unauthenticated per-message scheme ("v1"), is refused.
-
     `sender` is the sender's fetched bundle, SENDER_GONE, or None when not fetched yet.
     """
     message_id, peer_id = str(message.get("id")), str(message.get("from"))
-    if any(entry["id"] == message_id and entry["direction"] == "in" for entry in data["history"]):
+    if history.seen(message_id):
         return Incoming("duplicate")
     try:
         ratchet_key = _bytes_field(message.get("ephemeralPublicKey"))
         number, content = message["messageNumber"], message["content"]
         context = envelope_context(peer_id, account(data)["userId"], message_id)
     except (KeyError, TypeError, ValueError, CryptoError):
-        return _refused(data, message, "undecryptable", "malformed message", now)
+        return _refused(data, history, message, "undecryptable", "malformed message")
     if not is_ratchet_content(content):
         return _refused(
-            data, message, "undecryptable",
-            "not a Double Ratchet message (the seed's unauthenticated scheme is not accepted)", now,
+            data, history, message, "undecryptable",
+            "not a Double Ratchet message (the seed's unauthenticated scheme is not accepted)",
         )
     try:
-        outcome = _accept_ratchet(data, message, ratchet_key, number, content, context, sender, now)
-    except ReplayError:
-        return Incoming("duplicate")
+        outcome = _accept_ratchet(data, history, message, ratchet_key, number, content, context, sender, now)
+    except ReplayError as e:
+        return _refused(data, history, message, "undecryptable", str(e))
     except (IdentityChanged, SenderUnverified) as e:
-        return _refused(data, message, "rejected", str(e), now)
+        return _refused(data, history, message, "rejected", str(e))
     except CryptoError:
         outcome = None
     if outcome is not None:
         return outcome
-    return _refused(data, message, "undecryptable", "no session or prekey of ours opens it", now)
+    return _refused(data, history, message, "undecryptable", "no session or prekey of ours opens it")
 
 
 def _accept_ratchet(
-    data: dict[str, Any], message: Mapping[str, Any], ratchet_key: bytes, number: int, content: str,
-    context: bytes, sender: PeerBundle | str | None, now: float,
+    data: dict[str, Any], history: HistoryLog, message: Mapping[str, Any], ratchet_key: bytes, number: int,
+    content: str, context: bytes, sender: PeerBundle | str | None, now: float,
 ) -> Incoming | None:
     """Decrypt with a session of the sender's, or start one from an initial (0x20) message.
 
-    None means "not ours". ReplayError means a duplicate.
+    None means "not ours". ReplayError means a message whose keys were used already.
     """
     peer_id = str(message["from"])
     stored = [Session.from_dict(item) for item in data["sessions"].get(peer_id, [])]
@@ -321,19 +489,32 @@ def _accept_ratchet(
     candidates = [s for s in stored if s.knows_initial(content)] if initial else stored
     for session in candidates:
         try:
-            plaintext = session.decrypt(ratchet_key, number, content, context)
+            plaintext = session.decrypt(ratchet_key, number, content, context, now=now)
+        except ReplayError as e:
+            # Its id is new (duplicates are caught before), its message number is not.
+            raise ReplayError(
+                f"its message number ({number}) was used already: a replay, or the sender restored an old "
+                "copy of their state, or it came so late that its key expired (30 days)"
+            ) from e
         except DecryptionError:
             continue
         # Send on the session that last decrypted a message.
         data["sessions"][peer_id] = [session.to_dict()] + [s.to_dict() for s in stored if s is not session]
-        return _received(data, message, plaintext, now)
+        return _received(data, history, message, plaintext, now)
     if candidates or not initial:
         return None
     spks = {SignedPrekey.from_dict(item).key_id: SignedPrekey.from_dict(item) for item in data["signedPrekeys"]}
     opks = {item["keyId"]: OneTimePrekey.from_dict(item) for item in data["oneTimePrekeys"]}
-    session, plaintext, used_opk = Session.from_initial(
-        identity(data), spks, opks, ratchet_key, number, content, context
-    )
+    try:
+        session, plaintext, used_opk = Session.from_initial(
+            identity(data), spks, opks, ratchet_key, number, content, context, now=now
+        )
+    except ReplayError as e:
+        header = InitialHeader.from_bytes(b64decode(content)[5:5 + HEADER_SIZE])
+        raise ReplayError(
+            f"it starts a session with one-time prekey {header.one_time_prekey_id}, which was already used: "
+            "the server handed it out twice, or this is a replay. Ask the sender to write again"
+        ) from e
     checked = _check_sender_keys(data, peer_id, session, sender, now)
     if checked is not None:
         return checked
@@ -341,7 +522,7 @@ def _accept_ratchet(
         # Only now that the first message decrypted and its sender checked out.
         data["oneTimePrekeys"] = [item for item in data["oneTimePrekeys"] if item["keyId"] != used_opk]
     data["sessions"][peer_id] = [session.to_dict(), *data["sessions"].get(peer_id, [])][:MAX_SESSIONS_PER_CONTACT]
-    received = _received(data, message, plaintext, now)
+    received = _received(data, history, message, plaintext, now)
     return Incoming(received.status, received.entry, used_one_time_prekey=used_opk is not None)
 
 
@@ -355,7 +536,7 @@ def _check_sender_keys(
     master, identity_key = b64encode(session.remote_master_key), b64encode(session.remote_identity_key)
     contact = data["contacts"].get(peer_id)
     if contact is not None and contact["masterKey"] != master:
-        raise IdentityChanged(contact["username"])
+        raise IdentityChanged(contact["username"], f"{contact['username']}'s identity key has changed.")
     if contact is not None and contact.get("identityKey") == identity_key:
         return None
     if sender is None:
@@ -368,29 +549,31 @@ def _check_sender_keys(
     return None
 
 
-def _received(data: dict[str, Any], message: Mapping[str, Any], plaintext: bytes, now: float) -> Incoming:
+def _received(
+    data: dict[str, Any], history: HistoryLog, message: Mapping[str, Any], plaintext: bytes, now: float
+) -> Incoming:
     entry = _history_entry(data, message, now, "received")
     entry["text"] = plaintext.decode("utf-8", errors="replace")
-    data["history"].append(entry)
+    history.mark_seen(entry["id"])
+    history.add_message(entry)
     return Incoming("received", entry)
 
 
-def _refused(data: dict[str, Any], message: Mapping[str, Any], status: str, reason: str, now: float) -> Incoming:
-    """Kept in the history without text, so a redelivery is recognised as a duplicate."""
-    entry = _history_entry(data, message, now, status)
+def _refused(data: dict[str, Any], history: HistoryLog, message: Mapping[str, Any], status: str, reason: str) -> Incoming:
+    """Remembered as seen only (so a redelivery is a duplicate); nothing of it is kept."""
+    entry = _history_entry(data, message, 0, status)
     entry["reason"] = reason
-    data["history"].append(entry)
+    history.mark_seen(entry["id"])
     return Incoming(status, entry, reason)
 
 
 def _history_entry(data: Mapping[str, Any], message: Mapping[str, Any], now: float, status: str) -> dict[str, Any]:
     peer_id = str(message.get("from"))
-    contact = data["contacts"].get(peer_id)
     timestamp = message.get("timestamp")
     return {
         "id": str(message.get("id")),
         "peer": peer_id,
-        "peerName": contact["username"] if contact else None,
+        "peerName": _contact_name(data, peer_id),
         "direction": "in",
         "timestamp": timestamp if isinstance(timestamp, int) and not isinstance(timestamp, bool) else None,
         "receivedAt": int(now),

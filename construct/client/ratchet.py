@@ -65,10 +65,15 @@ VERSION_INITIAL = 0x20
 VERSION_NORMAL = 0x21
 MAX_SKIP = 1000
 MAX_SKIPPED_TOTAL = 2000
+# A skipped message key is kept for a message that may still come; past this age it is dropped
+# (a server keeps a message a week by default), so that a later theft of the state cannot
+# read a message that arrives very late.
+MAX_SKIPPED_AGE_SECONDS = 30 * 24 * 3600
 _MAX_U32 = 0xFFFFFFFF
 _RK_INFO = b"construct/ratchet/root"
 _MESSAGE_INFO = b"construct/ratchet/message"
-_STATE_VERSION = 1
+# Version 2 stamps skipped message keys with the time they were skipped; version 1 has none.
+_STATE_VERSION = 2
 
 
 def _kdf_rk(root_key: bytes, dh_output: bytes) -> tuple[bytes, bytes]:
@@ -127,7 +132,8 @@ def is_ratchet_content(content: str) -> bool:
 
 @dataclass
 class _State:
-    """Section 3.2 state variables; ``skipped`` is ordered oldest first."""
+    """Section 3.2 state variables; ``skipped`` is ordered oldest first, each key with the time
+    it was skipped (None: unknown, from a version 1 state; stamped at the next decrypt)."""
 
     dhs_private: bytes
     dhr: bytes | None
@@ -137,23 +143,31 @@ class _State:
     ns: int
     nr: int
     pn: int
-    skipped: OrderedDict[tuple[bytes, int], bytes]
+    skipped: OrderedDict[tuple[bytes, int], tuple[bytes, float | None]]
 
     def copy(self) -> _State:
         return replace(self, skipped=OrderedDict(self.skipped))
 
 
-def _skip_message_keys(state: _State, until: int) -> None:
+def _skip_message_keys(state: _State, until: int, now: float) -> None:
     if state.ckr is None or state.dhr is None:
         return
     if until > state.nr + MAX_SKIP:
         raise TooManySkipped(f"message {until} is more than {MAX_SKIP} ahead of {state.nr}")
     while state.nr < until:
         state.ckr, message_key = _kdf_ck(state.ckr)
-        state.skipped[(state.dhr, state.nr)] = message_key
+        state.skipped[(state.dhr, state.nr)] = (message_key, now)
         state.nr += 1
         if len(state.skipped) > MAX_SKIPPED_TOTAL:
             state.skipped.popitem(last=False)
+
+
+def _expire_skipped(state: _State, now: float) -> None:
+    for position, (key, skipped_at) in list(state.skipped.items()):
+        if skipped_at is None:
+            state.skipped[position] = (key, now)
+        elif now - skipped_at > MAX_SKIPPED_AGE_SECONDS:
+            del state.skipped[position]
 
 
 def _dh_ratchet(state: _State, remote_public: bytes, random_bytes: RandomBytes) -> None:
@@ -259,6 +273,8 @@ class Session:
         content: str,
         context: bytes = b"",
         random_bytes: RandomBytes = os.urandom,
+        *,
+        now: float,
     ) -> tuple[Session, bytes, int | None]:
         """Accept a 0x20 message from a new peer (X3DH responder).
 
@@ -280,7 +296,7 @@ class Session:
             state, ad, parsed.initial_header, False, header.identity_key, header.master_key,
             random_bytes,
         )
-        plaintext = session.decrypt(ratchet_public, message_number, content, context)
+        plaintext = session.decrypt(ratchet_public, message_number, content, context, now=now)
         return session, plaintext, opk_id
 
     def knows_initial(self, content: str) -> bool:
@@ -325,7 +341,7 @@ class Session:
         return ratchet_public, number, b64encode(header + nonce + ciphertext)
 
     def decrypt(
-        self, ratchet_public: bytes, message_number: int, content: str, context: bytes = b""
+        self, ratchet_public: bytes, message_number: int, content: str, context: bytes = b"", *, now: float
     ) -> bytes:
         """Decrypt one message; on any error the session is unchanged.
 
@@ -333,6 +349,9 @@ class Session:
         receiving chain, TooManySkipped for a gap over MAX_SKIP, and
         DecryptionError for anything else (including replays from an older
         chain, which can no longer be told apart from forgeries).
+
+        ``now`` (unix seconds) stamps the message keys skipped here; keys skipped more than
+        MAX_SKIPPED_AGE_SECONDS before it are dropped with it.
         """
         parsed = _parse_content(content)
         if parsed.initial_header is not None and not hmac.compare_digest(
@@ -345,14 +364,17 @@ class Session:
             raise DecryptionError("message number must be a u32")
 
         state = self._state.copy()
-        message_key = state.skipped.pop((ratchet_public, message_number), None)
-        if message_key is None:
+        _expire_skipped(state, now)
+        skipped = state.skipped.pop((ratchet_public, message_number), None)
+        if skipped is not None:
+            message_key = skipped[0]
+        else:
             if ratchet_public == state.dhr and message_number < state.nr:
                 raise ReplayError(f"message {message_number} was already received")
             if ratchet_public != state.dhr:
-                _skip_message_keys(state, parsed.previous_chain_length)
+                _skip_message_keys(state, parsed.previous_chain_length, now)
                 _dh_ratchet(state, ratchet_public, self._random)
-            _skip_message_keys(state, message_number)
+            _skip_message_keys(state, message_number, now)
             if state.ckr is None:
                 # Only the initiator's placeholder (the peer's signed prekey) has no chain.
                 raise DecryptionError("no receiving chain for this ratchet key")
@@ -387,8 +409,8 @@ class Session:
             "nr": state.nr,
             "pn": state.pn,
             "skipped": [
-                [b64encode(dh), number, b64encode(key)]
-                for (dh, number), key in state.skipped.items()
+                [b64encode(dh), number, b64encode(key), skipped_at]
+                for (dh, number), (key, skipped_at) in state.skipped.items()
             ],
         }
 
@@ -396,14 +418,18 @@ class Session:
     def from_dict(cls, data: Mapping[str, Any], random_bytes: RandomBytes = os.urandom) -> Session:
         """Inverse of :meth:`to_dict`; raises CryptoError if malformed."""
         try:
-            if data["version"] != _STATE_VERSION:
+            if data["version"] not in (1, _STATE_VERSION):
                 raise CryptoError("unsupported session state version")
             if not isinstance(data["sendInitial"], bool):
                 raise CryptoError("malformed sendInitial")
-            skipped: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
-            for dh, number, key in data["skipped"]:
+            skipped: OrderedDict[tuple[bytes, int], tuple[bytes, float | None]] = OrderedDict()
+            for item in data["skipped"]:
+                dh, number, key = item[:3]
+                skipped_at = item[3] if data["version"] == _STATE_VERSION else None
+                if skipped_at is not None and not isinstance(skipped_at, (int, float)):
+                    raise CryptoError("malformed skipped key time")
                 dh_key = b64decode(dh, length=KEY_SIZE)
-                skipped[(dh_key, _counter(number))] = b64decode(key, length=KEY_SIZE)
+                skipped[(dh_key, _counter(number))] = (b64decode(key, length=KEY_SIZE), skipped_at)
             state = _State(
                 dhs_private=b64decode(data["dhsPrivate"], length=KEY_SIZE),
                 dhr=_optional_key(data["dhr"]),

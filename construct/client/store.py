@@ -1,9 +1,13 @@
-"""The account's encrypted state file, shared safely by several client processes.
+"""The account's encrypted state file and its history file, shared safely by several processes.
 
 Every change is a transaction run on a thread: take an exclusive lock on a file next to the
 state (so a `listen` and a `send` of the same account can run at once), reload the state if
-another process saved it since, apply the change, save, release. The passphrase's Argon2id runs
-once per process; later loads and saves reuse the derived key while the file's salt is the same.
+another process saved it since, apply the change, write what it added to the history file
+(construct.client.history), save the state, release. The passphrase's Argon2id runs once per
+process; later loads and saves reuse the derived key while the file's salt is the same.
+
+The state's `historyKey` (base64, 32 bytes) opens the history file `<state>.history`, and its
+`keepMessages` says how many messages that file keeps.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any, Callable, TypeVar
 from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThread
 
+from construct.client.crypto import b64decode
+from construct.client.history import DEFAULT_KEEP, HistoryLog
 from construct.client.state import (
     DEFAULT_KDF,
     KdfParams,
@@ -40,15 +46,19 @@ class StateExists(Exception):
 
 
 class StateStore:
-    """The state dict behind a lock; use it only through `read`, `update` and `create`."""
+    """The state dict behind a lock; use it only through `read`, `update`, `transact` and `create`."""
 
-    def __init__(self, path: str, passphrase: str, kdf: KdfParams = DEFAULT_KDF) -> None:
+    def __init__(
+        self, path: str, passphrase: str, kdf: KdfParams = DEFAULT_KDF, known_key: StateKey | None = None
+    ) -> None:
+        """`known_key`: the key of the file as loaded earlier (say, to check the passphrase)."""
         self.path = os.path.abspath(path)
         self._passphrase = passphrase
         self._kdf = kdf
-        self._key: StateKey | None = None
+        self._key: StateKey | None = known_key
         self._data: dict[str, Any] = {}
         self._signature: tuple[int, int, int] | None = None
+        self._history = HistoryLog(self.path + ".history")
         # One transaction at a time within this process; the file lock covers other processes.
         self._lock = DeferredLock()
 
@@ -58,7 +68,7 @@ class StateStore:
 
     async def read(self, fn: Callable[[dict[str, Any]], T]) -> T:
         """`fn` of the current state (loaded, or reloaded if another process changed it)."""
-        return await self._run(self._transaction_blocking, fn, False)
+        return await self._run(self._transaction_blocking, lambda data, history: fn(data), False)
 
     async def update(self, fn: Callable[[dict[str, Any]], T]) -> T:
         """Apply `fn` to a copy of the current state and save the copy before returning.
@@ -66,7 +76,15 @@ class StateStore:
         `fn` runs on a thread: it may compute (decrypt, encrypt) but must not touch the
         reactor. If it raises, nothing is saved.
         """
-        return await self._run(self._transaction_blocking, fn, True)
+        return await self._run(self._transaction_blocking, lambda data, history: fn(data), True)
+
+    async def transact(self, fn: Callable[[dict[str, Any], HistoryLog], T], save: bool = True) -> T:
+        """Like `update` (or `read`, when not `save`), with the history too: what `fn` adds to
+        it is written before the state is saved, and nothing of it if `fn` raises."""
+        return await self._run(self._transaction_blocking, fn, save)
+
+    async def close(self) -> None:
+        await self._run(self._history.close)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         await self._lock.acquire()
@@ -87,19 +105,29 @@ class StateStore:
             save_state_with_key(self.path, key, data)
             self._key, self._data, self._signature = key, copy.deepcopy(data), self._stat()
 
-    def _transaction_blocking(self, fn: Callable[[dict[str, Any]], T], save: bool) -> T:
+    def _transaction_blocking(self, fn: Callable[[dict[str, Any], HistoryLog], T], save: bool) -> T:
         if not os.path.exists(self.path):
             # Before the lock, which would leave a lock file next to a state that does not exist.
             raise FileNotFoundError(errno.ENOENT, "no state file", self.path)
         with self._file_lock():
             signature = self._stat()
-            if signature != self._signature or self._key is None:
+            if signature != self._signature or self._key is None or not self._data:
                 self._data, self._key = load_state_with_key(self.path, self._passphrase, self._key)
                 self._signature = signature
-            if not save:
-                return fn(copy.deepcopy(self._data))
             working = copy.deepcopy(self._data)
-            result = fn(working)
+            if "historyKey" in working:
+                self._history.begin(b64decode(working["historyKey"]), working.get("keepMessages", DEFAULT_KEEP))
+            try:
+                result = fn(working, self._history)
+            except BaseException:
+                self._history.rollback()
+                raise
+            if not save:
+                self._history.rollback()
+                return result
+            # The history first: a crash before the state is saved then leaves a message that
+            # comes again recognised as seen, never one whose session moved on without it.
+            self._history.commit()
             if working != self._data:
                 save_state_with_key(self.path, self._key, working)
                 self._data, self._signature = working, self._stat()

@@ -1,17 +1,19 @@
 """Connections from a client to a Construct server.
 
-- `ServerAddress`: `ws://host:port/path`, `wss://…` or `tcp://host:port` (JSON lines).
+- `ServerAddress`: `ws://host:port/path`, `wss://…`, `tcp://host:port` (JSON lines) or
+  `tcps://host:port` (JSON lines over TLS).
 - `Channel`: one open connection speaking the protocol. Requests carry a `requestId` and are
   matched with their replies; pushes (`message`, `sessionExpired`) go to a callback.
 - `Link`: keeps one authenticated channel open. After every (re)connection it runs the
   `authenticate` step (normally `connect {sessionToken}`) before anyone may use the channel, and
-  when the connection drops it reconnects with exponential backoff and jitter.
+  when the connection drops it reconnects with exponential backoff and jitter, for as long as it
+  runs, whatever went wrong.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -19,9 +21,10 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
@@ -70,30 +73,41 @@ class ServerAddress:
     host: str
     port: int
     path: str
+    # The PEM of the certificate authorities TLS trusts; None: the system's.
+    trust: bytes | None = field(default=None, repr=False)
 
-    DEFAULT_PORTS = {"ws": 80, "wss": 443, "tcp": 8081}
+    DEFAULT_PORTS = {"ws": 80, "wss": 443, "tcp": 8081, "tcps": 8081}
 
     @classmethod
-    def parse(cls, text: str) -> "ServerAddress":
-        """`ws://127.0.0.1:8080/ws`, `wss://chat.example.org/ws` or `tcp://127.0.0.1:8081`."""
+    def parse(cls, text: str, trust: bytes | None = None) -> "ServerAddress":
+        """`ws://127.0.0.1:8080/ws`, `wss://chat.example.org/ws`, `tcp://127.0.0.1:8081` or
+        `tcps://chat.example.org:8081`; `trust` is the PEM of the authorities to trust for TLS."""
         parts = urlsplit(text.strip())
         if parts.scheme not in cls.DEFAULT_PORTS or not parts.hostname:
-            raise ValueError(f"server address must look like ws://host:port/ws or tcp://host:port, not {text!r}")
+            raise ValueError(
+                f"server address must look like ws://host:port/ws, wss://…, tcp://host:port or tcps://…, not {text!r}"
+            )
         try:
             port = parts.port or cls.DEFAULT_PORTS[parts.scheme]
         except ValueError:
             raise ValueError(f"bad port in server address {text!r}") from None
-        return cls(parts.scheme, parts.hostname, port, parts.path or "/")
+        return cls(parts.scheme, parts.hostname, port, parts.path or "/", trust)
+
+    @property
+    def lines(self) -> bool:
+        """JSON lines (tcp, tcps) rather than WebSocket."""
+        return self.scheme in ("tcp", "tcps")
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        path = "" if self.scheme == "tcp" else self.path
+        path = "" if self.lines else self.path
         return f"{self.scheme}://{host}:{self.port}{path}"
 
     def endpoint(self, reactor: Any) -> Any:
         endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
-        if self.scheme == "wss":
-            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+        if self.scheme in ("wss", "tcps"):
+            trust = None if self.trust is None else Certificate.loadPEM(self.trust)
+            endpoint = wrapClientTLS(optionsForClientTLS(self.host, trustRoot=trust), endpoint)
         return endpoint
 
 
@@ -119,7 +133,9 @@ class Channel:
         self._on_push = on_push
         self._ids = itertools.count(1)
         self._pending: dict[str, defer.Deferred] = {}
+        # Fires when the connection ends; `close_reason` says why (awaiting `closed` consumes its result).
         self.closed: defer.Deferred = defer.Deferred()
+        self.close_reason = ""
 
     async def request(self, message_type: str, payload: dict | None = None, timeout: float = REQUEST_TIMEOUT) -> dict:
         """Send one message and return its reply `{"type", "payload"}`; ServerError for `error`."""
@@ -147,9 +163,14 @@ class Channel:
         if self.closed.called:
             raise ConnectionClosed("the connection is closed")
         request_id = str(next(self._ids))
+        data = codec.encode(message_type, payload, request_id, self._encoding)
+        try:
+            self._write(data)
+        except Exception as e:
+            # A WebSocket that is closing refuses to send ("Attempt to send on a closed protocol").
+            raise ConnectionClosed(f"the connection is closing: {e}") from None
         reply: defer.Deferred = defer.Deferred()
         self._pending[request_id] = reply
-        self._write(codec.encode(message_type, payload, request_id, self._encoding))
         return request_id, reply
 
     @staticmethod
@@ -202,6 +223,7 @@ class Channel:
         if self.closed.called:
             return
         pending, self._pending = self._pending, {}
+        self.close_reason = reason
         # Closed first, so a caller retrying from an errback below finds the link reconnecting.
         self.closed.callback(reason)
         for reply in pending.values():
@@ -277,7 +299,9 @@ class _JsonLinesProtocol(LineOnlyReceiver):
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.channel is not None:
-            self.channel.connection_lost("TCP connection closed")
+            # A clean close says nothing more; a TLS failure says which ("certificate verify failed").
+            why = "" if reason is None or reason.check(ConnectionDone) else f": {reason.value}"
+            self.channel.connection_lost(f"TCP connection closed{why}")
 
 
 class _JsonLinesFactory(Factory):
@@ -311,12 +335,15 @@ class Link:
         encoding: str,
         on_push: Callable[[dict], None],
         retry_policy: Callable[[int], float] = backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0),
+        on_status: Callable[[str, str], None] = lambda event, detail: None,
     ) -> None:
         self._reactor = reactor
         self._address = address
         self._encoding = encoding
         self._on_push = on_push
         self._retry_policy = retry_policy
+        # ("lost", reason) when an open connection drops, ("reconnected", address) when one is back.
+        self._on_status = on_status
         self.authenticate: Callable[[Channel], Awaitable[None]] | None = None
         self._current: Channel | None = None
         self._waiters: list[tuple[defer.Deferred, int | None]] = []
@@ -352,7 +379,7 @@ class Link:
         """The open, authenticated channel; ConnectFailed after `fail_after` failed attempts."""
         if self._fatal is not None:
             raise self._fatal
-        if self._current is not None:
+        if self._current is not None and not self._current.closed.called:
             return self._current
         self.start()
         waiter: defer.Deferred = defer.Deferred()
@@ -377,6 +404,7 @@ class Link:
 
     async def _run(self) -> None:
         failures = 0
+        lost = False
         while self._running:
             try:
                 channel = await self._open()
@@ -397,24 +425,46 @@ class Link:
                 channel.abort()
                 return
             failures = 0
-            self._current = channel
-            waiters, self._waiters = self._waiters, []
-            for waiter, _ in waiters:
-                waiter.callback(channel)
-            keepalive = task.LoopingCall(self._keepalive, channel)
-            keepalive.clock = self._reactor
-            keepalive.start(KEEPALIVE_SECONDS, now=False).addErrback(
-                lambda failure: self.log.failure("keepalive failed", failure=failure)
-            )
-            reason = await channel.closed
-            keepalive.stop()
-            self._current = None
+            try:
+                if lost:
+                    lost = False
+                    self._report("reconnected", str(self._address))
+                reason = await self._serve(channel)
+            except Exception:
+                # A bug in a callback must not end the reconnecting.
+                self.log.failure("serving a connection failed")
+                channel.abort()
+                reason = "client error"
             if self._running:
-                self.log.warn("connection lost ({reason}); reconnecting", reason=reason)
+                lost = True
+                self._report("lost", reason)
                 await self._sleep(self._retry_policy(0))
 
+    def _report(self, event: str, detail: str) -> None:
+        try:
+            self._on_status(event, detail)
+        except Exception:
+            self.log.failure("reporting the connection status failed")
+
+    async def _serve(self, channel: Channel) -> str:
+        """Hand the channel out and keep it alive until it closes; returns why it closed."""
+        self._current = channel
+        waiters, self._waiters = self._waiters, []
+        for waiter, _ in waiters:
+            waiter.callback(channel)
+        keepalive = task.LoopingCall(self._keepalive, channel)
+        keepalive.clock = self._reactor
+        keepalive.start(KEEPALIVE_SECONDS, now=False)
+        try:
+            await channel.closed
+            return channel.close_reason
+        finally:
+            self._current = None
+            if keepalive.running:
+                keepalive.stop()
+
     async def _open(self) -> Channel:
-        if self._address.scheme == "tcp":
+        if self._address.lines:
             factory: Any = _JsonLinesFactory(self._reactor, self._on_push)
         else:
             factory = _WebSocketFactory(self._address, self._encoding, self._reactor, self._on_push)
@@ -429,13 +479,16 @@ class Link:
         return channel
 
     async def _keepalive(self, channel: Channel) -> None:
-        """A dead link otherwise goes unnoticed until the next request (TCP has no pings)."""
+        """A dead link otherwise goes unnoticed until the next request (TCP has no pings).
+
+        It never raises: a LoopingCall whose function fails stops for good."""
         try:
             await channel.request("ping")
-        except (RequestTimeout, ServerError):
-            channel.abort()
         except ConnectionClosed:
             pass
+        except Exception:
+            # No answer, or nonsense: this connection is no good, make a new one.
+            channel.abort()
 
     async def _sleep(self, seconds: float) -> None:
         self._sleeping = task.deferLater(self._reactor, seconds, lambda: None)

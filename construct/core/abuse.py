@@ -23,9 +23,15 @@ class AbuseSettings:
     messages_per_sender: Limit = Limit(600, 60)
     messages_per_pair: Limit = Limit(300, 60)
     registrations_per_address: Limit = Limit(10, 3600)
+    # Fetches that take one of the owner's one-time prekeys (to start a session).
     key_fetches_per_pair: Limit = Limit(30, 3600)
     # Also bounds the counters one user can create by asking for many (even made-up) users.
     key_fetches_per_requester: Limit = Limit(300, 3600)
+    # Fetches without a one-time prekey (checking a sender, a safety number): they use up
+    # nothing of the owner's, so one counter per requester suffices. Apart from the budget of
+    # the fetches above, so that a stranger whose messages make a client check them many
+    # times cannot use up that client's fetches of the stranger (or of anyone).
+    bundle_checks_per_requester: Limit = Limit(600, 3600)
     # Past this, a user's bundle is still served, without a one-time prekey (X3DH does not need one).
     prekeys_served_per_user: Limit = Limit(100, 3600)
     login_failures_per_address: Limit = Limit(20, 900)
@@ -90,6 +96,13 @@ class AbuseLimits:
             "Too many key bundle requests",
             Charge(f"{{{requester_id}}}:keys", self.settings.key_fetches_per_requester),
             Charge(f"{{{requester_id}}}:keys:{target_id}", self.settings.key_fetches_per_pair),
+        )
+
+    async def check_bundle_check(self, requester_id: str) -> None:
+        await self._take(
+            self._counters,
+            "Too many key bundle checks",
+            Charge(f"{{{requester_id}}}:bundle-checks", self.settings.bundle_checks_per_requester),
         )
 
     async def may_serve_prekey(self, target_id: str) -> bool:

@@ -7,7 +7,7 @@ What goes: the account row, its sessions, key bundle and one-time prekeys (SQL),
 in SQL (embedded mode) or in Redis (production mode: the pending messages, their dedup records,
 the sequence counter, the pending-index entry, presence and worker leases), where a tombstone
 then refuses sends for a day to instances that still remember the account. The user's live
-connections are told `sessionExpired`. What stays: messages the user sent that wait in other
+connections are told `sessionExpired` with the reason `accountDeleted`. What stays: messages the user sent that wait in other
 users' inboxes (they are the recipients' data and go when acknowledged or expired), the
 tombstone, and rate-limit counters, which expire on their own (docs/security.md).
 """
@@ -20,6 +20,10 @@ from typing import Any, Callable
 from twisted.logger import Logger
 
 from construct.storage.accounts import AccountStore
+
+# Why the sessions ended, as `sessionExpired` tells the connections (so a client does not ask
+# its user to log in to an account that is gone).
+ACCOUNT_DELETED = "accountDeleted"
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class AccountDeletion:
     log = Logger()
 
     def __init__(
-        self, store: AccountStore, inbox: Any, on_sessions_revoked: Callable[[str, list[str]], None]
+        self, store: AccountStore, inbox: Any, on_sessions_revoked: Callable[[str, list[str], str | None], None]
     ) -> None:
         self._store = store
         self._inbox = inbox
@@ -51,7 +55,7 @@ class AccountDeletion:
         if token_hashes is None:
             return None
         if token_hashes:
-            self._on_sessions_revoked(user_id, token_hashes)
+            self._on_sessions_revoked(user_id, token_hashes, ACCOUNT_DELETED)
         try:
             await self._inbox.delete_user(user_id)
         except Exception:

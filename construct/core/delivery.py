@@ -30,7 +30,7 @@ class LiveConnection(Protocol):
 
     def push_message(self, message: dict) -> None: ...
 
-    def session_revoked(self) -> None: ...
+    def session_revoked(self, reason: str | None = None) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -157,12 +157,12 @@ class DeliveryHub:
             self._metrics.delivered("live", delivered)
         self._wake_waiters(user_id)
 
-    def on_sessions_revoked(self, user_id: str, token_hashes: list[str]) -> None:
+    def on_sessions_revoked(self, user_id: str, token_hashes: list[str], reason: str | None = None) -> None:
         revoked = set(token_hashes)
         for connection, cursor in list(self._by_user.get(user_id, {}).items()):
             if cursor.token_hash in revoked:
                 self.detach(connection)
-                connection.session_revoked()
+                connection.session_revoked(reason)
 
     def redeliver(self, user_id: str, attached_before: float) -> None:
         """Push again what the user's connections have not acknowledged.
@@ -278,8 +278,8 @@ class LocalWakeUps:
     def stored(self, recipient_id: str, accepted: Accepted, message: dict) -> None:
         self._hub.on_stored(recipient_id, accepted.seq, accepted.previous_seq, message)
 
-    def sessions_revoked(self, user_id: str, token_hashes: list[str]) -> None:
-        self._hub.on_sessions_revoked(user_id, token_hashes)
+    def sessions_revoked(self, user_id: str, token_hashes: list[str], reason: str | None = None) -> None:
+        self._hub.on_sessions_revoked(user_id, token_hashes, reason)
 
     async def pending(self, user_id: str) -> None:
         self._hub.on_pending(user_id)

@@ -64,8 +64,9 @@ class WakeUps(Protocol):
     def stored(self, recipient_id: str, accepted: Accepted, message: dict) -> None:
         """A new message for the recipient was stored (not called for a duplicate)."""
 
-    def sessions_revoked(self, user_id: str, token_hashes: list[str]) -> None:
-        """These sessions ended: their connections are told `sessionExpired`, everywhere."""
+    def sessions_revoked(self, user_id: str, token_hashes: list[str], reason: str | None = None) -> None:
+        """These sessions ended: their connections are told `sessionExpired` (with why, if
+        given), everywhere."""
 
     def pending(self, user_id: str) -> Awaitable:
         """The user's inbox holds messages: the holders push what they have not yet (worker)."""

@@ -223,9 +223,9 @@ class ClientConnection:
     def push_message(self, message: dict) -> None:
         self._send("message", message, None, self._push_encoding)
 
-    def session_revoked(self) -> None:
+    def session_revoked(self, reason: str | None = None) -> None:
         self.identity = None
-        self._send("sessionExpired", None, None, self._push_encoding)
+        self._send("sessionExpired", {"reason": reason} if reason else None, None, self._push_encoding)
 
     # Running frames, in order
 

@@ -7,7 +7,8 @@ one write and one Deferred; replies come back in order on one pipelined connecti
 - Every command has a deadline and fails at once while no connection is ready: Redis being
   down is SERVICE_UNAVAILABLE for the caller, never a hang. A connection that stays silent
   past a deadline is aborted and made again.
-- Reconnection never stops (with backoff), including after a failed AUTH or SELECT.
+- Reconnection never stops (with backoff), including after a failed AUTH or SELECT. Only at
+  startup is an unreachable Redis fatal: `check_reachable` runs before the reactor does.
 - The subscriber subscribes again after every reconnect and then calls `on_subscribed`, so its
   owner can rescan what it may have missed: pub/sub is only a hint.
 """
@@ -15,6 +16,8 @@ one write and one Deferred; replies come back in order on one pipelined connecti
 from __future__ import annotations
 
 import hashlib
+import socket
+import ssl
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -94,6 +97,29 @@ def _handshake(password: str | None, username: str | None, db: int) -> list[tupl
     if db:
         commands.append(("SELECT", db))
     return commands
+
+
+def check_reachable(address: RedisAddress, timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
+    """Connect, authenticate, select the database and PING once, blocking.
+
+    For startup, before the reactor runs: a Redis that is unreachable or refuses the
+    credentials then stops the program with one line, as an unreachable database does.
+    Raises OSError or ResponseError saying what failed.
+    """
+    with socket.create_connection((address.host, address.port), timeout) as raw:
+        connection = ssl.create_default_context().wrap_socket(raw, server_hostname=address.host) if address.tls else raw
+        reader = hiredis.Reader(replyError=ResponseError, encoding="utf-8", errors="replace")
+        for command in [*_handshake(address.password, address.username, address.db), ("PING",)]:
+            connection.sendall(hiredis.pack_command(command))
+            reply = False
+            while reply is False:
+                data = connection.recv(65536)
+                if not data:
+                    raise ConnectionError("Redis closed the connection")
+                reader.feed(data)
+                reply = reader.gets()
+            if isinstance(reply, ResponseError):
+                raise reply
 
 
 class RespProtocol(Protocol):
@@ -229,6 +255,7 @@ class RedisClient(_Connection):
         # (deadline, waiter, connection) in the order sent, so the oldest is always first.
         self._deadlines: deque[tuple[float, defer.Deferred, RespProtocol]] = deque()
         self._deadline_call: Any = None
+        self._connected_waiters: list[defer.Deferred] = []
 
     def preload(self, *scripts: Script) -> None:
         """Load these scripts on every new connection before it takes commands.
@@ -245,6 +272,9 @@ class RedisClient(_Connection):
 
     def _ready(self, protocol: RespProtocol) -> None:
         self._protocol = protocol
+        waiters, self._connected_waiters = self._connected_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     def _lost(self, protocol: RespProtocol) -> None:
         if self._protocol is protocol:
@@ -253,6 +283,14 @@ class RedisClient(_Connection):
     @property
     def connected(self) -> bool:
         return self._protocol is not None
+
+    def when_connected(self) -> defer.Deferred:
+        """Fires once a connection is ready to take commands (at once if one is)."""
+        if self._protocol is not None:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        self._connected_waiters.append(waiter)
+        return waiter
 
     def _send(self, command: tuple | list) -> defer.Deferred:
         protocol = self._protocol

@@ -55,14 +55,14 @@ class RedisWakeUps:
         if accepted.holders:
             self._background(self._publish(accepted.holders, event_message("pending", recipient_id)), "waking")
 
-    def sessions_revoked(self, user_id: str, token_hashes: list[str]) -> None:
+    def sessions_revoked(self, user_id: str, token_hashes: list[str], reason: str | None = None) -> None:
         if self._hub is not None:
-            self._hub.on_sessions_revoked(user_id, token_hashes)
-        self._background(self.revoked_elsewhere(user_id, token_hashes), "revoking sessions")
+            self._hub.on_sessions_revoked(user_id, token_hashes, reason)
+        self._background(self.revoked_elsewhere(user_id, token_hashes, reason), "revoking sessions")
 
-    async def revoked_elsewhere(self, user_id: str, token_hashes: list[str]) -> None:
+    async def revoked_elsewhere(self, user_id: str, token_hashes: list[str], reason: str | None = None) -> None:
         """Tell the other instances holding the user (construct-admin: all of them)."""
-        await self._notify(user_id, "revoked", tokenHashes=token_hashes)
+        await self._notify(user_id, "revoked", tokenHashes=token_hashes, reason=reason)
 
     async def pending(self, user_id: str) -> None:
         await self._notify(user_id, "pending")
@@ -91,7 +91,7 @@ class RedisWakeUps:
         elif event["event"] == "redeliver":
             self._hub.redeliver(user_id, event["attachedBefore"])
         elif event["event"] == "revoked":
-            self._hub.on_sessions_revoked(user_id, event["tokenHashes"])
+            self._hub.on_sessions_revoked(user_id, event["tokenHashes"], event.get("reason"))
         else:
             self.log.warn("unknown instance event {event!r}", event=event["event"])
 

@@ -162,10 +162,12 @@ def _deliver(parties: dict, sessions: dict, randoms: dict, message: dict) -> Non
         sessions[message["to"]], plaintext, _ = Session.from_initial(
             recipient["identity"], {recipient["spk"].key_id: recipient["spk"]},
             {recipient["opk"].key_id: recipient["opk"]}, ratchet_public,
-            message["messageNumber"], message["content"], context, randoms[message["to"]],
+            message["messageNumber"], message["content"], context, randoms[message["to"]], now=0,
         )
     else:
-        plaintext = sessions[message["to"]].decrypt(ratchet_public, message["messageNumber"], message["content"], context)
+        plaintext = sessions[message["to"]].decrypt(
+            ratchet_public, message["messageNumber"], message["content"], context, now=0
+        )
     assert plaintext == message["plaintext"].encode()
     message["recipientRandom"] = randoms[message["to"]].take()
 
