@@ -12,6 +12,7 @@ import re
 import socket
 from typing import Any, Callable
 
+from construct import pt
 from construct.config import Setting, SettingsOptions, boolean, int_between, non_empty
 from construct.core.abuse import AbuseLimits, AbuseSettings
 from construct.core.accounts import AccountService, KnownUsers, PasswordHasher
@@ -27,6 +28,7 @@ from construct.http.health import build_health_site
 from construct.http.site import build_site
 from construct.logs import log_format, use_log_format, user_id_hasher
 from construct.metrics import Metrics
+from construct.obfs4 import STATE_DIRECTORY, BindAddress, Obfs4Service
 from construct.protocol.tcp import JsonLinesFactory
 from construct.protocol.ws import ConstructWebSocketFactory
 from construct.redis.client import RedisAddress, RedisClient, RedisSubscriber
@@ -89,6 +91,15 @@ def origins(text: str) -> list[str]:
     return patterns
 
 
+def one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.strip() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, not {text!r}")
+        return text.strip()
+
+    return parse
+
+
 ABUSE_OPTIONS = {
     "limit-messages": ("messages_per_sender", "messages a user may send"),
     "limit-messages-per-recipient": ("messages_per_pair", "messages a user may send to one recipient"),
@@ -148,6 +159,11 @@ class Options(SettingsOptions):
         Setting("log-format", "text", "text, or json for one JSON object a line", log_format),
         Setting("log-salt", None, "secret salt for the hashes of user ids in logs", non_empty, secret=True),
         Setting("log-client-addresses", False, "log client IP addresses (off: never logged)", boolean, flag=True),
+        Setting("obfs4", None, "obfs4 endpoint, tcp:PORT:interface=IP: obfs4proxy in front of --obfs4-target",
+                BindAddress.parse),
+        Setting("obfs4-target", "tcp", "what obfs4 carries: tcp (JSON lines) or websocket", one_of("tcp", "websocket")),
+        Setting("obfs4-iat-mode", 0, "obfs4 timing obfuscation: 0 off, 1 on, 2 paranoid", int_between(0, 2)),
+        Setting("obfs4proxy", "obfs4proxy", "the obfs4proxy program: a name on PATH or a path", non_empty),
     )
 
     def postOptions(self) -> None:
@@ -281,10 +297,24 @@ def build_production(
     return core, presence, redis, subscriber
 
 
+def obfs4_executable(options: Options) -> str | None:
+    """The obfs4proxy to run, if --obfs4 asks for one; one line and exit if it is missing."""
+    if options["obfs4"] is None:
+        return None
+    executable = pt.find_executable(options["obfs4proxy"])
+    if executable is None:
+        raise SystemExit(
+            f"{PROGRAM}: --obfs4 needs obfs4proxy, and {options['obfs4proxy']!r} is not installed "
+            "(Debian: apt-get install obfs4proxy; or name it with --obfs4proxy)"
+        )
+    return executable
+
+
 def makeService(options: Options, reactor: Any = None) -> SequentialMultiService:
     if reactor is None:
         from twisted.internet import reactor
     endpoints = {name: parse_endpoint(reactor, PROGRAM, name, options[name]) for name in ("listen", "tcp", "health")}
+    obfs4proxy = obfs4_executable(options)
     db = open_database(PROGRAM, options["database"], options["data-dir"], options["database-pool"], reactor)
     metrics = Metrics()
     root = SequentialMultiService()
@@ -315,10 +345,16 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
         core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"]
     )
     site = build_site(ws_factory, HttpApi(core), max_frame)
-    ListenerService(PROGRAM, "http", endpoints["listen"], site, websockets).setServiceParent(root)
     tcp_factory = JsonLinesFactory(
         core, max_frame, tcp_connections, addresses, limits, reactor, proxied=options["tcp"].startswith("haproxy:")
     )
+    if obfs4proxy is not None:
+        # Before the listeners, so it stops after them: their connections through obfs4 close politely first.
+        Obfs4Service(
+            reactor, obfs4proxy, options["obfs4"], os.path.join(options["data-dir"], STATE_DIRECTORY),
+            options["obfs4-iat-mode"], tcp_factory if options["obfs4-target"] == "tcp" else site,
+        ).setServiceParent(root)
+    ListenerService(PROGRAM, "http", endpoints["listen"], site, websockets).setServiceParent(root)
     ListenerService(PROGRAM, "tcp", endpoints["tcp"], tcp_factory, tcp_connections).setServiceParent(root)
     for tracker in (websockets, tcp_connections):
         GuardedTimer(CONNECTION_SWEEP_SECONDS, "connection sweep", tracker.sweep, reactor).setServiceParent(root)

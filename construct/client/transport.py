@@ -76,6 +76,10 @@ class ServerAddress:
     @classmethod
     def parse(cls, text: str) -> "ServerAddress":
         """`ws://127.0.0.1:8080/ws`, `wss://chat.example.org/ws` or `tcp://127.0.0.1:8081`."""
+        if text.strip().startswith("obfs4://"):
+            from construct.client.obfs4 import Obfs4Address  # which builds on this module
+
+            return Obfs4Address.parse(text)
         parts = urlsplit(text.strip())
         if parts.scheme not in cls.DEFAULT_PORTS or not parts.hostname:
             raise ValueError(f"server address must look like ws://host:port/ws or tcp://host:port, not {text!r}")

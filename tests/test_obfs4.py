@@ -1,0 +1,310 @@
+"""obfs4 in front of Construct: the managed-proxy plumbing in memory, then on the wire with obfs4proxy.
+
+On the wire: construct-chat over obfs4 and over WebSocket chat end to end, through a killed
+obfs4proxy and a restarted server with the same bridge line; probes of the obfs4 port with
+HTTP, a TLS ClientHello or random bytes get nothing back, where the same probe of the plain
+port gets a Construct error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import signal
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+
+from construct import pt
+from construct.client.obfs4 import Obfs4Address, Socks5Factory
+from construct.client.transport import ServerAddress
+from construct.obfs4 import BRIDGE_LINE_FILE, STATE_DIRECTORY, BindAddress, Bridge, bridge_from_smethod
+from construct.protocol.extorport import (
+    CLIENT_HASH_CONTEXT,
+    COOKIE_HEADER,
+    SERVER_HASH_CONTEXT,
+    ExtOrPortFactory,
+    write_cookie_file,
+)
+from construct.tap import Options, makeService
+from tests.processes import ServerProcess
+from tests.test_admin import admin
+from tests.test_chat_e2e import Chat
+
+CERT = "ukxSNLoQ1uv2Mjc73sa4Xuvl3fYvHArBqqDna3qNaZVxPmf1DGbPdACztSUAkBD+wBCYHQ"
+PROXY_PID = re.compile(r"obfs4proxy started \(pid (\d+)\)")
+
+
+# -- in memory: addresses, bridge lines, the Extended ORPort ---------------------------------
+
+
+def test_bind_addresses_come_from_endpoint_strings():
+    assert BindAddress.parse("tcp:8443:interface=0.0.0.0") == BindAddress("0.0.0.0", 8443)
+    assert BindAddress.parse("tcp:8443") == BindAddress("0.0.0.0", 8443)
+    assert BindAddress.parse("tcp:port=0:interface=127.0.0.1") == BindAddress("127.0.0.1", 0)
+    assert str(BindAddress.parse(r"tcp6:443:interface=\:\:")) == "[::]:443"
+    for bad in ("ssl:443", "tcp:http", "tcp:443:interface=example.org", "tcp6:443:interface=0.0.0.0", "tcp:1:backlog=5"):
+        with pytest.raises(ValueError):
+            BindAddress.parse(bad)
+
+
+def test_the_bridge_line_is_the_smethod_line_as_a_client_address():
+    bridge = bridge_from_smethod(["obfs4", "127.0.0.1:8443", f"ARGS:cert={CERT},iat-mode=1"])
+    assert bridge == Bridge("127.0.0.1", 8443, CERT, "1")
+    assert bridge.url() == f"obfs4://127.0.0.1:8443?cert={CERT}&iat-mode=1"
+    # On every interface only the operator knows the public address.
+    assert Bridge("0.0.0.0", 8443, CERT, "0").url().startswith("obfs4://<ADDRESS>:8443?")
+    with pytest.raises(ValueError):
+        bridge_from_smethod(["obfs4", "127.0.0.1:8443"])
+
+
+def test_obfs4_addresses_round_trip_and_keep_the_certificate_intact():
+    tcp = ServerAddress.parse(f"obfs4://127.0.0.1:8443?cert={CERT}&iat-mode=0")
+    assert isinstance(tcp, Obfs4Address)
+    # A certificate is base64: its "+" must not become a space, as form decoding would make it.
+    assert (tcp.scheme, tcp.host, tcp.port, tcp.cert, tcp.iat_mode) == ("tcp", "127.0.0.1", 8443, CERT, "0")
+    assert ServerAddress.parse(str(tcp)) == tcp
+    ws = ServerAddress.parse(f"obfs4://bridge.example.org:443/ws?iat-mode=2&cert={CERT}")
+    assert (ws.scheme, ws.path, ws.iat_mode) == ("ws", "/ws", "2")
+    assert str(ws) == f"obfs4://bridge.example.org:443/ws?cert={CERT}&iat-mode=2"
+    for bad in ("obfs4://127.0.0.1?cert=x", "obfs4://127.0.0.1:1", "obfs4://127.0.0.1:1?cert=x&iat-mode=3"):
+        with pytest.raises(ValueError):
+            ServerAddress.parse(bad)
+
+
+def test_socks_arguments_escape_the_separators():
+    assert pt.socks_arguments({"cert": CERT, "iat-mode": "0"}) == f"cert={CERT};iat-mode=0"
+    assert pt.socks_arguments({"k": "a;b=c\\"}) == "k=a\\;b\\=c\\\\"
+    assert pt.parse_method_options("cert=a\\,b,iat-mode=0") == {"cert": "a,b", "iat-mode": "0"}
+
+
+class _Recorder(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.made = False
+
+    def connectionMade(self) -> None:
+        self.made = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+def _handover(cookie: bytes, clock: task.Clock):
+    recorder = _Recorder()
+    factory = ExtOrPortFactory(Factory.forProtocol(lambda: recorder), cookie, clock)
+    wrapper = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+    wrapper.makeConnection(transport)
+    return wrapper, transport, recorder
+
+
+def _authenticate(wrapper, transport, cookie: bytes, tamper: bool = False) -> bytes:
+    assert transport.value() == b"\x01\x00"  # SAFE_COOKIE offered
+    transport.clear()
+    client_nonce = os.urandom(32)
+    wrapper.dataReceived(b"\x01" + client_nonce)
+    reply = transport.value()
+    server_hash, server_nonce = reply[:32], reply[32:64]
+    assert server_hash == hmac.new(cookie, SERVER_HASH_CONTEXT + client_nonce + server_nonce, hashlib.sha256).digest()
+    transport.clear()
+    client_hash = hmac.new(cookie, CLIENT_HASH_CONTEXT + client_nonce + server_nonce, hashlib.sha256).digest()
+    wrapper.dataReceived(bytes(32) if tamper else client_hash)
+    return transport.value()
+
+
+def _command(number: int, body: bytes = b"") -> bytes:
+    return number.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+
+
+def test_the_handover_port_authenticates_the_proxy_and_passes_on_the_clients_address():
+    cookie, clock = os.urandom(32), task.Clock()
+    wrapper, transport, recorder = _handover(cookie, clock)
+    assert _authenticate(wrapper, transport, cookie) == b"\x01"
+    transport.clear()
+    wrapper.dataReceived(_command(1, b"[2001:db8::7]:41000") + _command(2, b"obfs4"))
+    assert not recorder.made  # nothing reaches the listener before DONE
+    wrapper.dataReceived(_command(0) + b'{"type":"ping"}\n')
+    assert transport.value() == b"\x10\x00\x00\x00"  # OKAY
+    assert recorder.made and recorder.received == b'{"type":"ping"}\n'
+    assert wrapper.getPeer() == IPv6Address("TCP", "2001:db8::7", 41000)
+    wrapper.dataReceived(b"more")
+    assert recorder.received.endswith(b"more")
+    clock.advance(60)
+    assert not transport.disconnecting  # the handshake timer is gone once open
+
+
+def test_the_handover_port_refuses_a_wrong_cookie_and_a_silent_peer():
+    cookie, clock = os.urandom(32), task.Clock()
+    wrapper, transport, recorder = _handover(cookie, clock)
+    assert _authenticate(wrapper, transport, cookie, tamper=True) == b"\x00"
+    assert transport.disconnecting and not recorder.made
+    wrapper, transport, recorder = _handover(cookie, clock)
+    clock.advance(11)
+    assert transport.disconnecting and not recorder.made
+
+
+def test_the_cookie_file_has_the_format_the_proxy_reads(tmp_path):
+    path = tmp_path / "cookie"
+    cookie = write_cookie_file(str(path))
+    assert path.read_bytes() == COOKIE_HEADER + cookie and len(cookie) == 32
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_missing_obfs4proxy_stops_startup_with_one_line(tmp_path):
+    options = Options(environ={})
+    options.parseOptions(["--data-dir", str(tmp_path), "--obfs4", "tcp:0:interface=127.0.0.1",
+                          "--obfs4proxy", str(tmp_path / "no-such-obfs4proxy")])
+    with pytest.raises(SystemExit) as stopped:
+        makeService(options)
+    assert "needs obfs4proxy" in str(stopped.value) and "\n" not in str(stopped.value)
+
+
+def test_the_socks_handshake_carries_the_bridge_arguments():
+    recorder = _Recorder()
+    factory = Socks5Factory(Factory.forProtocol(lambda: recorder), "192.0.2.9", 8443, f"cert={CERT};iat-mode=0")
+    wrapper = factory.buildProtocol(None)
+    transport = StringTransport()
+    wrapper.makeConnection(transport)
+    assert transport.value() == b"\x05\x01\x02"
+    transport.clear()
+    wrapper.dataReceived(b"\x05\x02")
+    username = f"cert={CERT};iat-mode=0".encode()
+    assert transport.value() == b"\x01" + bytes((len(username),)) + username + b"\x01\x00"
+    transport.clear()
+    wrapper.dataReceived(b"\x01\x00")
+    assert transport.value() == b"\x05\x01\x00\x01" + bytes((192, 0, 2, 9)) + (8443).to_bytes(2, "big")
+    opened = []
+    wrapper.handshake_done.addCallback(opened.append)
+    wrapper.dataReceived(b"\x05\x00\x00\x01" + bytes(6) + b"first bytes")
+    assert opened == [recorder] and recorder.made and recorder.received == b"first bytes"
+
+
+# -- on the wire ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _bridge_line(server: ServerProcess) -> str:
+    path = server.tmp_path / "data" / STATE_DIRECTORY / BRIDGE_LINE_FILE
+    deadline = time.monotonic() + 10
+    while not path.exists():
+        assert time.monotonic() < deadline, server.log_text()
+        time.sleep(0.05)
+    return path.read_text().strip()
+
+
+def _proxy_pids(server: ServerProcess) -> list[int]:
+    return [int(pid) for pid in PROXY_PID.findall(server.log_text())]
+
+
+def _wait_for(condition, what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.integration
+def test_chat_over_obfs4_and_websocket_survives_obfs4proxy_and_server_restarts(tmp_path):
+    """Alice on obfs4, Bob on WebSocket; obfs4proxy is killed, then the server restarted: the
+    same bridge line keeps working, and the log names neither user nor any address."""
+    args = ("--data-dir", "data", "--bcrypt-cost", "4", "--obfs4", f"tcp:{_free_port()}:interface=127.0.0.1")
+    server = ServerProcess(tmp_path, *args, expect=("http", "tcp", "health", "obfs4")).start()
+    try:
+        bridge_line = _bridge_line(server)
+        assert f"obfs4 bridge line: {bridge_line}" in server.log_text()
+        shown = admin(tmp_path, "--data-dir", "data", "obfs4-bridge")
+        assert (shown.returncode, shown.stdout.strip()) == (0, bridge_line)
+        alice = Chat(tmp_path, "alice", bridge_line)
+        bob = Chat(tmp_path, "bob", f"ws://127.0.0.1:{server.ports['http']}/ws")
+        assert alice.ok("register", "alice")[0]["server"] == bridge_line
+        bob.ok("register", "bob")
+        assert alice.ok("send", "bob", "over obfs4")[0]["status"] == "queued"
+        assert [m["text"] for m in bob.ok("listen", "--once", "--timeout", "30")] == ["over obfs4"]
+        bob.ok("send", "alice", "over WebSocket")
+        assert [m["text"] for m in alice.ok("listen", "--once", "--timeout", "30")] == ["over WebSocket"]
+
+        first_proxy = _proxy_pids(server)[-1]
+        os.kill(first_proxy, signal.SIGKILL)
+        _wait_for(lambda: len(_proxy_pids(server)) == 2 and server.log_text().count("obfs4 bridge line: ") == 2,
+                  "obfs4proxy was not restarted")
+        assert "obfs4proxy ended (killed by signal 9); restarting it" in server.log_text()
+        assert alice.ok("send", "bob", "after obfs4proxy died")[0]["status"] == "queued"
+    finally:
+        server.stop()
+    # The server's shutdown took its obfs4proxy with it.
+    _wait_for(lambda: not Path(f"/proc/{_proxy_pids(server)[-1]}").exists(), "obfs4proxy outlived the server", 5)
+
+    restarted = ServerProcess(tmp_path, *args, expect=("http", "tcp", "health", "obfs4")).start()
+    try:
+        assert _bridge_line(restarted) == bridge_line
+        bob.server = f"ws://127.0.0.1:{restarted.ports['http']}/ws"
+        assert alice.ok("send", "bob", "after the server restarted")[0]["status"] == "queued"
+        received = bob.ok("listen", "--count", "2", "--timeout", "30")
+        assert [m["text"] for m in received] == ["after obfs4proxy died", "after the server restarted"]
+    finally:
+        restarted.stop()
+    log = server.log_text() + restarted.log_text()
+    for secret in (b"alice", b"bob", b"over obfs4"):
+        assert secret.decode() not in log
+
+
+class _Listener(Protocol):
+    def connectionMade(self) -> None:
+        self.factory.received[self] = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received[self] += data
+
+
+def _client_hello() -> bytes:
+    """The first flight of an ordinary TLS 1.3 client, as a censor's prober would send."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="www.example.com")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_probes_of_the_obfs4_port_get_no_answer(tmp_path):
+    """HTTP, a TLS ClientHello and random bytes: the plain TCP port answers the HTTP probe with a
+    Construct error (so the probe would notice), the obfs4 port answers nothing at all."""
+    server = await ServerProcess(tmp_path, "--data-dir", "data", "--bcrypt-cost", "4", "--obfs4",
+                                 "tcp:0:interface=127.0.0.1", expect=("http", "tcp", "health", "obfs4")).start_async()
+    try:
+        probes = [b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n", _client_hello(), os.urandom(2048),
+                  b'{"type":"ping"}\n']
+        factory = Factory.forProtocol(_Listener)
+        factory.received = {}
+        connections = []
+        for port in (server.ports["obfs4"], server.ports["tcp"]):
+            for probe in probes:
+                connection = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+                connection.transport.write(probe)
+                connections.append(connection)
+        await task.deferLater(reactor, 2.0, lambda: None)
+        answers = [factory.received[connection] for connection in connections]
+        for connection in connections:
+            connection.transport.abortConnection()
+        assert answers[: len(probes)] == [b""] * len(probes), answers[: len(probes)]
+        assert b"INVALID_FORMAT" in answers[len(probes)] and b"pong" in answers[-1]
+    finally:
+        server.stop()
