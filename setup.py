@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["construct", "construct.*"]) + ["twisted.plugins"],
     package_data={
         "construct.storage": ["schema/*.sql"],
-        "construct.http": ["openapi.json"],
+        "construct.http": ["openapi.json", "camouflage_site/*"],
     },
     install_requires=[
         "twisted[tls]>=24.7",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from construct.core.limits import Limit, MemoryCounters
 from construct.core.messaging import MessageService
 from construct.core.worker import DEFAULT_REDELIVERY_SECONDS, DeliveryWorker, MemoryLeases
 from construct.http.api import HttpApi
+from construct.http.camouflage import SiteError, StaticSite, build_camouflaged_site
 from construct.http.health import build_health_site
 from construct.http.site import build_site
 from construct.logs import log_format, use_log_format, user_id_hasher
@@ -91,6 +93,14 @@ def origins(text: str) -> list[str]:
     return patterns
 
 
+def ws_path(text: str) -> str:
+    """One path segment: /ws, or with --camouflage a secret such as /k3Jd9…"""
+    path = text.strip()
+    if not re.fullmatch(r"/[A-Za-z0-9._~-]+", path) or path == "/v1":
+        raise ValueError(f"must be / and one path segment of letters, digits and ._~- (not /v1), such as /ws, not {text!r}")
+    return path
+
+
 def one_of(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text.strip() not in choices:
@@ -98,6 +108,10 @@ def one_of(*choices: str) -> Callable[[str], str]:
         return text.strip()
 
     return parse
+
+
+# With --camouflage the WebSocket path is all that tells Construct from the website it poses as.
+MIN_SECRET_PATH_CHARACTERS = 16
 
 
 ABUSE_OPTIONS = {
@@ -159,6 +173,13 @@ class Options(SettingsOptions):
         Setting("log-format", "text", "text, or json for one JSON object a line", log_format),
         Setting("log-salt", None, "secret salt for the hashes of user ids in logs", non_empty, secret=True),
         Setting("log-client-addresses", False, "log client IP addresses (off: never logged)", boolean, flag=True),
+        Setting("ws-path", "/ws", "path of the WebSocket (with --camouflage the only one, and the API under it)", ws_path),
+        Setting(
+            "camouflage", False, "look like an ordinary static website to all but Construct clients (for port 443)",
+            boolean, flag=True,
+        ),
+        Setting("camouflage-site", None, "directory of the website --camouflage shows (default: a placeholder page)",
+                non_empty),
         Setting("obfs4", None, "obfs4 endpoint, tcp:PORT:interface=IP: obfs4proxy in front of --obfs4-target",
                 BindAddress.parse),
         Setting("obfs4-target", "tcp", "what obfs4 carries: tcp (JSON lines) or websocket", one_of("tcp", "websocket")),
@@ -171,6 +192,11 @@ class Options(SettingsOptions):
         use_log_format(self, self["log-format"])
         if self["instance-id"] is None:
             self["instance-id"] = default_instance_id(self["listen"])
+        if self["camouflage"] and len(self["ws-path"]) - 1 < MIN_SECRET_PATH_CHARACTERS:
+            raise SystemExit(
+                f"{PROGRAM}: --camouflage needs a --ws-path nobody can guess, of at least {MIN_SECRET_PATH_CHARACTERS} "
+                f"characters, such as /{secrets.token_urlsafe(18)}"
+            )
 
 
 def default_instance_id(listen: str) -> str:
@@ -310,11 +336,23 @@ def obfs4_executable(options: Options) -> str | None:
     return executable
 
 
+def camouflage_site(options: Options) -> StaticSite | None:
+    if not options["camouflage"]:
+        return None
+    try:
+        if options["camouflage-site"] is None:
+            return StaticSite.default()
+        return StaticSite.load(options["camouflage-site"])
+    except (SiteError, OSError) as e:
+        raise SystemExit(f"{PROGRAM}: --camouflage-site: {e}") from None
+
+
 def makeService(options: Options, reactor: Any = None) -> SequentialMultiService:
     if reactor is None:
         from twisted.internet import reactor
     endpoints = {name: parse_endpoint(reactor, PROGRAM, name, options[name]) for name in ("listen", "tcp", "health")}
     obfs4proxy = obfs4_executable(options)
+    camouflage = camouflage_site(options)
     db = open_database(PROGRAM, options["database"], options["data-dir"], options["database-pool"], reactor)
     metrics = Metrics()
     root = SequentialMultiService()
@@ -344,7 +382,10 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     ws_factory = ConstructWebSocketFactory(
         core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"]
     )
-    site = build_site(ws_factory, HttpApi(core), max_frame)
+    if camouflage is None:
+        site = build_site(ws_factory, HttpApi(core), max_frame, options["ws-path"])
+    else:
+        site = build_camouflaged_site(camouflage, ws_factory, HttpApi(core), max_frame, options["ws-path"])
     tcp_factory = JsonLinesFactory(
         core, max_frame, tcp_connections, addresses, limits, reactor, proxied=options["tcp"].startswith("haproxy:")
     )

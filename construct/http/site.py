@@ -1,4 +1,4 @@
-"""The public site: WebSocket upgrade at / and /ws, the JSON API under /v1."""
+"""The public site: WebSocket upgrade at / and /ws (--ws-path), the JSON API under /v1."""
 
 from __future__ import annotations
 
@@ -97,10 +97,11 @@ class Utf8Only(Resource):
         return self._inner.render(request)
 
 
-def build_site(ws_factory: Any, api: HttpApi, max_body_bytes: int) -> ConstructSite:
+def build_site(ws_factory: Any, api: HttpApi, max_body_bytes: int, ws_path: str = "/ws") -> ConstructSite:
+    """The open site; construct.http.camouflage builds the one of --camouflage."""
     root = Resource()
     websocket = UpgradeResource(ws_factory)
     root.putChild(b"", websocket)
-    root.putChild(b"ws", websocket)
+    root.putChild(ws_path[1:].encode(), websocket)
     root.putChild(b"v1", Utf8Only(api.app.resource()))
     return ConstructSite(root, max_body_bytes)
