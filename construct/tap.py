@@ -180,6 +180,7 @@ class Options(SettingsOptions):
         ),
         Setting("camouflage-site", None, "directory of the website --camouflage shows (default: a placeholder page)",
                 non_empty),
+        Setting("ws-padding", False, "pad every WebSocket message sent to a size bucket", boolean, flag=True),
         Setting("obfs4", None, "obfs4 endpoint, tcp:PORT:interface=IP: obfs4proxy in front of --obfs4-target",
                 BindAddress.parse),
         Setting("obfs4-target", "tcp", "what obfs4 carries: tcp (JSON lines) or websocket", one_of("tcp", "websocket")),
@@ -380,7 +381,7 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     addresses = AddressCounts(limits.per_address)
     websockets, tcp_connections = ConnectionTracker(reactor), ConnectionTracker(reactor)
     ws_factory = ConstructWebSocketFactory(
-        core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"]
+        core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"], options["ws-padding"]
     )
     if camouflage is None:
         site = build_site(ws_factory, HttpApi(core), max_frame, options["ws-path"])

@@ -20,6 +20,7 @@ from construct.protocol.connection import (
     client_address,
     closing_error,
 )
+from construct.protocol.padding import pad
 
 GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
@@ -141,7 +142,8 @@ class ConstructWebSocketProtocol(QuietFrames, WebSocketServerProtocol):
         # A reply can be ready after Autobahn began failing the connection (invalid UTF-8, a
         # protocol error) and before onClose: there is no one left to read it.
         if self.state == WebSocketProtocol.STATE_OPEN:
-            self.sendMessage(data, isBinary=encoding == codec.MSGPACK)
+            binary = encoding == codec.MSGPACK
+            self.sendMessage(pad(data, binary) if self.factory.padding else data, isBinary=binary)
 
 
 class ConstructWebSocketFactory(WebSocketServerFactory):
@@ -156,9 +158,12 @@ class ConstructWebSocketFactory(WebSocketServerFactory):
         limits: ConnectionLimits,
         clock: Any,
         allowed_origins: list[str],
+        padding: bool = False,
     ) -> None:
+        """`padding`: every message sent padded to a size bucket (construct.protocol.padding)."""
         super().__init__(server="Construct")
         self.noisy = False
+        self.padding = padding
         self.core = core
         self.tracker = tracker
         self.addresses = addresses
