@@ -1,35 +1,41 @@
 """obfs4 in front of Construct: the managed-proxy plumbing in memory, then on the wire with obfs4proxy.
 
 On the wire: construct-chat over obfs4 and over WebSocket chat end to end, through a killed
-obfs4proxy and a restarted server with the same bridge line; probes of the obfs4 port with
-HTTP, a TLS ClientHello or random bytes get nothing back, where the same probe of the plain
-port gets a Construct error.
+obfs4proxy and a restarted server with the same bridge line; the bytes on the obfs4 port have
+no fixed header, no JSON or protocol strings and pass a chi-square test of uniformity while the
+plain TCP port's fail it; probes of the obfs4 port with HTTP, a TLS ClientHello or random bytes
+get nothing back, where the same probe of the plain port gets a Construct error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 import signal
 import socket
 import ssl
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from autobahn.twisted.websocket import WebSocketClientFactory
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
 from construct import pt
-from construct.client.obfs4 import Obfs4Address, Socks5Factory
+from construct.bench.obfuscation import Tunnel
+from construct.client.obfs4 import ClientProxy, Obfs4Address, Obfs4Endpoint, Socks5Factory
 from construct.client.transport import ServerAddress
 from construct.obfs4 import BRIDGE_LINE_FILE, STATE_DIRECTORY, BindAddress, Bridge, bridge_from_smethod
+from construct.protocol import codec
 from construct.protocol.extorport import (
     CLIENT_HASH_CONTEXT,
     COOKIE_HEADER,
@@ -38,12 +44,21 @@ from construct.protocol.extorport import (
     write_cookie_file,
 )
 from construct.tap import Options, makeService
+from tests.clients import TcpClient, WsClient, _LineProtocol, _WsProtocol
+from tests.helpers import PASSWORD, make_bundle
 from tests.processes import ServerProcess
 from tests.test_admin import admin
 from tests.test_chat_e2e import Chat
 
 CERT = "ukxSNLoQ1uv2Mjc73sa4Xuvl3fYvHArBqqDna3qNaZVxPmf1DGbPdACztSUAkBD+wBCYHQ"
 PROXY_PID = re.compile(r"obfs4proxy started \(pid (\d+)\)")
+SAMPLE_BYTES = 10 * 1024
+# Chi-square over 256 byte values (255 degrees of freedom): random bytes exceed this with
+# probability about 1e-6 (Wilson-Hilferty); JSON text exceeds it many times over.
+CHI_SQUARE_LIMIT = 377.0
+# At least five bytes each, so that random bytes contain none by chance (about 1e-8 per string).
+PROTOCOL_STRINGS = [b'{"type"', b'"payload"', b"sendMessage", b"register", b"requestId", b"HTTP/", b"Upgrade",
+                    b"websocket", b"Construct", b"obfs4", b"msgpack"]
 
 
 # -- in memory: addresses, bridge lines, the Extended ORPort ---------------------------------
@@ -263,6 +278,112 @@ def test_chat_over_obfs4_and_websocket_survives_obfs4proxy_and_server_restarts(t
     log = server.log_text() + restarted.log_text()
     for secret in (b"alice", b"bob", b"over obfs4"):
         assert secret.decode() not in log
+
+
+def chi_square(sample: bytes) -> float:
+    expected = len(sample) / 256
+    counts = [0] * 256
+    for byte in sample:
+        counts[byte] += 1
+    return sum((count - expected) ** 2 / expected for count in counts)
+
+
+def test_chi_square_tells_random_bytes_from_text():
+    assert chi_square(os.urandom(SAMPLE_BYTES)) < CHI_SQUARE_LIMIT
+    assert chi_square(json.dumps({"type": "sendMessage", "payload": {"content": "x" * 9000}}).encode()) \
+        > CHI_SQUARE_LIMIT
+
+
+async def _ws_through(endpoint) -> WsClient:
+    client = WsClient(codec.MSGPACK)
+    factory = WebSocketClientFactory("ws://127.0.0.1/ws")
+    factory.protocol = _WsProtocol
+    factory.client = client
+    factory.opened = defer.Deferred()
+    await endpoint.connect(factory)
+    await factory.opened.addTimeout(10, reactor)
+    return client
+
+
+async def _lines_through(endpoint) -> TcpClient:
+    client = TcpClient()
+    client.protocol = await endpoint.connect(protocol.Factory.forProtocol(_LineProtocol))
+    client.protocol.client = client
+    return client
+
+
+async def _exchange(alice, bob, rounds: int = 10) -> None:
+    """Register both, then each sends the other `rounds` messages of 1 KB: over 10 KB each way."""
+    users = {}
+    for name, client in (("alice", alice), ("bob", bob)):
+        reply = await client.request("register", {"username": f"{name}-{os.urandom(4).hex()}", "password": PASSWORD,
+                                                  "publicKey": make_bundle()})
+        assert reply["type"] == "registerSuccess", reply
+        users[name] = reply["payload"]["userId"]
+    for index in range(rounds):
+        for sender, recipient, client in (("alice", "bob", alice), ("bob", "alice", bob)):
+            client.send("sendMessage", {
+                "id": str(uuid.uuid4()),
+                "from": users[sender], "to": users[recipient], "ephemeralPublicKey": os.urandom(32),
+                "messageNumber": index, "content": os.urandom(768).hex()[:1024], "timestamp": 1_767_348_000,
+            })
+    for client in (alice, bob):
+        acks = pushes = 0
+        while acks < rounds or pushes < rounds:
+            frame = await client.next(15)
+            if frame["type"] == "ack":
+                acks += 1
+            elif frame["type"] == "message":
+                pushes += 1
+            else:
+                raise AssertionError(frame)
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_obfs4_bytes_look_random_and_identify_nothing_while_plain_tcp_does_not(tmp_path):
+    """WebSocket over obfs4 and JSON lines over plain TCP carry the same exchange; a proxy in the
+    test keeps the first 10 KB of each direction of every connection."""
+    server = await ServerProcess(tmp_path, "--data-dir", "data", "--bcrypt-cost", "4", "--obfs4",
+                                 "tcp:0:interface=127.0.0.1", "--obfs4-target", "websocket",
+                                 expect=("http", "tcp", "health", "obfs4")).start_async()
+    proxy = ClientProxy(reactor, "obfs4proxy")
+    tunnels = []
+    try:
+        bridge = ServerAddress.parse(_bridge_line(server))
+        hidden = Tunnel(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", server.ports["obfs4"]), keep=SAMPLE_BYTES)
+        plain = Tunnel(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", server.ports["tcp"]), keep=SAMPLE_BYTES)
+        tunnels = [hidden, plain]
+        hidden_port, plain_port = await hidden.start(), await plain.start()
+        # obfs4proxy (client) connects to the capturing tunnel, which forwards to the obfs4 port.
+        through_obfs4 = Obfs4Endpoint(reactor, proxy, "127.0.0.1", hidden_port, bridge.arguments())
+        clients = [await _ws_through(through_obfs4), await _ws_through(through_obfs4)]
+        await _exchange(*clients)
+        plain_clients = [await _lines_through(TCP4ClientEndpoint(reactor, "127.0.0.1", plain_port)) for _ in range(2)]
+        await _exchange(*plain_clients)
+        for client in clients + plain_clients:
+            await client.close()
+
+        samples = [sample for passage in hidden.passages for sample in (passage.first_up, passage.first_down)]
+        assert len(samples) == 4 and all(len(sample) == SAMPLE_BYTES for sample in samples)
+        for sample in samples:
+            assert chi_square(sample) < CHI_SQUARE_LIMIT
+            for text in PROTOCOL_STRINGS:
+                assert text not in sample
+        # No fixed header: two connections' first bytes differ from the start, both ways.
+        for first, second in ((samples[0], samples[2]), (samples[1], samples[3])):
+            assert first[:3] != second[:3]
+
+        plain_samples = [s for passage in plain.passages for s in (passage.first_up, passage.first_down)]
+        assert len(plain_samples) == 4 and all(len(sample) == SAMPLE_BYTES for sample in plain_samples)
+        for sample in plain_samples:
+            assert chi_square(sample) > CHI_SQUARE_LIMIT
+            assert b'"type"' in sample and b'{"' in sample
+    finally:
+        for tunnel in tunnels:
+            await tunnel.stop()
+        await proxy.stop()
+        server.stop()
 
 
 class _Listener(Protocol):
