@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -40,7 +40,6 @@ STOP_TIMEOUT = 5.0
 # Written in the bridge line when obfs4proxy listens on every interface: only the operator
 # knows the address clients reach the server at.
 PUBLIC_ADDRESS = "<ADDRESS>"
-IAT_MODES = ("0", "1", "2")
 _ENDPOINT_SEPARATOR = re.compile(r"(?<!\\):")
 
 
@@ -128,11 +127,6 @@ class Obfs4Service(Service):
         self._failures = 0
         self._restart: Any = None
         self._ended: Deferred | None = None
-        self.bridge: Bridge | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._proxy is None else self._proxy.pid
 
     def startService(self) -> None:
         super().startService()
@@ -184,7 +178,6 @@ class Obfs4Service(Service):
             self.log.error("obfs4proxy: {keyword} {detail}", keyword=keyword, detail=" ".join(words))
 
     def _serving(self, bridge: Bridge) -> None:
-        self.bridge = bridge
         # Port 0 asked for any port: a restarted proxy keeps the one it got, and the bridge line with it.
         self._bind = self._bind.at_port(bridge.port)
         self.log.info("obfs4 listening on {host}:{port}", host=bridge.host, port=bridge.port)
@@ -219,7 +212,7 @@ class Obfs4Service(Service):
         if self._restart is not None and self._restart.active():
             self._restart.cancel()
         if self._port is not None:
-            await self._port.stopListening()
+            await maybeDeferred(self._port.stopListening)
         proxy = self._proxy
         if proxy is None:
             return

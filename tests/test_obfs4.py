@@ -26,15 +26,17 @@ import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from construct import pt
 from construct.bench.obfuscation import Tunnel
 from construct.client.obfs4 import ClientProxy, Obfs4Address, Obfs4Endpoint, Socks5Factory
 from construct.client.transport import ServerAddress
-from construct.obfs4 import BRIDGE_LINE_FILE, STATE_DIRECTORY, BindAddress, Bridge, bridge_from_smethod
+from construct.obfs4 import BRIDGE_LINE_FILE, STATE_DIRECTORY, BindAddress, Bridge, Obfs4Service, bridge_from_smethod
 from construct.protocol import codec
 from construct.protocol.extorport import (
     CLIENT_HASH_CONTEXT,
@@ -168,6 +170,72 @@ def test_the_handover_port_refuses_a_wrong_cookie_and_a_silent_peer():
     wrapper, transport, recorder = _handover(cookie, clock)
     clock.advance(11)
     assert transport.disconnecting and not recorder.made
+
+
+class _ProcessReactor(MemoryReactorClock):
+    """A fake reactor that records spawned processes and runs "threads" at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple] = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, **kwargs):
+        transport = StringTransport()
+        transport.pid, transport.closeStdin = 4242, lambda: self.spawned[-1][0].processEnded(_exited(0))
+        protocol.makeConnection(transport)
+        self.spawned.append((protocol, executable, env))
+        return transport
+
+    def getThreadPool(self):
+        return self
+
+    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):
+        on_result(True, function(*args, **kwargs))
+
+    def callFromThread(self, function, *args, **kwargs):
+        function(*args, **kwargs)
+
+
+def _exited(code: int) -> Failure:
+    return Failure(ProcessTerminated(exitCode=code))
+
+
+def test_the_service_runs_obfs4proxy_keeps_its_port_and_restarts_it_ever_more_slowly(tmp_path):
+    reactor_ = _ProcessReactor()
+    service = Obfs4Service(reactor_, "/usr/bin/obfs4proxy", BindAddress("127.0.0.1", 0), str(tmp_path / "obfs4"), 1,
+                           Factory.forProtocol(Protocol))
+    service.startService()
+    proxy, executable, env = reactor_.spawned[0]
+    assert executable == "/usr/bin/obfs4proxy"
+    assert env["TOR_PT_SERVER_BINDADDR"] == "obfs4-127.0.0.1:0"
+    assert env["TOR_PT_SERVER_TRANSPORT_OPTIONS"] == "obfs4:iat-mode=1"
+    assert env["TOR_PT_EXIT_ON_STDIN_CLOSE"] == "1" and env["TOR_PT_STATE_LOCATION"] == str(tmp_path / "obfs4")
+    assert (tmp_path / "obfs4" / "extended-orport-cookie").read_bytes().startswith(COOKIE_HEADER)
+    # The parent's settings and secrets stay out of the proxy's environment.
+    assert not [name for name in env if name.startswith("CONSTRUCT_")]
+    proxy.outReceived(f"VERSION 1\nSMETHOD obfs4 127.0.0.1:40123 ARGS:cert={CERT},iat-mode=1\nSMETHODS DONE\n".encode())
+    assert (tmp_path / "obfs4" / "bridge-line.txt").read_text() == f"obfs4://127.0.0.1:40123?cert={CERT}&iat-mode=1\n"
+
+    delays = []
+    for _ in range(3):
+        proxy.processEnded(_exited(2))
+        started = len(reactor_.spawned)
+        delay = reactor_.getDelayedCalls()[0].getTime() - reactor_.seconds()
+        reactor_.advance(delay)
+        assert len(reactor_.spawned) == started + 1
+        delays.append(delay)
+        proxy, _, env = reactor_.spawned[-1]
+        # The port it was given the first time, so the bridge line stays valid.
+        assert env["TOR_PT_SERVER_BINDADDR"] == "obfs4-127.0.0.1:40123"
+    assert delays == [1.0, 2.0, 5.0]
+    reactor_.advance(61)  # a run that lasted: the next restart is quick again
+    proxy.processEnded(_exited(2))
+    assert reactor_.getDelayedCalls()[0].getTime() - reactor_.seconds() == 1.0
+    reactor_.advance(1)
+    outcome = []
+    service.stopService().addBoth(outcome.append)
+    assert outcome == [None]  # closing its stdin ended it
+    assert not reactor_.getDelayedCalls()
 
 
 def test_the_cookie_file_has_the_format_the_proxy_reads(tmp_path):

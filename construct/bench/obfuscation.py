@@ -8,16 +8,19 @@ The load generator speaks only plain TCP and WebSocket, so obfs4 is reached thro
 a loopback port in this process that forwards each connection through obfs4proxy in client
 mode to the server's `--obfs4` port. The same tunnel forwarding to the plain TCP port is the
 baseline that tells obfs4's cost from the tunnel's, and its byte counts give the bytes on the
-wire per message. Each run starts its own server (embedded or production mode).
+wire per message. Each run starts its own server (`--server embedded` or `production`).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import tempfile
+import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
+from twisted.internet import task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
@@ -25,16 +28,15 @@ from construct.bench import report
 from construct.bench.clients import BenchError, Target
 from construct.bench.report import load_figures
 from construct.bench.scenarios import LoadOptions, _report as scenario_report
-from construct.bench.server import LOOPBACK, ManagedProcess, RunningServer, ServerPlan, construct_command, \
-    run_directory
+from construct.bench.server import LOOPBACK, RunningServer, ServerPlan, construct_servers
 from construct.bench.wire import TCP, WS_MSGPACK
 from construct.bench.workers import run_load
 from construct.client.obfs4 import ClientProxy, Obfs4Address, Obfs4Endpoint
 from construct.obfs4 import BRIDGE_LINE_FILE, STATE_DIRECTORY
 
 SCENARIOS = ("obfs4", "ws-padding")
-PROXY_PID = re.compile(r"obfs4proxy started \(pid (\d+)\)")
 CONNECT_TIMEOUT = 30
+BRIDGE_TIMEOUT = 10
 
 
 @dataclass
@@ -131,16 +133,23 @@ class Tunnel:
         return sum(p.upstream + p.downstream for p in self.passages)
 
 
-def _proxy_pid(process: ManagedProcess) -> int | None:
-    """The server's obfs4proxy, from the line it logs when it starts one."""
-    pids = PROXY_PID.findall(process.log_path.read_text(errors="replace"))
-    return int(pids[-1]) if pids else None
+def _server_proxy_pid(server_pid: int | None) -> int | None:
+    """The server's obfs4proxy: its only child process."""
+    if not server_pid:
+        return None
+    with open(f"/proc/{server_pid}/task/{server_pid}/children") as children:
+        pids = [int(pid) for pid in children.read().split()]
+    return pids[0] if pids else None
 
 
-def _bridge(process: ManagedProcess) -> Obfs4Address:
-    path = process.directory / "data" / STATE_DIRECTORY / BRIDGE_LINE_FILE
-    if not path.exists():
-        raise BenchError(f"the server wrote no bridge line:\n{process.log_tail()}")
+async def _bridge(reactor: Any, state_dir: Path) -> Obfs4Address:
+    """The bridge line the server writes once obfs4proxy listens."""
+    path = state_dir / STATE_DIRECTORY / BRIDGE_LINE_FILE
+    deadline = time.monotonic() + BRIDGE_TIMEOUT
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise BenchError(f"the server wrote no bridge line to {path} in {BRIDGE_TIMEOUT:.0f} s")
+        await task.deferLater(reactor, 0.05, lambda: None)
     return Obfs4Address.parse(path.read_text())
 
 
@@ -179,66 +188,59 @@ async def _measure(reactor: Any, load: LoadOptions, server: RunningServer, targe
 
 async def obfs4(reactor: Any, plan: ServerPlan, load: LoadOptions, direct: bool = True) -> dict:
     """TCP JSON lines: straight to the port, through a tunnel, and through the tunnel and obfs4."""
-    if plan.mode != "embedded":
-        raise BenchError("the obfs4 scenario starts its own server with --obfs4: use --server embedded")
+    if plan.mode == "external":
+        raise BenchError("the obfs4 scenario starts its own server with --obfs4: use --server embedded or production")
     load = replace(load, transport=TCP)
     results: dict[str, Any] = {}
-    async with run_directory(plan) as directory:
-        process = ManagedProcess(
-            "construct-1", construct_command(directory, plan.bcrypt_cost, ["--obfs4", LOOPBACK]), directory,
-            ("http", "tcp", "health", "obfs4"),
-        )
-        proxy = ClientProxy(reactor, "obfs4proxy")
-        tunnels: list[Tunnel] = []
-        try:
-            server = await process.start(reactor)
-            bridge = _bridge(process)
-            host, ws_port = server.target.host, server.target.ws_port
-            if direct:
-                results["direct"] = await _measure(reactor, load, server, server.target, None)
-            plain = Tunnel(reactor, TCP4ClientEndpoint(reactor, host, server.target.tcp_port, timeout=CONNECT_TIMEOUT))
-            hidden = Tunnel(reactor, Obfs4Endpoint(reactor, proxy, host, process.ports["obfs4"], bridge.arguments()))
-            tunnels += [plain, hidden]
-            results["tunnel"] = await _measure(reactor, load, server, Target(host, ws_port, await plain.start()), plain)
-            port = await hidden.start()
-            await proxy.socks_address()
-            proxies = {"obfs4proxy_server": _proxy_pid(process), "obfs4proxy_client": proxy.pid}
-            results["obfs4"] = await _measure(reactor, load, server, Target(host, ws_port, port), hidden, proxies)
-            described = [server.describe()]
-        finally:
-            for tunnel in tunnels:
-                await tunnel.stop()
-            await proxy.stop()
-            await process.stop(reactor)
+    proxy = ClientProxy(reactor, "obfs4proxy")
+    tunnels: list[Tunnel] = []
+    with tempfile.TemporaryDirectory(prefix="construct-bench-obfs4-", dir=plan.run_dir) as state_dir:
+        # The data directory given last wins: there the server keeps its obfs4 state and bridge line.
+        extra = ("--obfs4", LOOPBACK, "--data-dir", state_dir)
+        async with construct_servers(reactor, plan, extra=extra) as servers:
+            server = servers[0]
+            try:
+                bridge = await _bridge(reactor, Path(state_dir))
+                host, ws_port = server.target.host, server.target.ws_port
+                if direct:
+                    results["direct"] = await _measure(reactor, load, server, server.target, None)
+                plain = Tunnel(reactor, TCP4ClientEndpoint(reactor, host, server.target.tcp_port, timeout=CONNECT_TIMEOUT))
+                hidden = Tunnel(reactor, Obfs4Endpoint(reactor, proxy, bridge.host, bridge.port, bridge.arguments()))
+                tunnels += [plain, hidden]
+                port = await plain.start()
+                results["tunnel"] = await _measure(reactor, load, server, Target(host, ws_port, port), plain)
+                port = await hidden.start()
+                await proxy.socks_address()
+                proxies = {"obfs4proxy_server": _server_proxy_pid(server.pid), "obfs4proxy_client": proxy.pid}
+                results["obfs4"] = await _measure(reactor, load, server, Target(host, ws_port, port), hidden, proxies)
+                described = [server.describe()]
+            finally:
+                for tunnel in tunnels:
+                    await tunnel.stop()
+                await proxy.stop()
     if results["tunnel"]["delivered_per_s"]:
         results["obfs4_ratio"] = round(results["obfs4"]["delivered_per_s"] / results["tunnel"]["delivered_per_s"], 4)
     return scenario_report("obfs4", plan, {**load.settings(), "iat_mode": bridge.iat_mode}, described, results)
 
 
 async def ws_padding(reactor: Any, plan: ServerPlan, load: LoadOptions) -> dict:
-    """WebSocket (MessagePack) through a counting tunnel, the server without and with --ws-padding."""
-    if plan.mode != "embedded":
-        raise BenchError("the ws-padding scenario starts its own servers: use --server embedded")
+    """WebSocket through a counting tunnel, to a server without and then with --ws-padding."""
+    if plan.mode == "external":
+        raise BenchError("the ws-padding scenario starts its own servers: use --server embedded or production")
     load = replace(load, transport=WS_MSGPACK if load.transport == TCP else load.transport)
     results: dict[str, Any] = {}
     described = []
-    for name, extra in (("unpadded", []), ("padded", ["--ws-padding"])):
-        async with run_directory(plan) as directory:
-            process = ManagedProcess(
-                "construct-1", construct_command(directory, plan.bcrypt_cost, extra), directory, ("http", "tcp", "health"),
-            )
-            tunnel = None
+    for name, extra in (("unpadded", ()), ("padded", ("--ws-padding",))):
+        async with construct_servers(reactor, plan, extra=extra) as servers:
+            server = servers[0]
+            target = server.target
+            tunnel = Tunnel(reactor, TCP4ClientEndpoint(reactor, target.host, target.ws_port, timeout=CONNECT_TIMEOUT))
             try:
-                running = await process.start(reactor)
-                target = running.target
-                tunnel = Tunnel(reactor, TCP4ClientEndpoint(reactor, target.host, target.ws_port, timeout=CONNECT_TIMEOUT))
                 port = await tunnel.start()
-                results[name] = await _measure(reactor, load, running, Target(target.host, port, None), tunnel)
-                described.append(running.describe())
+                results[name] = await _measure(reactor, load, server, Target(target.host, port, None), tunnel)
             finally:
-                if tunnel is not None:
-                    await tunnel.stop()
-                await process.stop(reactor)
+                await tunnel.stop()
+            described.append(server.describe())
     if results["unpadded"]["delivered_per_s"]:
         results["padded_ratio"] = round(results["padded"]["delivered_per_s"] / results["unpadded"]["delivered_per_s"], 4)
     return scenario_report("ws-padding", plan, load.settings(), described, results)
