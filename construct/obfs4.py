@@ -126,7 +126,6 @@ class Obfs4Service(Service):
         self._started_at = 0.0
         self._failures = 0
         self._restart: Any = None
-        self._ended: Deferred | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -188,9 +187,8 @@ class Obfs4Service(Service):
 
     def _proxy_ended(self, reason: Failure) -> None:
         self._proxy = None
-        if self._ended is not None:
-            self._ended.callback(None)
-            return
+        if not self.running:
+            return  # stopped by stopService
         self.log.warn("obfs4proxy ended ({how}); restarting it", how=pt.exit_description(reason))
         if self._reactor.seconds() - self._started_at >= STABLE_SECONDS:
             self._failures = 0
@@ -213,15 +211,8 @@ class Obfs4Service(Service):
             self._restart.cancel()
         if self._port is not None:
             await maybeDeferred(self._port.stopListening)
-        proxy = self._proxy
-        if proxy is None:
-            return
-        self._ended = Deferred()
-        proxy.close()
-        timer = self._reactor.callLater(STOP_TIMEOUT, proxy.kill)
-        await self._ended
-        if timer.active():
-            timer.cancel()
+        if self._proxy is not None:
+            await self._proxy.stop(self._reactor, STOP_TIMEOUT)
 
 
 def _write_text(path: str, text: str) -> None:

@@ -16,6 +16,7 @@ import re
 import shutil
 from typing import Any, Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -94,6 +95,7 @@ class ManagedProxy(ProcessProtocol):
         self._on_line = on_line
         self._on_ended = on_ended
         self._partial = b""
+        self._waiting: list[Deferred] = []
         self.ended = False
 
     @property
@@ -123,11 +125,21 @@ class ManagedProxy(ProcessProtocol):
             self._on_ended(reason)
         except Exception:
             self.log.failure("handling the end of {name} failed", name=self.name)
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(None)
 
-    def close(self) -> None:
-        """Ask it to exit (it watches its stdin)."""
-        if not self.ended and self.transport is not None:
-            self.transport.closeStdin()
+    async def stop(self, clock: Any, timeout: float) -> None:
+        """Ask it to exit (it watches its stdin), kill it if it has not after `timeout`, and wait."""
+        if self.ended or self.transport is None:
+            return
+        ended: Deferred = Deferred()
+        self._waiting.append(ended)
+        self.transport.closeStdin()
+        timer = clock.callLater(timeout, self.kill)
+        await ended
+        if timer.active():
+            timer.cancel()
 
     def kill(self) -> None:
         if not self.ended and self.transport is not None:

@@ -16,8 +16,7 @@ import secrets
 import pytest
 import pytest_twisted
 import treq
-from autobahn.twisted.websocket import WebSocketClientFactory
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.ssl import Certificate
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
@@ -26,10 +25,10 @@ from construct.http.camouflage import MAX_SITE_BYTES, SiteError, StaticSite, bui
 from construct.protocol.connection import AddressCounts, ConnectionLimits, ConnectionTracker
 from construct.protocol.ws import ConstructWebSocketFactory
 from construct.tap import Options
-from tests.clients import WsClient, _WsProtocol
+from tests.clients import WsClient
 from tests.helpers import PASSWORD, make_bundle
 from tests.processes import ServerProcess
-from tests.test_tls import _tls_endpoint, make_certificates
+from tests.test_tls import _wss, make_certificates
 
 SECRET = "/" + secrets.token_urlsafe(18)
 # What must never appear in anything the site answers to a stranger.
@@ -66,17 +65,6 @@ async def camouflaged(core, site_dir):
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     yield f"http://127.0.0.1:{port.getHost().port}", port.getHost().port
     await port.stopListening()
-
-
-async def _wss(port: int, ca_pem: bytes, path: str) -> WsClient:
-    client = WsClient()
-    factory = WebSocketClientFactory(f"wss://localhost:{port}{path}")
-    factory.protocol = _WsProtocol
-    factory.client = client
-    factory.opened = defer.Deferred()
-    await _tls_endpoint(port, ca_pem).connect(factory)
-    await factory.opened.addTimeout(10, reactor)
-    return client
 
 
 async def _get(url: str, method: str = "GET", **kwargs):

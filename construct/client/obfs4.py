@@ -94,7 +94,6 @@ class ClientProxy:
         self._state_dir: str | None = None
         self._address: tuple[str, int] | None = None
         self._waiting: list[defer.Deferred] = []
-        self._ended: defer.Deferred | None = None
 
     @property
     def pid(self) -> int | None:
@@ -136,8 +135,6 @@ class ClientProxy:
         self._proxy, self._address = None, None
         error = ConnectFailed(f"obfs4proxy ended ({pt.exit_description(reason)})")
         self._settle(lambda waiter: waiter.errback(error))
-        if self._ended is not None:
-            self._ended.callback(None)
 
     def _settle(self, how: Any) -> None:
         waiting, self._waiting = self._waiting, []
@@ -146,14 +143,8 @@ class ClientProxy:
                 how(waiter)
 
     async def stop(self) -> None:
-        proxy = self._proxy
-        if proxy is not None:
-            self._ended = defer.Deferred()
-            proxy.close()
-            timer = self._reactor.callLater(PROXY_STOP_TIMEOUT, proxy.kill)
-            await self._ended
-            if timer.active():
-                timer.cancel()
+        if self._proxy is not None:
+            await self._proxy.stop(self._reactor, PROXY_STOP_TIMEOUT)
         if self._state_dir is not None:
             shutil.rmtree(self._state_dir, ignore_errors=True)
             self._state_dir = None
