@@ -186,14 +186,15 @@ class ConstructEntrance(Resource):
 
 
 class CamouflageRoot(Resource):
-    def __init__(self, entrance_name: bytes, entrance: ConstructEntrance, page: StaticPage) -> None:
+    """The site's page for every path, except the secret first segments in `entrances`."""
+
+    def __init__(self, entrances: dict[bytes, Resource], page: StaticPage) -> None:
         super().__init__()
-        self._entrance_name = entrance_name
-        self._entrance = entrance
+        self._entrances = entrances
         self._page = page
 
     def getChild(self, path: bytes, request: Request) -> Resource:
-        return self._entrance if path == self._entrance_name else self._page
+        return self._entrances.get(path, self._page)
 
 
 class CamouflagedRequest(LimitedRequest):
@@ -236,4 +237,4 @@ def build_camouflaged_site(
     ws_factory.server = SERVER_NAME.decode()
     page = StaticPage(static)
     entrance = ConstructEntrance(UpgradeResource(ws_factory), Utf8Only(api.app.resource()), page)
-    return CamouflagedSite(CamouflageRoot(ws_path[1:].encode(), entrance, page), max_body_bytes)
+    return CamouflagedSite(CamouflageRoot({ws_path[1:].encode(): entrance}, page), max_body_bytes)
