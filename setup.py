@@ -10,6 +10,8 @@ setup(
     package_data={
         "construct.storage": ["schema/*.sql"],
         "construct.http": ["openapi.json", "camouflage_site/*"],
+        # The web client, built files included (webclient/build.mjs vendors libsodium).
+        "construct.web": ["static/*.html", "static/*.css", "static/*.svg", "static/js/*.mjs", "static/vendor/*"],
     },
     install_requires=[
         "twisted[tls]>=24.7",
@@ -39,6 +41,8 @@ setup(
             "hypothesis>=6.100",
             "schemathesis>=4.0,<5",
             "openapi-spec-validator>=0.7",
+            # Drives Debian's chromium (/usr/bin/chromium) in the web client's end-to-end tests.
+            "playwright>=1.40",
         ],
     },
 )

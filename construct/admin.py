@@ -23,6 +23,7 @@ from construct.obfs4 import BRIDGE_LINE_FILE, STATE_DIRECTORY
 from construct.redis.client import RedisClient
 from construct.redis.inbox import RedisInbox
 from construct.redis.presence import RedisPresence
+from construct.redis.wakeups import RedisWakeUps
 from construct.storage.accounts import AccountStore
 from construct.storage.admin import AdminStore
 from construct.storage.database import SCHEMA_VERSION, Database, engine_from_options, prepare_database, schema_version
@@ -178,15 +179,17 @@ class Admin:
             print("nothing deleted (pass --yes to delete without a question)", file=sys.stderr)
             return 1
         notices: list[Deferred] = []
-        presence = None
+        wakeups = None
         if isinstance(inbox, RedisInbox):
-            presence = RedisPresence(self._redis, self._options["redis-prefix"], self._reactor)
+            prefix = self._options["redis-prefix"]
+            presence = RedisPresence(self._redis, prefix, self._reactor)
+            wakeups = RedisWakeUps(self._redis, prefix, presence, PROGRAM)
 
         def revoked(user_id: str, token_hashes: list[str]) -> None:
             # Live connections of the user, on any instance, are told their session ended. The
             # presence lookup goes out now, ahead of the inbox deletion that removes presence.
-            if presence is not None:
-                notices.append(ensureDeferred(presence.notify(user_id, "revoked", tokenHashes=token_hashes)))
+            if wakeups is not None:
+                notices.append(ensureDeferred(wakeups.revoked_elsewhere(user_id, token_hashes)))
 
         # The same deletion as the user's own deleteAccount (construct.core.deletion).
         deletion = await AccountDeletion(AccountStore(db), inbox, revoked).delete(user.id)

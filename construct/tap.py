@@ -19,11 +19,12 @@ from construct.core.abuse import AbuseLimits, AbuseSettings
 from construct.core.accounts import AccountService, KnownUsers, PasswordHasher
 from construct.core.app import Core
 from construct.core.deletion import AccountDeletion
-from construct.core.delivery import DeliveryHub
+from construct.core.delivery import DeliveryHub, LocalWakeUps
 from construct.core.keys import KeyService
 from construct.core.limits import Limit, MemoryCounters
 from construct.core.messaging import MessageService
 from construct.core.worker import DEFAULT_REDELIVERY_SECONDS, DeliveryWorker, MemoryLeases
+from construct.delivery.ports import Inbox, WakeUps
 from construct.http.api import HttpApi
 from construct.http.camouflage import SiteError, StaticSite, build_camouflaged_site
 from construct.http.health import build_health_site
@@ -37,6 +38,7 @@ from construct.redis.client import RedisAddress, RedisClient, RedisSubscriber
 from construct.redis.inbox import RedisInbox
 from construct.redis import limits as redis_limits
 from construct.redis.presence import HEARTBEAT_SECONDS, InstancePresence
+from construct.redis.wakeups import RedisWakeUps
 from construct.redis.service import RedisService
 from construct.protocol.connection import AddressCounts, ConnectionLimits, ConnectionTracker
 from construct.services import (
@@ -226,10 +228,9 @@ def open_database(program: str, database_url: str | None, data_dir: str, pool_si
 
 def assemble_core(
     db: Database,
-    inbox: Any,
+    inbox: Inbox,
     hub: DeliveryHub,
-    on_stored: Callable[[str, int | None, dict], None],
-    on_sessions_revoked: Callable[[str, list[str]], None],
+    wakeups: WakeUps,
     clock: Any,
     options: Options,
     metrics: Metrics,
@@ -242,14 +243,14 @@ def assemble_core(
     limits = AbuseLimits(counters, abuse_settings(options), options["log-salt"], login_counters)
     return Core(
         accounts=AccountService(
-            AccountStore(db), PasswordHasher(options["bcrypt-cost"], run_blocking), clock, on_sessions_revoked, limits
+            AccountStore(db), PasswordHasher(options["bcrypt-cost"], run_blocking), clock, wakeups.sessions_revoked,
+            limits,
         ),
         keys=KeyService(KeyStore(db), clock, limits),
         messaging=MessageService(
             inbox,
-            # Live here: the store script of production mode also sees the other instances.
             hub.holds,
-            on_stored,
+            wakeups,
             clock,
             limits,
             ttl_seconds=options["message-ttl"],
@@ -260,7 +261,7 @@ def assemble_core(
         hub=hub,
         metrics=metrics,
         log_id=user_id_hasher(options["log-salt"]),
-        deletion=AccountDeletion(AccountStore(db), inbox, on_sessions_revoked),
+        deletion=AccountDeletion(AccountStore(db), inbox, wakeups.sessions_revoked),
     )
 
 
@@ -284,20 +285,12 @@ def build_embedded(
     """The core on the SQL inbox, with the hub as presence and bus, and an in-process worker."""
     inbox = SqlInbox(db)
     hub = DeliveryHub(inbox, clock, metrics)
+    wakeups = LocalWakeUps(hub)
     core = assemble_core(
-        db, inbox, hub, hub.on_stored, hub.on_sessions_revoked, clock, options, metrics, run_blocking,
+        db, inbox, hub, wakeups, clock, options, metrics, run_blocking,
         MemoryCounters(clock), login_counters=MemoryCounters(clock),
     )
-
-    async def wake(user_id: str) -> None:
-        hub.on_pending(user_id)
-
-    async def redeliver(user_id: str, attached_before: float) -> None:
-        hub.redeliver(user_id, attached_before)
-
-    worker = DeliveryWorker(
-        inbox, hub.is_online, wake, redeliver, MemoryLeases(clock), clock, metrics, options["redelivery-timeout"]
-    )
+    worker = DeliveryWorker(inbox, hub.is_online, wakeups, MemoryLeases(clock), clock, metrics, options["redelivery-timeout"])
     return core, worker
 
 
@@ -308,19 +301,24 @@ def build_production(
 
     `reactor` runs the connections; `clock` is what the logic reads time from.
     """
-    address, prefix = options["redis"], options["redis-prefix"]
+    address, prefix, instance_id = options["redis"], options["redis-prefix"], options["instance-id"]
     redis = RedisClient(address, reactor)
     known_users = KnownUsers(AccountStore(db).user_exists, clock)
-    inbox = RedisInbox(redis, prefix, clock, options["instance-id"], reactor)
+    inbox = RedisInbox(redis, prefix, clock, instance_id, reactor)
     hub = DeliveryHub(inbox, clock, metrics)
-    presence = InstancePresence(redis, prefix, clock, options["instance-id"], hub)
+    presence = InstancePresence(redis, prefix, clock, instance_id, hub)
     hub.listener = presence
-    # The send script itself reads presence and wakes other instances: here, only local state.
+    wakeups = RedisWakeUps(redis, prefix, presence, instance_id, hub)
     core = assemble_core(
-        db, inbox, hub, hub.on_stored, presence.sessions_revoked, clock, options, metrics,
+        db, inbox, hub, wakeups, clock, options, metrics,
         run_blocking, redis_limits.RedisCounters(redis, prefix, reactor), recipient_exists=known_users.exists,
     )
-    subscriber = RedisSubscriber(address, reactor, [presence.channel], presence.event_received, presence.subscribed)
+
+    def subscribed() -> None:
+        wakeups.subscribed()
+        presence.refresh()
+
+    subscriber = RedisSubscriber(address, reactor, [wakeups.channel], wakeups.event_received, subscribed)
     return core, presence, redis, subscriber
 
 

@@ -25,6 +25,7 @@ from construct.redis.client import RedisClient, RedisLeases, RedisSubscriber
 from construct.redis.inbox import RedisInbox
 from construct.redis.presence import RedisPresence, online_channel
 from construct.redis.service import RedisService
+from construct.redis.wakeups import RedisWakeUps
 from construct.services import GuardedTimer, ListenerService, SequentialMultiService, parse_endpoint
 from construct.tap import SWEEP_INTERVAL_SECONDS, redis_address
 
@@ -97,16 +98,11 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     presence = RedisPresence(redis, prefix, reactor)
     # The worker only reads inboxes that already exist; it never stores messages.
     inbox = RedisInbox(redis, prefix, reactor)
-
-    async def wake(user_id: str) -> None:
-        await presence.notify(user_id, "pending")
-
-    async def redeliver(user_id: str, attached_before: float) -> None:
-        await presence.notify(user_id, "redeliver", attachedBefore=attached_before)
-
+    # It holds no connections: its wake-ups all go to the instances that do.
+    wakeups = RedisWakeUps(redis, prefix, presence, options["instance-id"])
     leases = RedisLeases(redis, prefix, options["instance-id"])
     worker = DeliveryWorker(
-        inbox, presence.is_online, wake, redeliver, leases, reactor, metrics, options["redelivery-timeout"]
+        inbox, presence.is_online, wakeups, leases, reactor, metrics, options["redelivery-timeout"]
     )
     listener = OnlineListener(worker)
     subscriber = RedisSubscriber(address, reactor, [online_channel(prefix)], listener.message, listener.subscribed)

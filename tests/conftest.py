@@ -77,10 +77,10 @@ def make_options(**overrides) -> Options:
 REDIS_URL = os.environ.get("CONSTRUCT_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
-async def _started(redis, subscriber, presence) -> None:
+async def _started(redis, subscriber) -> None:
     """Wait until both Redis connections are up and the instance channel is subscribed."""
     subscribed = defer.Deferred()
-    original = presence.subscribed
+    original = subscriber.on_subscribed
 
     def on_subscribed():
         original()
@@ -148,7 +148,7 @@ async def core_factory(backend, request, tmp_path, clock, redis_prefix):
             db, reactor, clock, options, Metrics(), defer.maybeDeferred
         )
         connections.extend([redis, subscriber])
-        await _started(redis, subscriber, presence)
+        await _started(redis, subscriber)
         return core
 
     yield build

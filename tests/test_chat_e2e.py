@@ -85,7 +85,7 @@ def _converse(tmp_path: Path, server: ServerProcess, inspect_pending) -> tuple[l
     inspect_pending([s["id"] for s in sent], texts)
 
     received = bob.ok("listen", "--count", str(len(texts)), "--timeout", "60")
-    assert [(m["peer"], m["text"], m["verified"]) for m in received] == [("alice", t, True) for t in texts]
+    assert [(m["peer"], m["text"], m["status"]) for m in received] == [("alice", t, "received") for t in texts]
     assert [m["id"] for m in received] == [s["id"] for s in sent]
 
     reply = _secrets(1)

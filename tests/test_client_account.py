@@ -4,9 +4,12 @@ states, a fake key directory that hands out one-time prekeys once, and the messa
 from __future__ import annotations
 
 import copy
+import os
 import uuid
 
 import pytest
+from nacl import bindings as nacl_bindings
+from nacl.public import PrivateKey
 
 from construct.client import account
 from construct.client.account import SENDER_GONE, IdentityChanged, PeerBundle
@@ -15,8 +18,9 @@ from construct.client.crypto import (
     SignedPrekey,
     b64encode,
     envelope_context,
+    hkdf_sha256,
     make_key_bundle,
-    seal_v1,
+    pad,
     verify_key_bundle,
 )
 
@@ -74,7 +78,6 @@ def test_conversation_uses_a_one_time_prekey_and_pins_both_sides():
     for i in range(3):
         assert bob.receive(alice, alice.send(bob, f"m{i}")).status == "received"
     assert _texts(bob, alice) == [("in", "hello bob"), ("out", "hi alice"), ("in", "m0"), ("in", "m1"), ("in", "m2")]
-    assert bob.state["history"][0]["verified"] is True
 
 
 def test_nothing_stored_is_plaintext_on_the_wire():
@@ -157,17 +160,33 @@ def test_simultaneous_first_messages_converge():
     assert len(alice.state["sessions"][bob.user_id]) <= account.MAX_SESSIONS_PER_CONTACT
 
 
-def test_seed_v1_messages_are_read_but_marked_unverified():
-    """A message sealed to the signed prekey (the seed's scheme) is accepted without sender authentication."""
+def _seal_seed_v1(spk_public: bytes, plaintext: bytes, associated_data: bytes) -> tuple[bytes, str]:
+    """The seed's per-message scheme, as an old client still sends it: sealed to the signed
+    prekey with a fresh ephemeral key, no sender authentication."""
+    ephemeral = PrivateKey.generate()
+    shared = nacl_bindings.crypto_scalarmult(bytes(ephemeral), spk_public)
+    key = hkdf_sha256(shared, bytes(ephemeral.public_key) + spk_public, b"construct/v1/message", 32)
+    nonce = os.urandom(12)
+    sealed = nacl_bindings.crypto_aead_chacha20poly1305_ietf_encrypt(
+        pad(plaintext), associated_data, nonce, key
+    )
+    return bytes(ephemeral.public_key), b64encode(nonce + sealed)
+
+
+def test_seed_v1_messages_are_refused_even_from_a_pinned_contact():
+    """The seed's unauthenticated scheme is no longer read: anyone holding the signed prekey's
+    public half could write it. It is refused (and acknowledged), never shown."""
     alice, bob = User("alice"), User("bob")
+    assert bob.receive(alice, alice.send(bob, "hello")).status == "received"
     message_id = str(uuid.uuid4())
     spk = verify_key_bundle(bob.bundle).signed_prekey
-    key, content = seal_v1(spk, b"old client", envelope_context(alice.user_id, bob.user_id, message_id))
+    key, content = _seal_seed_v1(spk, b"old client", envelope_context(alice.user_id, bob.user_id, message_id))
     message = {"id": message_id, "from": alice.user_id, "to": bob.user_id, "ephemeralPublicKey": key,
                "messageNumber": 0, "content": content, "timestamp": 1}
     outcome = bob.receive(alice, message)
-    assert outcome.status == "received" and outcome.entry["text"] == "old client"
-    assert outcome.entry["verified"] is False
+    assert outcome.status == "undecryptable" and "not a Double Ratchet message" in outcome.reason
+    assert "text" not in outcome.entry
+    assert [e.get("text") for e in bob.state["history"]] == ["hello", None]
 
 
 def test_garbage_is_undecryptable_and_remembered():

@@ -1,14 +1,17 @@
-"""Tests for construct.client.crypto: primitives, bundles, seed scheme, padding."""
+"""Tests for construct.client.crypto: primitives, bundles, AEAD, padding."""
 
 import base64
 import json
 from datetime import datetime, timezone
 
 import pytest
+from nacl import bindings as nacl_bindings
 
 from construct.client.crypto import (
     MAX_PLAINTEXT,
+    NONCE_SIZE,
     PAD_BUCKETS,
+    TAG_SIZE,
     CryptoError,
     DecryptionError,
     IdentityKeys,
@@ -16,15 +19,15 @@ from construct.client.crypto import (
     MessageTooLarge,
     OneTimePrekey,
     SignedPrekey,
+    aead_decrypt,
+    aead_encrypt,
     envelope_context,
     generate_one_time_prekeys,
     hkdf_sha256,
     make_key_bundle,
-    open_v1,
     pad,
     parse_one_time_prekey,
     safety_number,
-    seal_v1,
     unpad,
     verify_key_bundle,
     x25519,
@@ -242,56 +245,20 @@ def test_one_time_prekeys_upload_form():
             parse_one_time_prekey(bad)
 
 
-# -- the seed v1 scheme ---------------------------------------------------------
+# -- AEAD ------------------------------------------------------------------------
 
 
-def test_seal_open_round_trip():
-    """open_v1 recovers what seal_v1 sealed, with the seed's content layout."""
-    spk = SignedPrekey.generate()
-    ad = envelope_context(USER, PEER, "m1")
-    epk, content = seal_v1(spk.public, b"hello", ad)
-    assert len(epk) == 32
-    raw = base64.b64decode(content)
-    assert len(raw) == 12 + 256 + 16  # nonce, padded plaintext, tag
-    assert open_v1(spk.private, epk, content, ad) == b"hello"
-
-
-def test_seal_uses_fresh_ephemeral_and_nonce():
-    """Two seals of the same plaintext share neither ephemeral key nor content."""
-    spk = SignedPrekey.generate()
-    first, second = seal_v1(spk.public, b"x", b""), seal_v1(spk.public, b"x", b"")
-    assert first[0] != second[0] and first[1] != second[1]
-
-
-def test_open_rejects_tampering():
-    """Any flipped content byte, another ephemeral key, other AD or another key fails."""
-    spk = SignedPrekey.generate()
-    epk, content = seal_v1(spk.public, b"secret", b"ad")
-    raw = base64.b64decode(content)
-    for index in (0, 11, 12, len(raw) // 2, len(raw) - 1):
-        tampered = bytearray(raw)
-        tampered[index] ^= 0x01
-        with pytest.raises(DecryptionError):
-            open_v1(spk.private, epk, b64(bytes(tampered)), b"ad")
+def test_aead_is_xchacha20_poly1305_with_a_24_byte_nonce():
+    """The message AEAD takes a 24-byte nonce (room for random ones) and authenticates the AD."""
+    key, nonce = bytes(range(32)), bytes(range(24))
+    sealed = aead_encrypt(key, nonce, b"hello", b"ad")
+    assert len(sealed) == len(b"hello") + TAG_SIZE and NONCE_SIZE == 24
+    assert sealed == nacl_bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(b"hello", b"ad", nonce, key)
+    assert aead_decrypt(key, nonce, sealed, b"ad") == b"hello"
     with pytest.raises(DecryptionError):
-        open_v1(spk.private, bytes([epk[0] ^ 1]) + epk[1:], content, b"ad")
-    with pytest.raises(DecryptionError):
-        open_v1(spk.private, epk, content, b"ae")
-    with pytest.raises(DecryptionError):
-        open_v1(SignedPrekey.generate().private, epk, content, b"ad")
-    for bad_content in ("", "AAAA", "not base64!", b64(raw[:27])):
-        with pytest.raises(DecryptionError):
-            open_v1(spk.private, epk, bad_content, b"ad")
-
-
-def test_seal_and_open_reject_low_order_keys():
-    """All-zero DH output is refused on both sides."""
-    spk = SignedPrekey.generate()
-    with pytest.raises(CryptoError):
-        seal_v1(LOW_ORDER_POINT, b"x", b"")
-    _, content = seal_v1(spk.public, b"x", b"")
-    with pytest.raises(DecryptionError):
-        open_v1(spk.private, LOW_ORDER_POINT, content, b"")
+        aead_decrypt(key, nonce, sealed, b"ae")
+    with pytest.raises(Exception):
+        aead_encrypt(key, nonce[:12], b"hello", b"ad")
 
 
 def test_envelope_context_is_unambiguous():
@@ -327,8 +294,6 @@ def test_pad_too_large():
     """A plaintext over 32767 bytes raises MessageTooLarge."""
     with pytest.raises(MessageTooLarge):
         pad(b"a" * (MAX_PLAINTEXT + 1))
-    with pytest.raises(MessageTooLarge):
-        seal_v1(SignedPrekey.generate().public, b"a" * (MAX_PLAINTEXT + 1), b"")
 
 
 def test_unpad_rejects_malformed_padding():

@@ -25,7 +25,6 @@ from construct.client.crypto import (
     envelope_context,
     generate_one_time_prekeys,
     make_key_bundle,
-    seal_v1,
     verify_key_bundle,
 )
 from construct.client.ratchet import (
@@ -194,7 +193,7 @@ def test_failed_first_message_does_not_burn_opk():
 
 
 def test_initial_header_sent_until_reply():
-    """Alice sends 0x10 messages until she has decrypted Bob's reply, then 0x11."""
+    """Alice sends 0x20 messages until she has decrypted Bob's reply, then 0x21."""
     alice, bob = Party(ALICE_ID), Party(BOB_ID)
     a = Session.initiate(alice.identity, bob.bundle, bob.upload[0])
     first, second = send(a, ALICE_ID, BOB_ID, b"1"), send(a, ALICE_ID, BOB_ID, b"2")
@@ -212,7 +211,7 @@ def test_initial_header_sent_until_reply():
 
 
 def test_initial_message_of_other_session_is_not_known():
-    """A 0x10 message from a fresh session of the same peer is not taken for the old one."""
+    """A 0x20 message from a fresh session of the same peer is not taken for the old one."""
     alice, bob, a, b = pair()
     fresh = Session.initiate(alice.identity, bob.bundle, None)
     wire = send(fresh, ALICE_ID, BOB_ID, b"after reinstall")
@@ -223,7 +222,7 @@ def test_initial_message_of_other_session_is_not_known():
 
 
 def test_from_initial_rejects_normal_message():
-    """from_initial refuses a 0x11 message."""
+    """from_initial refuses a 0x21 message."""
     alice, bob, a, b = pair()
     wire = send(b, BOB_ID, ALICE_ID, b"x")
     with pytest.raises(DecryptionError):
@@ -236,12 +235,42 @@ def test_is_ratchet_content():
     alice, bob, a, b = pair()
     assert is_ratchet_content(send(a, ALICE_ID, BOB_ID, b"x").content)
     assert is_ratchet_content(send(b, BOB_ID, ALICE_ID, b"x").content)
+    # The retired 0x10/0x11 versions (derived nonce) are neither produced nor accepted.
     for content in ("", "!!", base64.b64encode(b"\x12" + bytes(400)).decode(),
-                    base64.b64encode(b"\x11" + bytes(10)).decode()):
+                    base64.b64encode(b"\x21" + bytes(10)).decode(),
+                    base64.b64encode(b"\x11" + bytes(400)).decode(),
+                    base64.b64encode(b"\x10" + bytes(600)).decode()):
         assert not is_ratchet_content(content)
-    spk = SignedPrekey.generate()
-    seed_contents = [seal_v1(spk.public, b"x", b"")[1] for _ in range(64)]
-    assert sum(map(is_ratchet_content, seed_contents)) < 10
+
+
+def test_contents_carry_a_random_24_byte_nonce():
+    """Version, header, a 24-byte nonce, ciphertext and tag: 29 + bucket bytes, 133 + bucket initially."""
+    _, _, a, b = pair()
+    initial = base64.b64decode(send(a, ALICE_ID, BOB_ID, b"x").content)
+    normal = base64.b64decode(send(b, BOB_ID, ALICE_ID, b"x").content)
+    assert (initial[0], len(initial)) == (0x20, 1 + 4 + 104 + 24 + 256 + 16)
+    assert (normal[0], len(normal)) == (0x21, 1 + 4 + 24 + 256 + 16)
+    nonces = {base64.b64decode(send(b, BOB_ID, ALICE_ID, b"x").content)[5:29] for _ in range(20)}
+    assert len(nonces) == 20
+
+
+def test_a_restored_state_never_reuses_a_key_and_nonce():
+    """Sending again from an old copy of the state reuses a message key, never its nonce: the XOR
+    of the two ciphertexts is not the XOR of the plaintexts, and the receiver reads the first."""
+    _, _, a, b = pair()
+    receive(a, send(b, BOB_ID, ALICE_ID, b"reply"))
+    backup = a.to_dict()
+    first = send(a, ALICE_ID, BOB_ID, b"attack at dawn!!")
+    restored = Session.from_dict(backup)
+    second = send(restored, ALICE_ID, BOB_ID, b"retreat at nine!")
+    assert (first.ratchet_public, first.number) == (second.ratchet_public, second.number)
+    raw_first, raw_second = base64.b64decode(first.content), base64.b64decode(second.content)
+    assert raw_first[5:29] != raw_second[5:29]
+    xor = bytes(x ^ y for x, y in zip(raw_first[29:45], raw_second[29:45]))
+    assert xor != bytes(x ^ y for x, y in zip(b"attack at dawn!!", b"retreat at nine!"))
+    assert receive(b, first) == b"attack at dawn!!"
+    with pytest.raises(ReplayError):
+        receive(b, second)
 
 
 # -- conversations ---------------------------------------------------------------
@@ -346,7 +375,7 @@ def test_tamper_on_every_field_rejected(initial):
     """Any tampered content bit, ratchet key, number or envelope fails and changes nothing."""
     _, _, a, b = pair()
     if initial:
-        wire = send(a, "s", "r", b"secret")  # still a 0x10 message
+        wire = send(a, "s", "r", b"secret")  # still a 0x20 message
         receiver = b
     else:
         receive(a, send(b, "s", "r", b"reply"))
@@ -362,7 +391,7 @@ def test_tamper_on_every_field_rejected(initial):
 
 
 def test_tampered_first_message_rejected():
-    """Every bit flip in a first (0x10) message makes from_initial fail."""
+    """Every bit flip in a first (0x20) message makes from_initial fail."""
     alice, bob = Party(ALICE_ID), Party(BOB_ID)
     a = Session.initiate(alice.identity, bob.bundle, bob.upload[0])
     wire = send(a, ALICE_ID, BOB_ID, b"first")

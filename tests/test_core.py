@@ -12,6 +12,7 @@ from twisted.internet import defer, reactor, task
 
 from construct.protocol import codec
 from tests.helpers import MemoryClient, PASSWORD, chat_message, error_reply, make_bundle, register
+from tests.privacy_scan import redis_client, redis_dump, redis_entries_mentioning, sql_rows_mentioning
 
 
 # Accounts
@@ -310,6 +311,34 @@ async def test_offline_messages_wait_and_are_redelivered_until_acked(core):
     third, _ = await login_and_collect(0)
     assert (await third.request("ping"))["type"] == "pong"
     assert third.pending() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_acknowledged_message_is_gone_from_the_store(core_factory, backend, tmp_path, request, redis_prefix):
+    """After ackMessage no byte of the message's content is left in SQL or Redis (only the dedup
+    record of its id), and the message that is not yet acknowledged is still there."""
+    core = await core_factory()
+    alice, a = await register(core, "alice")
+    bob, b = await register(core, "bob")
+    acked, kept = (chat_message(a["userId"], b["userId"], content=base64.b64encode(uuid.uuid4().bytes).decode())
+                   for _ in range(2))
+    for message in (acked, kept):
+        assert (await alice.request("sendMessage", message))["type"] == "ack"
+        assert (await bob.next())["payload"]["id"] == message["id"]
+    bob.send("ackMessage", {"messageIds": [acked["id"]]})
+    assert (await bob.request("ping"))["type"] == "pong"
+    if backend == "redis":
+        redis = await redis_client()
+        try:
+            stored = await redis_dump(redis, redis_prefix)
+        finally:
+            await redis.stop()
+        assert redis_entries_mentioning(stored, kept["content"]), "the unacknowledged message is in Redis"
+        assert redis_entries_mentioning(stored, acked["content"]) == {}
+    else:
+        database = str(tmp_path / "construct.sqlite3") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+        assert [table for table, _ in sql_rows_mentioning(database, kept["content"])] == ["inbox"]
+        assert sql_rows_mentioning(database, acked["content"]) == []
 
 
 @pytest_twisted.ensureDeferred

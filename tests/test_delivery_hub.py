@@ -84,29 +84,41 @@ def test_redelivery_spares_connections_attached_after_the_cutoff():
 
 
 def test_a_stored_message_goes_straight_to_a_caught_up_connection_and_never_out_of_order():
-    """A connection that pushed everything up to seq-1 gets the message without a fetch; one behind,
-    or still fetching, or with a numbering the inbox cannot promise (None) reads it from the inbox."""
+    """A connection that pushed everything up to the message's predecessor gets it without a fetch;
+    one behind, or still fetching, or with no place in the inbox (None) reads it from the inbox."""
     clock = task.Clock()
     inbox = ScriptedInbox()
     hub = DeliveryHub(inbox, clock, Metrics())
     connection = Connection()
     hub.attach(connection, "bob", "token")
     in_flight = inbox.fetches.pop()[1]
-    hub.on_stored("bob", 1, {"id": "m1"})
+    hub.on_stored("bob", 1, 0, {"id": "m1"})
     assert connection.pushed == [], "a fetch is in flight: it, not the sender, delivers m1"
     in_flight.callback([_entry(1)])
     assert connection.pushed == ["m1"]
     inbox.fetches.pop()[1].callback([])  # the fetch the store asked for finds nothing newer
 
-    hub.on_stored("bob", 2, {"id": "m2"})
+    hub.on_stored("bob", 2, 1, {"id": "m2"})
     assert connection.pushed == ["m1", "m2"] and inbox.fetches == []
 
-    hub.on_stored("bob", 4, {"id": "m4"})  # seq 3 was stored by another instance
+    hub.on_stored("bob", 4, 3, {"id": "m4"})  # seq 3 was stored by another instance
     assert connection.pushed == ["m1", "m2"]
     after, answer = inbox.fetches.pop()
     assert after == 2
     answer.callback([_entry(3), _entry(4)])
     assert connection.pushed == ["m1", "m2", "m3", "m4"]
 
-    hub.on_stored("bob", None, {"id": "m5"})
-    assert connection.pushed == ["m1", "m2", "m3", "m4"] and [after for after, _ in inbox.fetches] == [4]
+    hub.on_stored("bob", 9, 7, {"id": "m9"})  # numbered with gaps (SQL): 7 is the last before it
+    assert connection.pushed == ["m1", "m2", "m3", "m4"]
+    after, answer = inbox.fetches.pop()
+    assert after == 4
+    answer.callback([_entry(7), _entry(9)])
+    assert connection.pushed == ["m1", "m2", "m3", "m4", "m7", "m9"]
+
+    hub.on_stored("bob", 12, 9, {"id": "m12"})
+    assert connection.pushed[-1] == "m12" and inbox.fetches == [], "9 was the last before it: no gap to fill"
+    hub.on_stored("bob", 12, 9, {"id": "m12"})
+    assert connection.pushed.count("m12") == 1, "a connection already past a message is not handed it again"
+
+    hub.on_stored("bob", None, None, {"id": "m13"})
+    assert connection.pushed[-1] == "m12" and [after for after, _ in inbox.fetches] == [12]

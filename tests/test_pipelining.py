@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from twisted.internet import defer, task
 
 from construct.core.abuse import AbuseLimits, AbuseSettings
 from construct.core.accounts import Identity
 from construct.core.limits import MemoryCounters
-from construct.core.messaging import MessageService
+from construct.core.messaging import MessageService, SendResult
 from construct.delivery.types import Accepted
 from construct.metrics import Metrics
 from construct.protocol import codec
@@ -24,8 +22,6 @@ CAROL = "0b5e9d7c-1a2b-4c3d-8e9f-a0b1c2d3e4f5"
 class OrderedInbox:
     """Records the order stores are issued in; each one is answered when the test says."""
 
-    stores_in_issue_order = True
-
     def __init__(self) -> None:
         self.stored: list[str] = []
         self.answers: list[defer.Deferred] = []
@@ -35,6 +31,13 @@ class OrderedInbox:
         answer: defer.Deferred = defer.Deferred()
         self.answers.append(answer)
         return answer
+
+
+class Quiet:
+    """WakeUps that wake nobody."""
+
+    def stored(self, recipient_id, accepted, message) -> None:
+        pass
 
 
 def test_a_slow_recipient_lookup_does_not_let_a_later_send_store_first():
@@ -49,7 +52,7 @@ def test_a_slow_recipient_lookup_does_not_let_a_later_send_store_first():
 
     inbox = OrderedInbox()
     service = MessageService(
-        inbox, nobody_online, lambda *args: None, task.Clock(), AbuseLimits(MemoryCounters(task.Clock()), AbuseSettings()),
+        inbox, nobody_online, Quiet(), task.Clock(), AbuseLimits(MemoryCounters(task.Clock()), AbuseSettings()),
         recipient_exists=recipient_exists,
     )
     first, second = chat_message(ALICE, BOB), chat_message(ALICE, CAROL)
@@ -58,14 +61,8 @@ def test_a_slow_recipient_lookup_does_not_let_a_later_send_store_first():
     lookups[BOB].callback(True)
     assert inbox.stored == [first["id"], second["id"]]
     for answer in inbox.answers:
-        answer.callback(Accepted("queued", 1000, duplicate=False, seq=1))
+        answer.callback(Accepted(False, 1000, duplicate=False, seq=1))
     assert all(result.called for result in sending)
-
-
-@dataclass
-class _Result:
-    message_id: str
-    accepted: Accepted
 
 
 class ScriptedMessaging:
@@ -75,7 +72,9 @@ class ScriptedMessaging:
     def send(self, user_id: str, payload: dict) -> defer.Deferred:
         answer: defer.Deferred = defer.Deferred()
         self.sends.append(answer)
-        return answer.addCallback(lambda accepted: _Result(payload["id"], accepted))
+        return answer.addCallback(
+            lambda accepted: SendResult(payload["id"], "queued", accepted.expires_at_ms, accepted.duplicate)
+        )
 
 
 class ScriptedCore:
@@ -104,10 +103,10 @@ def test_replies_keep_frame_order_and_other_operations_wait_for_sends_in_flight(
     connection.frame_received(codec.encode("ping", {}, "p", codec.JSON), codec.JSON)
     assert len(core.messaging.sends) == 3, "all three sends started before any was answered"
 
-    core.messaging.sends[2].callback(Accepted("queued", 5000, duplicate=False))
+    core.messaging.sends[2].callback(Accepted(False, 5000, duplicate=False))
     core.messaging.sends[1].errback(Exception("the inbox broke"))
     assert written == [], "nothing is answered before the first frame"
-    core.messaging.sends[0].callback(Accepted("delivered", 5000, duplicate=False))
+    core.messaging.sends[0].callback(Accepted(True, 5000, duplicate=False))
     assert [(frame.type, frame.request_id) for frame in written] == [
         ("ack", "r0"), ("error", "r1"), ("ack", "r2"), ("pong", "p"),
     ]
@@ -122,15 +121,15 @@ def test_an_unreadable_frame_is_answered_in_its_place_and_at_most_32_sends_run_a
         message = chat_message(ALICE, BOB)
         connection.frame_received(codec.encode("sendMessage", message, f"r{number}", codec.JSON), codec.JSON)
     assert len(core.messaging.sends) == 1, "nothing after the bad frame starts before it is answered"
-    core.messaging.sends[0].callback(Accepted("queued", 5000, duplicate=False))
+    core.messaging.sends[0].callback(Accepted(False, 5000, duplicate=False))
     assert [(frame.type, frame.request_id) for frame in written] == [("ack", "first"), ("error", None)]
     assert written[1].payload["code"] == "INVALID_FORMAT"
     assert len(core.messaging.sends) == 1 + MAX_IN_FLIGHT, "the rest wait for room"
-    core.messaging.sends[1].callback(Accepted("queued", 5000, duplicate=False))
+    core.messaging.sends[1].callback(Accepted(False, 5000, duplicate=False))
     assert len(core.messaging.sends) == 2 + MAX_IN_FLIGHT, "one answered, one more started"
     answered = 2
     while answered < len(core.messaging.sends):
-        core.messaging.sends[answered].callback(Accepted("queued", 5000, duplicate=False))
+        core.messaging.sends[answered].callback(Accepted(False, 5000, duplicate=False))
         answered += 1
     assert answered == 1 + MAX_IN_FLIGHT + 5
     assert [frame.request_id for frame in written[2:]] == [f"r{number}" for number in range(MAX_IN_FLIGHT + 5)]
@@ -154,7 +153,7 @@ def test_a_reply_that_cannot_be_written_does_not_hold_back_the_ones_after_it():
     for number in range(3):
         connection.frame_received(codec.encode("sendMessage", chat_message(ALICE, BOB), f"r{number}", codec.JSON), codec.JSON)
     for send in reversed(core.messaging.sends):
-        send.callback(Accepted("queued", 5000, duplicate=False))
+        send.callback(Accepted(False, 5000, duplicate=False))
     assert [frame.request_id for frame in written] == ["r1", "r2"]
     connection.frame_received(codec.encode("ping", {}, "p", codec.JSON), codec.JSON)
     assert written[-1].type == "pong", "the connection goes on"

@@ -14,6 +14,7 @@ from construct.metrics import Metrics
 from construct.redis.client import RedisAddress, RedisClient, RedisLeases
 from construct.redis.inbox import RedisInbox
 from construct.redis.presence import RedisPresence
+from construct.redis.wakeups import RedisWakeUps
 from construct.tap import build_production
 from tests.conftest import REDIS_URL, _delete_keys, make_options
 from tests.helpers import PASSWORD, MemoryClient, chat_message, register
@@ -28,16 +29,10 @@ def _worker(redis_prefix: str, clock, redelivery_seconds: float = 60) -> tuple[D
     redis = RedisClient(RedisAddress.parse(REDIS_URL), reactor)
     redis.start()
     presence = RedisPresence(redis, redis_prefix, clock)
-
-    async def wake(user_id):
-        await presence.notify(user_id, "pending")
-
-    async def redeliver(user_id, attached_before):
-        await presence.notify(user_id, "redeliver", attachedBefore=attached_before)
-
+    wakeups = RedisWakeUps(redis, redis_prefix, presence, "worker-1")
     inbox = RedisInbox(redis, redis_prefix, clock)
     leases = RedisLeases(redis, redis_prefix, "worker-1")
-    return DeliveryWorker(inbox, presence.is_online, wake, redeliver, leases, clock, Metrics(), redelivery_seconds), redis
+    return DeliveryWorker(inbox, presence.is_online, wakeups, leases, clock, Metrics(), redelivery_seconds), redis
 
 
 async def _until_connected(redis) -> None:
@@ -168,14 +163,14 @@ async def test_stores_of_one_turn_are_one_script_call_decided_message_by_message
         now_ms, ttl_ms, quota = 1_000_000, 60_000, 3
 
         def put(sender: str, message_id: str, recipient: str = bob) -> defer.Deferred:
-            return inbox.put(Submission(sender, recipient, message_id, f"envelope {message_id}", "queued", now_ms, ttl_ms, quota))
+            return inbox.put(Submission(sender, recipient, message_id, f"envelope {message_id}", False, now_ms, ttl_ms, quota))
 
         one_turn = [put(alice, m1), put(alice, m1), put(carol, m1), put(alice, m2), put(carol, m3), put(alice, m4)]
         outcomes = await defer.DeferredList(one_turn, consumeErrors=True)
         assert scripts == [inbox_module.PUT.sha], "six stores, one script call"
         first, again = outcomes[0][1], outcomes[1][1]
         assert (first.duplicate, first.seq, again.duplicate) == (False, 1, True)
-        assert (again.status, again.expires_at_ms) == (first.status, first.expires_at_ms) == ("queued", now_ms + ttl_ms)
+        assert (again.reached, again.expires_at_ms) == (first.reached, first.expires_at_ms) == (False, now_ms + ttl_ms)
         assert outcomes[2][1].value.code == "DUPLICATE_MESSAGE"
         assert (outcomes[3][1].seq, outcomes[4][1].seq) == (2, 3)
         assert outcomes[5][1].value.code == "INBOX_FULL"
@@ -208,7 +203,7 @@ async def test_more_stores_in_one_turn_than_one_script_call_takes_stay_in_order(
 
     def counting_eval(script, keys, args):
         if script is inbox_module.PUT:
-            calls.append((len(args) - 7) // 4)
+            calls.append((len(args) - 5) // 4)
         return real_eval(script, keys, args)
 
     monkeypatch.setattr(redis, "eval", counting_eval)
@@ -218,7 +213,7 @@ async def test_more_stores_in_one_turn_than_one_script_call_takes_stay_in_order(
         ids = [f"20000000-0000-4000-8000-{n:012d}" for n in range(count)]
         recipient = "00000000-0000-4000-8000-000000000001"
         stores = [
-            inbox.put(Submission("00000000-0000-4000-8000-000000000002", recipient, message_id, "e", "queued",
+            inbox.put(Submission("00000000-0000-4000-8000-000000000002", recipient, message_id, "e", False,
                                  1_000_000, 60_000, 10_000))
             for message_id in ids
         ]

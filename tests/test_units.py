@@ -422,15 +422,15 @@ def test_a_store_batch_that_redis_answers_wrongly_or_not_at_all_fails_every_send
     inbox = RedisInbox(redis, "test:", clock)
 
     def two_sends() -> list:
-        sends = [inbox.put(Submission("a", "b", f"m{n}", "e", "queued", 0, 1000, 10)) for n in range(2)]
+        sends = [inbox.put(Submission("a", "b", f"m{n}", "e", False, 0, 1000, 10)) for n in range(2)]
         clock.advance(0)
         return [_outcome(send) for send in sends]
 
-    redis.replies.append([["stored", "queued", "1000", 1]])
+    redis.replies.append([["stored", "0", "1000", 1], []])
     assert all(outcome.check(ValueError) for outcome in two_sends()), "one result for two messages"
     redis.replies.append(ConnectionError("no connection to write to"))
     assert all(outcome.check(ConnectionError) for outcome in two_sends())
-    redis.replies.append([["stored", "queued", "1000", 1], ["full"]])
+    redis.replies.append([["stored", "0", "1000", 1], ["full"], []])
     stored, full = two_sends()
     assert stored.seq == 1 and full.value.code == "INBOX_FULL"
 

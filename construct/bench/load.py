@@ -5,11 +5,24 @@ JSON object a line: it reads its `LoadSpec`, registers its pairs, writes `{"read
 waits for `{"start": <monotonic seconds>}` (every process starts at the same instant; the
 monotonic clock is shared by the processes of a machine), runs, and writes its result. A
 `{"stop": true}` line ends a run that has no duration or message count of its own.
+
+Two ways to load a server:
+
+- **Open loop** (`rate` set): message *i* is due at `start + i / rate`, dealt round-robin over
+  the senders, so consecutive messages go to different recipients, as many users each sending a
+  little do. A message goes out when it is due whatever the server has answered so far (what a
+  slow server cannot take waits in the sender's socket, then in this process), and its latency is
+  counted from when it was due: time a server makes senders wait is never hidden.
+- **Closed loop** (no rate): each sender keeps `window` sends without their ack, for the ceiling.
+
+The connections run on `construct.bench.engine` (raw sockets on epoll), not on Twisted.
 """
 
 from __future__ import annotations
 
 import base64
+import os
+import sys
 import time
 import uuid
 from array import array
@@ -17,20 +30,19 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, stdio, task
-from twisted.protocols.basic import LineReceiver
-
-from construct.bench.clients import Connector, Target
+from construct.bench.clients import Target
+from construct.bench.engine import Link, Loop, connect, requests
 from construct.bench.wire import CODECS, NUMBER_BASE, PASSWORD, SendFrames, json_dumps, json_loads, key_bundle, \
     sent_ns_of
 
-# Fixed-rate sends go out in bursts this often: small enough to look like a steady stream.
-PACE_SECONDS = 0.002
-SETUP_CONCURRENCY = 32
+SETUP_BATCH = 64
+SETUP_TIMEOUT = 120.0
 ACK_BATCH = 1000
 # Deliveries may trail the last ack by this long before the missing ones count as lost.
 SETTLE_SECONDS = 10.0
-SETTLE_POLL_SECONDS = 0.02
+# Longest poll while paced sends are due or a run is settling.
+POLL_SECONDS = 0.001
+IDLE_POLL_SECONDS = 0.02
 
 
 @dataclass
@@ -40,7 +52,7 @@ class LoadSpec:
     pairs: list[tuple[Target, Target]]
     content_bytes: int = 256
     window: int = 64
-    rate: float | None = None  # messages/s offered by this process; None: as fast as the window allows
+    rate: float | None = None  # messages/s offered by this process (open loop); None: closed loop
     messages: int | None = None  # messages this process sends in all; None: until the duration ends
     warmup: float = 0.0
     duration: float | None = None  # None with no message count: until told to stop
@@ -69,6 +81,8 @@ class Stats:
         # One entry per measured delivery: latency in µs, and when it arrived (ms after the start).
         self.latency_us = array("i")
         self.received_ms = array("i")
+        # Open loop: how late this process wrote each measured send, after it was due (µs).
+        self.send_lag_us = array("i")
 
     def connection_lost(self) -> None:
         self.errors["CONNECTION_LOST"] += 1
@@ -82,12 +96,12 @@ class Stats:
         if self.measuring:
             now = time.monotonic_ns()
             self.measured_delivered += 1
-            self.latency_us.append((now - sent_ns) // 1000)
+            self.latency_us.append(min((now - sent_ns) // 1000, 2**31 - 1))
             self.received_ms.append((now - self.started_ns) // 1_000_000)
 
 
 class Sender:
-    """Pipelines sendMessage frames, at most `window` without their reply."""
+    """Sends sendMessage frames: when due (open loop), or keeping `window` unanswered (closed)."""
 
     def __init__(self, link: Any, frames: SendFrames, stats: Stats, window: int, quota: int | None) -> None:
         self.link = link
@@ -98,13 +112,14 @@ class Sender:
         self.sent = 0
         self.replied = 0
         self.open = False  # sending allowed
-        self.paced = False  # a pacer decides when to send; otherwise every reply makes room
+        self.paced = False  # the pacer decides when to send; otherwise every reply makes room
 
     def can_send(self) -> bool:
         return self.open and self.sent - self.replied < self._window and (self.quota is None or self.sent < self.quota)
 
-    def send_one(self) -> None:
-        self.link.send_frame(self._frames.frame(self.sent, time.monotonic_ns()))
+    def send_one(self, stamp_ns: int | None = None) -> None:
+        """Send the next message; its latency counts from `stamp_ns` (default: now)."""
+        self.link.send_frame(self._frames.frame(self.sent, time.monotonic_ns() if stamp_ns is None else stamp_ns))
         self.sent += 1
         self._stats.sent += 1
         if self._stats.measuring:
@@ -174,112 +189,88 @@ def _error_code(message: dict) -> str:
 
 
 class PairLoad:
-    """Registers this process's pairs, then runs the load and reports what happened."""
+    """Registers this process's pairs, then runs the load and reports what happened (blocking)."""
 
-    def __init__(self, reactor: Any, spec: LoadSpec) -> None:
-        self._reactor = reactor
+    def __init__(self, spec: LoadSpec) -> None:
         self._spec = spec
         self._codec = CODECS[spec.transport]
-        self._connectors: dict[Target, Connector] = {}
+        self.loop = Loop()
         self.stats = Stats()
         self.stats.on_connection_lost = self.stop
         self.senders: list[Sender] = []
         self.recipients: list[Recipient] = []
-        self._ended: defer.Deferred = defer.Deferred()
-        self._next_sender = 0
+        self._stopped = False
 
-    async def setup(self) -> None:
-        limit = defer.DeferredSemaphore(SETUP_CONCURRENCY)
-        quotas = _split(self._spec.messages, len(self._spec.pairs))
-        await defer.gatherResults(
-            [limit.run(lambda pair=pair, quota=quota: defer.ensureDeferred(self._add_pair(*pair, quota)))
-             for pair, quota in zip(self._spec.pairs, quotas)],
-            consumeErrors=True,
-        ).addErrback(lambda failure: failure.value.subFailure)
+    def setup(self) -> None:
+        spec = self._spec
+        quotas = _split(spec.messages, len(spec.pairs))
+        for start in range(0, len(spec.pairs), SETUP_BATCH):
+            batch = spec.pairs[start:start + SETUP_BATCH]
+            links = [(self._link(sender), self._link(recipient)) for sender, recipient in batch]
+            flat = [link for pair in links for link in pair]
+            accounts = requests(self.loop, [(link, "register", _registration()) for link in flat], "registerSuccess",
+                                SETUP_TIMEOUT)
+            for index, (sender_link, recipient_link) in enumerate(links):
+                sender_id, recipient_id = accounts[2 * index]["userId"], accounts[2 * index + 1]["userId"]
+                frames = SendFrames(self._codec, sender_id, recipient_id, spec.content_bytes)
+                sender = Sender(sender_link, frames, self.stats, spec.window, quotas[start + index])
+                sender.paced = spec.rate is not None
+                recipient = Recipient(recipient_link, self.stats)
+                sender_link.party, recipient_link.party = sender, recipient
+                self.senders.append(sender)
+                self.recipients.append(recipient)
 
-    async def _add_pair(self, sender_target: Target, recipient_target: Target, quota: int | None) -> None:
-        sender_link, sender_id = await self._register(sender_target)
-        recipient_link, recipient_id = await self._register(recipient_target)
-        frames = SendFrames(self._codec, sender_id, recipient_id, self._spec.content_bytes)
-        sender = Sender(sender_link, frames, self.stats, self._spec.window, quota)
-        sender.paced = self._spec.rate is not None
-        recipient = Recipient(recipient_link, self.stats)
-        sender_link.handler, recipient_link.handler = sender, recipient
-        self.senders.append(sender)
-        self.recipients.append(recipient)
-
-    async def _register(self, target: Target) -> tuple[Any, str]:
-        if target not in self._connectors:
-            self._connectors[target] = Connector(self._reactor, self._codec, target)
-        link = await self._connectors[target].open()
-        reply = await link.request(
-            "register",
-            {"username": f"bench-{uuid.uuid4().hex[:24]}", "password": PASSWORD, "publicKey": key_bundle()},
-            "registerSuccess",
-        )
-        return link, reply["userId"]
+    def _link(self, target: Target) -> Link:
+        return connect(self.loop, self._codec, target.host, target.port_for(self._codec))
 
     def stop(self) -> None:
-        if not self._ended.called:
-            self._ended.callback(None)
+        self._stopped = True
 
-    async def run(self, start: float) -> dict:
+    def _control_readable(self, fd: int) -> None:
+        """Any line from the coordinator, or its going away, stops the run."""
+        if not os.read(fd, 4096):
+            self.loop.unwatch(fd)
+        self.stop()
+
+    def run(self, start: float, control_fd: int | None = None) -> dict:
         spec = self._spec
-        await task.deferLater(self._reactor, max(0.0, start - time.monotonic()), lambda: None)
-        self.stats.started_ns = time.monotonic_ns()
-        timers = []
-        if spec.warmup > 0:
-            timers.append(self._reactor.callLater(spec.warmup, self._start_measuring))
-        else:
-            self._start_measuring()
-        if spec.duration is not None:
-            timers.append(self._reactor.callLater(spec.warmup + spec.duration, self.stop))
+        if control_fd is not None:
+            self.loop.watch(control_fd, lambda: self._control_readable(control_fd))
+        while time.monotonic() < start:
+            time.sleep(min(0.01, start - time.monotonic()))
+        stats = self.stats
+        stats.started_ns = time.monotonic_ns()
+        measure_from = start + spec.warmup
+        stop_at = None if spec.duration is None else measure_from + spec.duration
         for sender in self.senders:
             sender.open = True
-        loops = []
-        if spec.rate is not None:
-            loops.append(self._every(PACE_SECONDS, self._pace, start, spec.rate))
-        else:
+        if spec.rate is None:
             for sender in self.senders:
                 sender.fill()
-        if spec.messages is not None:
-            loops.append(self._every(SETTLE_POLL_SECONDS, self._stop_when_complete))
-        await self._ended
+        pacer = _Pacer(self.senders, stats, start, spec.rate) if spec.rate is not None else None
+
+        def tick() -> float | None:
+            now = time.monotonic()
+            if not stats.measuring and now >= measure_from:
+                stats.measuring = True
+            if self._stopped or (stop_at is not None and now >= stop_at):
+                return None
+            if spec.messages is not None and self._complete():
+                return None
+            if pacer is not None:
+                return pacer.send_due(now)
+            return IDLE_POLL_SECONDS
+
+        self.loop.run(tick)
         measured_until = time.monotonic()
-        self.stats.measuring = False
-        for timer in timers:
-            if timer.active():
-                timer.cancel()
-        for loop in loops:
-            if loop.running:
-                loop.stop()
+        stats.measuring = False
         for sender in self.senders:
             sender.open = False
-        await self._settle()
-        self._close()
-        return self._result(measured_from=start + spec.warmup, measured_until=measured_until)
-
-    def _start_measuring(self) -> None:
-        self.stats.measuring = True
-
-    def _every(self, seconds: float, function: Any, *args: Any) -> task.LoopingCall:
-        loop = task.LoopingCall(function, *args)
-        loop.clock = self._reactor
-        loop.start(seconds)
-        return loop
-
-    def _pace(self, start: float, rate: float) -> None:
-        """Send what is due by now, round-robin over the senders with room in their window."""
-        due = int(rate * (time.monotonic() - start))
-        idle = 0
-        while self.stats.sent < due and idle < len(self.senders):
-            sender = self.senders[self._next_sender]
-            self._next_sender = (self._next_sender + 1) % len(self.senders)
-            if sender.can_send():
-                sender.send_one()
-                idle = 0
-            else:
-                idle += 1
+        self._settle()
+        for recipient in self.recipients:
+            recipient.running = False
+        self.loop.close()
+        return self._result(measured_from=measure_from, measured_until=measured_until)
 
     def _all_answered(self) -> bool:
         return all(sender.replied == sender.sent for sender in self.senders)
@@ -287,22 +278,20 @@ class PairLoad:
     def _caught_up(self) -> bool:
         return self.stats.delivered >= self.stats.accepted
 
-    def _stop_when_complete(self) -> None:
+    def _complete(self) -> bool:
         """With a message count, the run ends once everything is sent, answered and delivered."""
         quotas_met = all(sender.sent == sender.quota for sender in self.senders)
-        if quotas_met and self._all_answered() and self._caught_up():
-            self.stop()
+        return quotas_met and self._all_answered() and self._caught_up()
 
-    async def _settle(self) -> None:
+    def _settle(self) -> None:
         deadline = time.monotonic() + self._spec.settle
-        while not (self._all_answered() and self._caught_up()) and time.monotonic() < deadline:
-            await task.deferLater(self._reactor, SETTLE_POLL_SECONDS, lambda: None)
 
-    def _close(self) -> None:
-        for recipient in self.recipients:
-            recipient.running = False
-        for party in [*self.senders, *self.recipients]:
-            party.link.close()
+        def tick() -> float | None:
+            if (self._all_answered() and self._caught_up()) or time.monotonic() > deadline:
+                return None
+            return IDLE_POLL_SECONDS
+
+        self.loop.run(tick)
 
     def _result(self, measured_from: float, measured_until: float) -> dict:
         stats = self.stats
@@ -322,9 +311,49 @@ class PairLoad:
                 "accepted": stats.measured_accepted,
                 "delivered": stats.measured_delivered,
             },
-            "latency_us": base64.b64encode(stats.latency_us.tobytes()).decode(),
-            "received_ms": base64.b64encode(stats.received_ms.tobytes()).decode(),
+            "latency_us": _encoded(stats.latency_us),
+            "received_ms": _encoded(stats.received_ms),
+            "send_lag_us": _encoded(stats.send_lag_us),
         }
+
+
+class _Pacer:
+    """Open loop: sends every message when it is due, round-robin over the senders."""
+
+    def __init__(self, senders: list[Sender], stats: Stats, start: float, rate: float) -> None:
+        self._senders = [sender for sender in senders if sender.quota != 0]
+        self._stats = stats
+        self._start = start
+        self._interval = 1.0 / rate
+        self._scheduled = 0
+        self._next = 0
+
+    def send_due(self, now: float) -> float:
+        """Send what is due by `now`; returns how long to wait for the next one."""
+        senders, stats, interval = self._senders, self._stats, self._interval
+        if not senders:
+            return IDLE_POLL_SECONDS
+        now_ns = time.monotonic_ns()
+        while self._start + self._scheduled * interval <= now:
+            due = self._start + self._scheduled * interval
+            self._scheduled += 1
+            sender = senders[self._next]
+            self._next = (self._next + 1) % len(senders)
+            if not sender.open or (sender.quota is not None and sender.sent >= sender.quota):
+                continue
+            due_ns = int(due * 1e9)  # time.monotonic() is time.monotonic_ns() in seconds
+            sender.send_one(due_ns)
+            if stats.measuring:
+                stats.send_lag_us.append(min((now_ns - due_ns) // 1000, 2**31 - 1))
+        return min(POLL_SECONDS, max(0.0, self._start + self._scheduled * interval - time.monotonic()))
+
+
+def _registration() -> dict:
+    return {"username": f"bench-{uuid.uuid4().hex[:24]}", "password": PASSWORD, "publicKey": key_bundle()}
+
+
+def _encoded(samples: array) -> str:
+    return base64.b64encode(samples.tobytes()).decode()
 
 
 def _split(total: int | None, parts: int) -> list[int | None]:
@@ -334,49 +363,21 @@ def _split(total: int | None, parts: int) -> list[int | None]:
     return [total // parts + (1 if index < total % parts else 0) for index in range(parts)]
 
 
-class _Control(LineReceiver):
-    """The coordinator's side of stdin/stdout."""
-
-    delimiter = b"\n"
-    MAX_LENGTH = 1 << 20
-
-    def __init__(self) -> None:
-        self.lines: defer.DeferredQueue = defer.DeferredQueue()
-        self._closed: defer.Deferred = defer.Deferred()
-
-    def lineReceived(self, line: bytes) -> None:
-        self.lines.put(json_loads(line))
-
-    def connectionLost(self, reason: Any = None) -> None:
-        # The coordinator is gone: end the run rather than load the server for nobody.
-        self.lines.put({"stop": True})
-        self._closed.callback(None)
-
-    def send(self, message: dict) -> None:
-        self.transport.write(json_dumps(message) + b"\n")
-
-    def finish(self, message: dict) -> defer.Deferred:
-        """Send the last message; fires once it is written out, so exiting cannot cut it off."""
-        self.send(message)
-        self.transport.loseConnection()
-        return self._closed
-
-
-async def _serve(reactor: Any) -> None:
-    control = _Control()
-    stdio.StandardIO(control, reactor=reactor)
-    load = PairLoad(reactor, LoadSpec.from_dict(await control.lines.get()))
-    await load.setup()
-    control.send({"ready": True})
-    go = await control.lines.get()
-    if "start" not in go:
-        return
-    control.lines.get().addCallback(lambda _: load.stop())
-    await control.finish(await load.run(go["start"]))
+def _write(message: dict) -> None:
+    sys.stdout.buffer.write(json_dumps(message) + b"\n")
+    sys.stdout.buffer.flush()
 
 
 def main() -> None:
-    task.react(lambda reactor: defer.ensureDeferred(_serve(reactor)))
+    control = sys.stdin.buffer
+    load = PairLoad(LoadSpec.from_dict(json_loads(control.readline())))
+    load.setup()
+    _write({"ready": True})
+    go = json_loads(control.readline() or b"{}")
+    if "start" not in go:
+        return
+    # Any later line (or the coordinator going away) stops the run.
+    _write(load.run(go["start"], control.fileno()))
 
 
 if __name__ == "__main__":

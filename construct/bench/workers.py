@@ -191,9 +191,8 @@ def merge(results: list[dict]) -> dict:
         "until": max(window["until"] for window in measured),
         **{key: sum(window[key] for window in measured) for key in ("sent", "accepted", "delivered")},
     }
-    merged["latency_us"] = array("i")
-    merged["received_ms"] = array("i")
-    for result in results:
-        merged["latency_us"].extend(_samples(result["latency_us"]))
-        merged["received_ms"].extend(_samples(result["received_ms"]))
+    for samples in ("latency_us", "received_ms", "send_lag_us"):
+        merged[samples] = array("i")
+        for result in results:
+            merged[samples].extend(_samples(result[samples]))
     return merged

@@ -37,7 +37,6 @@ from construct.client.crypto import (
     envelope_context,
     generate_one_time_prekeys,
     make_key_bundle,
-    open_v1,
 )
 from construct.client.ratchet import VERSION_INITIAL, Session, is_ratchet_content
 
@@ -46,7 +45,7 @@ PREKEY_BATCH = 100
 # Top the server's pool up to PREKEY_BATCH when fewer than this many are left.
 PREKEY_LOW_WATER = 25
 SIGNED_PREKEY_ROTATION_SECONDS = 7 * 24 * 3600
-# Messages in flight and seed v1 messages may still use a retired signed prekey.
+# Messages in flight may still use a retired signed prekey.
 SIGNED_PREKEY_RETENTION_SECONDS = 30 * 24 * 3600
 # The session to send on and the one before it (both sides may start a session at once).
 MAX_SESSIONS_PER_CONTACT = 2
@@ -274,7 +273,9 @@ def wire_message(stored: Mapping[str, Any]) -> dict[str, Any]:
 def accept_incoming(
     data: dict[str, Any], message: Mapping[str, Any], sender: PeerBundle | str | None, now: float
 ) -> Incoming:
-    """Decrypt a pushed ChatMessage (ratchet, else seed v1) and store it in the history.
+    """Decrypt a pushed ChatMessage with the Double Ratchet and store it in the history.
+
+    Anything else, such as the seed's unauthenticated per-message scheme ("v1"), is refused.
 
     `sender` is the sender's fetched bundle, SENDER_GONE, or None when not fetched yet.
     """
@@ -287,27 +288,31 @@ def accept_incoming(
         context = envelope_context(peer_id, account(data)["userId"], message_id)
     except (KeyError, TypeError, ValueError, CryptoError):
         return _refused(data, message, "undecryptable", "malformed message", now)
-    if is_ratchet_content(content):
-        try:
-            outcome = _accept_ratchet(data, message, ratchet_key, number, content, context, sender, now)
-        except ReplayError:
-            return Incoming("duplicate")
-        except (IdentityChanged, SenderUnverified) as e:
-            return _refused(data, message, "rejected", str(e), now)
-        except CryptoError:
-            outcome = None
-        if outcome is not None:
-            return outcome
-    return _accept_v1(data, message, ratchet_key, content, context, sender, now)
+    if not is_ratchet_content(content):
+        return _refused(
+            data, message, "undecryptable",
+            "not a Double Ratchet message (the seed's unauthenticated scheme is not accepted)", now,
+        )
+    try:
+        outcome = _accept_ratchet(data, message, ratchet_key, number, content, context, sender, now)
+    except ReplayError:
+        return Incoming("duplicate")
+    except (IdentityChanged, SenderUnverified) as e:
+        return _refused(data, message, "rejected", str(e), now)
+    except CryptoError:
+        outcome = None
+    if outcome is not None:
+        return outcome
+    return _refused(data, message, "undecryptable", "no session or prekey of ours opens it", now)
 
 
 def _accept_ratchet(
     data: dict[str, Any], message: Mapping[str, Any], ratchet_key: bytes, number: int, content: str,
     context: bytes, sender: PeerBundle | str | None, now: float,
 ) -> Incoming | None:
-    """Decrypt with a session of the sender's, or start one from an initial (0x10) message.
+    """Decrypt with a session of the sender's, or start one from an initial (0x20) message.
 
-    None means "not ours" (let the v1 fallback try). ReplayError means a duplicate.
+    None means "not ours". ReplayError means a duplicate.
     """
     peer_id = str(message["from"])
     stored = [Session.from_dict(item) for item in data["sessions"].get(peer_id, [])]
@@ -321,7 +326,7 @@ def _accept_ratchet(
             continue
         # Send on the session that last decrypted a message.
         data["sessions"][peer_id] = [session.to_dict()] + [s.to_dict() for s in stored if s is not session]
-        return _received(data, message, plaintext, True, now)
+        return _received(data, message, plaintext, now)
     if candidates or not initial:
         return None
     spks = {SignedPrekey.from_dict(item).key_id: SignedPrekey.from_dict(item) for item in data["signedPrekeys"]}
@@ -336,7 +341,7 @@ def _accept_ratchet(
         # Only now that the first message decrypted and its sender checked out.
         data["oneTimePrekeys"] = [item for item in data["oneTimePrekeys"] if item["keyId"] != used_opk]
     data["sessions"][peer_id] = [session.to_dict(), *data["sessions"].get(peer_id, [])][:MAX_SESSIONS_PER_CONTACT]
-    received = _received(data, message, plaintext, True, now)
+    received = _received(data, message, plaintext, now)
     return Incoming(received.status, received.entry, used_one_time_prekey=used_opk is not None)
 
 
@@ -363,30 +368,9 @@ def _check_sender_keys(
     return None
 
 
-def _accept_v1(
-    data: dict[str, Any], message: Mapping[str, Any], ratchet_key: bytes, content: str, context: bytes,
-    sender: PeerBundle | str | None, now: float,
-) -> Incoming:
-    """The seed's scheme: sealed to one of our signed prekeys, sender not authenticated."""
-    for item in data["signedPrekeys"]:
-        try:
-            plaintext = open_v1(SignedPrekey.from_dict(item).private, ratchet_key, content, context)
-        except CryptoError:
-            continue
-        peer_id = str(message["from"])
-        if peer_id not in data["contacts"] and sender is None:
-            # Only to learn the sender's name; a v1 message proves nothing about its sender.
-            return Incoming("need-bundle")
-        if peer_id not in data["contacts"] and isinstance(sender, PeerBundle):
-            pin_contact(data, peer_id, sender, now)
-        return _received(data, message, plaintext, False, now)
-    return _refused(data, message, "undecryptable", "no session or signed prekey of ours opens it", now)
-
-
-def _received(data: dict[str, Any], message: Mapping[str, Any], plaintext: bytes, verified: bool, now: float) -> Incoming:
+def _received(data: dict[str, Any], message: Mapping[str, Any], plaintext: bytes, now: float) -> Incoming:
     entry = _history_entry(data, message, now, "received")
     entry["text"] = plaintext.decode("utf-8", errors="replace")
-    entry["verified"] = verified
     data["history"].append(entry)
     return Incoming("received", entry)
 

@@ -253,16 +253,15 @@ class Output:
             record = {
                 "event": "message", "id": entry["id"], "direction": entry["direction"], "peer": name,
                 "peerUserId": entry["peer"], "text": text, "timestamp": entry.get("timestamp"),
-                "status": entry.get("status"), "verified": entry.get("verified", True),
+                "status": entry.get("status"),
             }
             print(json.dumps(record, ensure_ascii=False), flush=True)
             return
         speaker = "me" if entry["direction"] == "out" else printable(name)
-        note = " (unverified sender)" if entry.get("verified") is False else ""
         if entry.get("status") in ("rejected", "undecryptable"):
-            text, note = f"[{entry['status']}: {entry.get('reason', '')}]", ""
+            text = f"[{entry['status']}: {entry.get('reason', '')}]"
         body = printable(text).replace("\n", "\n    ")
-        print(f"[{_local_time(entry.get('timestamp'))}] {speaker}{note}: {body}", flush=True)
+        print(f"[{_local_time(entry.get('timestamp'))}] {speaker}: {body}", flush=True)
 
 
 def _local_time(timestamp: Any) -> str:

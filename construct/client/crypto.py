@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, TypeGuard
+from typing import Any, Callable, TypeGuard
 
 from nacl import bindings
 from nacl.exceptions import CryptoError as _NaclError
@@ -28,15 +28,14 @@ from nacl.signing import SigningKey, VerifyKey
 
 KEY_SIZE = 32
 SIGNATURE_SIZE = 64
-NONCE_SIZE = bindings.crypto_aead_chacha20poly1305_ietf_NPUBBYTES
-TAG_SIZE = bindings.crypto_aead_chacha20poly1305_ietf_ABYTES
+NONCE_SIZE = bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+TAG_SIZE = bindings.crypto_aead_xchacha20poly1305_ietf_ABYTES
 SUITE_CLASSIC_X25519 = 1
 # The X3DH header uses this id to say "no one-time prekey", so it is never a key id.
 NO_ONE_TIME_PREKEY = 0xFFFFFFFF
 PAD_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 # One byte of every bucket is taken by the 0x80 padding marker.
 MAX_PLAINTEXT = PAD_BUCKETS[-1] - 1
-V1_MESSAGE_INFO = b"construct/v1/message"
 SAFETY_NUMBER_ITERATIONS = 5200
 
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
@@ -114,9 +113,14 @@ def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
     return okm[:length]
 
 
-def generate_x25519() -> tuple[bytes, bytes]:
+# Where the ratchet and X3DH take their randomness from: os.urandom, except in tests that
+# produce deterministic test vectors.
+RandomBytes = Callable[[int], bytes]
+
+
+def generate_x25519(random_bytes: RandomBytes = os.urandom) -> tuple[bytes, bytes]:
     """A fresh X25519 key pair as ``(private, public)`` raw bytes."""
-    private = PrivateKey.generate()
+    private = PrivateKey(random_bytes(KEY_SIZE))
     return bytes(private), bytes(private.public_key)
 
 
@@ -142,8 +146,8 @@ def x25519(
 
 
 def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
-    """ChaCha20-Poly1305-IETF; returns ciphertext followed by the 16-byte tag."""
-    return bindings.crypto_aead_chacha20poly1305_ietf_encrypt(
+    """XChaCha20-Poly1305-IETF (24-byte nonce); returns ciphertext followed by the 16-byte tag."""
+    return bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
         plaintext, associated_data, nonce, key
     )
 
@@ -151,7 +155,7 @@ def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, associated_data: by
 def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, associated_data: bytes) -> bytes:
     """Inverse of :func:`aead_encrypt`; raises DecryptionError if not authentic."""
     try:
-        return bindings.crypto_aead_chacha20poly1305_ietf_decrypt(
+        return bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
             ciphertext, associated_data, nonce, key
         )
     except _NaclError as exc:
@@ -483,7 +487,7 @@ def verify_key_bundle(
     )
 
 
-# -- the seed's per-message scheme (suite 1 sealed) ------------------------
+# -- envelope binding ------------------------------------------------------
 
 
 def envelope_context(sender_id: str, recipient_id: str, message_id: str) -> bytes:
@@ -499,38 +503,6 @@ def envelope_context(sender_id: str, recipient_id: str, message_id: str) -> byte
             raise ValueError("envelope field too long")
         out += len(raw).to_bytes(2, "big") + raw
     return out
-
-
-def _v1_key(shared: bytes, ephemeral_public: bytes, spk_public: bytes) -> bytes:
-    return hkdf_sha256(shared, ephemeral_public + spk_public, V1_MESSAGE_INFO, KEY_SIZE)
-
-
-def seal_v1(
-    recipient_signed_prekey_public: bytes, plaintext: bytes, associated_data: bytes
-) -> tuple[bytes, str]:
-    """Encrypt one message to a signed prekey with a fresh ephemeral key.
-
-    Returns ``(ephemeral_public, content)`` for the ChatMessage fields
-    ``ephemeralPublicKey`` and ``content`` (base64 of nonce‖ciphertext‖tag).
-    """
-    padded = pad(plaintext)
-    ephemeral_private, ephemeral_public = generate_x25519()
-    shared = x25519(ephemeral_private, recipient_signed_prekey_public)
-    key = _v1_key(shared, ephemeral_public, recipient_signed_prekey_public)
-    nonce = os.urandom(NONCE_SIZE)
-    return ephemeral_public, b64encode(nonce + aead_encrypt(key, nonce, padded, associated_data))
-
-
-def open_v1(
-    signed_prekey_private: bytes, ephemeral_public: bytes, content: str, associated_data: bytes
-) -> bytes:
-    """Inverse of :func:`seal_v1`; raises DecryptionError on any failure."""
-    raw = b64decode(content, DecryptionError)
-    if len(raw) < NONCE_SIZE + TAG_SIZE:
-        raise DecryptionError("content too short")
-    shared = x25519(signed_prekey_private, ephemeral_public, DecryptionError)
-    key = _v1_key(shared, ephemeral_public, x25519_public(signed_prekey_private))
-    return unpad(aead_decrypt(key, raw[:NONCE_SIZE], raw[NONCE_SIZE:], associated_data))
 
 
 # -- safety numbers --------------------------------------------------------

@@ -16,6 +16,7 @@ The associated data is ``IKa_dh ‖ IKb_dh ‖ IKa_master ‖ IKb_master``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from construct.client.crypto import (
     IdentityKeys,
     InvalidBundle,
     OneTimePrekey,
+    RandomBytes,
     ReplayError,
     SignedPrekey,
     VerifiedBundle,
@@ -92,6 +94,7 @@ def initiate(
     my_identity: IdentityKeys,
     remote_bundle: VerifiedBundle,
     one_time_prekey: Mapping[str, object] | None = None,
+    random_bytes: RandomBytes = os.urandom,
 ) -> tuple[bytes, bytes, InitialHeader]:
     """Run X3DH as the initiator against a verified bundle.
 
@@ -99,7 +102,7 @@ def initiate(
     Returns ``(shared_secret, associated_data, header)``; raises
     InvalidBundle if a remote key is unusable.
     """
-    ephemeral_private, ephemeral_public = generate_x25519()
+    ephemeral_private, ephemeral_public = generate_x25519(random_bytes)
     dh_outputs = [
         x25519(my_identity.dh_private, remote_bundle.signed_prekey, InvalidBundle),
         x25519(ephemeral_private, remote_bundle.identity_key, InvalidBundle),

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from construct.core.messaging import decode_envelope
+from construct.delivery.types import Accepted
 
 FETCH_BATCH = 100
 RETRY_DELAY_SECONDS = 2.0
@@ -137,14 +138,15 @@ class DeliveryHub:
         if waiters:
             self._maybe_detached(user_id)
 
-    def on_stored(self, user_id: str, seq: int | None, message: dict) -> None:
-        """A message for the user was stored here as `seq`: hand it straight to each connection
-        that has pushed everything before it, and let the others read it back from the inbox."""
+    def on_stored(self, user_id: str, seq: int | None, previous_seq: int | None, message: dict) -> None:
+        """A message for the user was stored here as `seq`, after messages up to `previous_seq`:
+        hand it straight to each connection that has pushed everything before it and not it,
+        and let the others read it back from the inbox."""
         delivered = 0
         for cursor in list(self._by_user.get(user_id, {}).values()):
             if (
                 seq is not None and not cursor.running and not cursor.rewind and not cursor.held
-                and cursor.after_seq == seq - 1 and cursor.connection.writable
+                and previous_seq <= cursor.after_seq < seq and cursor.connection.writable
             ):
                 cursor.after_seq = seq
                 cursor.connection.push_message(message)
@@ -265,3 +267,22 @@ class DeliveryHub:
         cursor.retry_call = None
         if cursor.attached:
             self._pump(cursor)
+
+
+class LocalWakeUps:
+    """WakeUps within one process (embedded mode): the hub is every holder there is."""
+
+    def __init__(self, hub: DeliveryHub) -> None:
+        self._hub = hub
+
+    def stored(self, recipient_id: str, accepted: Accepted, message: dict) -> None:
+        self._hub.on_stored(recipient_id, accepted.seq, accepted.previous_seq, message)
+
+    def sessions_revoked(self, user_id: str, token_hashes: list[str]) -> None:
+        self._hub.on_sessions_revoked(user_id, token_hashes)
+
+    async def pending(self, user_id: str) -> None:
+        self._hub.on_pending(user_id)
+
+    async def redeliver(self, user_id: str, attached_before: float) -> None:
+        self._hub.redeliver(user_id, attached_before)

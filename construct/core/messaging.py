@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import orjson
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from construct.core.abuse import AbuseLimits
 from construct.core.validation import canonical_uuid, decode_base64
+from construct.delivery.ports import Inbox, WakeUps
 from construct.delivery.types import Accepted, InboxEntry, Submission
 from construct.errors import ConstructError, user_not_found_error
 
@@ -81,21 +83,31 @@ def decode_envelope(envelope: str) -> dict:
     return message
 
 
+DELIVERED = "delivered"
+QUEUED = "queued"
+
+
 # Not frozen: one per message, and a frozen dataclass is several times slower to build.
 @dataclass(slots=True)
 class SendResult:
     message_id: str
-    accepted: Accepted
+    # "delivered": a connection of the recipient was attached somewhere when it was stored;
+    # "queued": it waits in the inbox for the next one.
+    status: str
+    expires_at_ms: int
+    duplicate: bool
 
 
 class MessageService:
     """The delivery contract's write side (DESIGN.md §3): accepted means stored."""
 
+    log = Logger()
+
     def __init__(
         self,
-        inbox: Any,
-        is_online: Callable[[str], bool],
-        on_stored: Callable[[str, int | None, dict], None],
+        inbox: Inbox,
+        held_here: Callable[[str], bool],
+        wakeups: WakeUps,
         clock: IReactorTime,
         limits: AbuseLimits,
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
@@ -103,27 +115,29 @@ class MessageService:
         max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
         recipient_exists: Callable[[str], bool | Deferred] | None = None,
     ) -> None:
-        """`recipient_exists` is for an inbox that cannot check it in its own store (Redis): True
-        when known at once, else a Deferred firing with whether the user exists."""
+        """`held_here`: a connection of the user is attached to this process. `recipient_exists`
+        is for an inbox that cannot check it in its own store (Redis): True when known at once,
+        else a Deferred firing with whether the user exists."""
         self._inbox = inbox
-        self._is_online = is_online
-        self._on_stored = on_stored
+        self._held_here = held_here
+        self._wakeups = wakeups
         self._clock = clock
         self._limits = limits
         self._ttl_ms = int(ttl_seconds * 1000)
         self._quota = quota
         self.max_content_bytes = max_content_bytes
         self._recipient_exists = recipient_exists
-        # sender id -> fires when that sender's latest store may be followed by the next one.
+        # sender id -> fires once that sender's latest send waiting for a check has been issued
+        # to the inbox, so the next one is issued after it.
         self._store_turns: dict[str, Deferred] = {}
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
 
     def send(self, sender_id: str, payload: dict) -> Deferred:
-        """Store a message; fires with its SendResult. One sender's messages are stored in the
-        order of these calls, also when a connection makes the next call before this one is
-        answered (FIFO per recipient).
+        """Store a message; fires with its SendResult. One sender's messages are issued to the
+        inbox, which keeps the order it is given (Inbox.put), in the order of these calls, also
+        when a connection makes the next call before this one is answered (FIFO per recipient).
 
         Callbacks, not a coroutine: this runs for every message, and its checks are mostly
         answered at once.
@@ -140,43 +154,49 @@ class MessageService:
         except Exception:
             return fail()
         previous = self._store_turns.get(sender_id)
-        if waiting is None and previous is None and self._inbox.stores_in_issue_order:
-            # Nothing to wait for: store now, and the sender's next message can follow at once.
+        if waiting is None and previous is None:
+            # Nothing to wait for: issued now, and the sender's next message follows it.
             try:
-                stored = self._store(None, sender_id, message, None)
+                stored = self._store(sender_id, message)
             except Exception:
                 return fail()
-            return stored.addBoth(self._stored, sender_id, message, None)
+            return stored.addCallback(self._stored, message)
         turn: Deferred = Deferred()
         self._store_turns[sender_id] = turn
         if previous is not None:
             waiting = _then(waiting, previous)
-        stored = (waiting or succeed(None)).addCallback(self._store, sender_id, message, turn)
-        return stored.addBoth(self._stored, sender_id, message, turn)
-
-    def _store(self, _: None, sender_id: str, message: dict, turn: Deferred | None) -> Deferred:
-        submission = Submission(
-            sender_id, message["to"], message["id"], encode_envelope(message),
-            "delivered" if self._is_online(message["to"]) else "queued", self._now_ms(), self._ttl_ms, self._quota,
+        stored = (waiting or succeed(None)).addCallbacks(
+            self._issue, self._refused, callbackArgs=(sender_id, message, turn), errbackArgs=(sender_id, turn)
         )
-        stored = ensureDeferred(self._inbox.put(submission))
-        # An inbox whose stores take effect in the order issued (one pipelined Redis
-        # connection) lets the next one go now; any other, once this one has committed.
-        if self._inbox.stores_in_issue_order and turn is not None:
-            self._pass_turn(sender_id, turn)
-        return stored
+        return stored.addCallback(self._stored, message)
 
-    def _stored(
-        self, accepted: Accepted | Failure, sender_id: str, message: dict, turn: Deferred | None
-    ) -> SendResult | Failure:
-        if turn is not None:
+    def _issue(self, _: None, sender_id: str, message: dict, turn: Deferred) -> Deferred:
+        try:
+            return self._store(sender_id, message)
+        finally:
             self._pass_turn(sender_id, turn)
-        if isinstance(accepted, Failure):
-            return accepted
-        # Only after the write committed; a duplicate was already announced the first time.
+
+    def _refused(self, failure: Failure, sender_id: str, turn: Deferred) -> Failure:
+        self._pass_turn(sender_id, turn)
+        return failure
+
+    def _store(self, sender_id: str, message: dict) -> Deferred:
+        recipient = message["to"]
+        return self._inbox.put(Submission(
+            sender_id, recipient, message["id"], encode_envelope(message), self._held_here(recipient),
+            self._now_ms(), self._ttl_ms, self._quota,
+        ))
+
+    def _stored(self, accepted: Accepted, message: dict) -> SendResult:
+        # Only after the write is durable; a duplicate was announced the first time.
         if not accepted.duplicate:
-            self._on_stored(message["to"], accepted.seq, message)
-        return SendResult(message["id"], accepted)
+            try:
+                self._wakeups.stored(message["to"], accepted, message)
+            except Exception:
+                # The message is stored: its sender is told so, and the recipient reads it later.
+                self.log.failure("waking the recipient of a stored message failed")
+        return SendResult(message["id"], DELIVERED if accepted.reached else QUEUED, accepted.expires_at_ms,
+                          accepted.duplicate)
 
     def _pass_turn(self, sender_id: str, turn: Deferred) -> None:
         if self._store_turns.get(sender_id) is turn:

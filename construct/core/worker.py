@@ -21,6 +21,8 @@ from typing import Any, Awaitable, Callable, Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from construct.delivery.ports import Inbox, WakeUps
+
 DEFAULT_REDELIVERY_SECONDS = 60.0
 ONLINE_LEASE_SECONDS = 5.0
 
@@ -50,10 +52,9 @@ class DeliveryWorker:
 
     def __init__(
         self,
-        inbox: Any,
+        inbox: Inbox,
         is_online: Callable[[str], Awaitable[bool]],
-        wake: Callable[[str], Awaitable[None]],
-        redeliver: Callable[[str, float], Awaitable[None]],
+        wakeups: WakeUps,
         leases: Leases,
         clock: IReactorTime,
         metrics: Any,
@@ -61,8 +62,7 @@ class DeliveryWorker:
     ) -> None:
         self._inbox = inbox
         self._is_online = is_online
-        self._wake = wake
-        self._redeliver = redeliver
+        self._wakeups = wakeups
         self._leases = leases
         self._clock = clock
         self._metrics = metrics
@@ -76,7 +76,7 @@ class DeliveryWorker:
         if not await self._leases.acquire(f"online:{user_id}", ONLINE_LEASE_SECONDS):
             return False
         if await self._inbox.depth(user_id, self._now_ms()):
-            await self._wake(user_id)
+            await self._wakeups.pending(user_id)
             self._metrics.worker_drains.inc()
         return True
 
@@ -96,7 +96,7 @@ class DeliveryWorker:
                 continue
             # At most one redelivery per user per timeout, across all workers.
             if await self._leases.acquire(f"redeliver:{user_id}", self._redelivery_seconds):
-                await self._redeliver(user_id, cutoff / 1000)
+                await self._wakeups.redeliver(user_id, cutoff / 1000)
                 redelivered += 1
         if redelivered:
             self._metrics.worker_redeliveries.inc(redelivered)

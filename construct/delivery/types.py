@@ -17,7 +17,8 @@ class Submission:
     recipient_id: str
     message_id: str
     envelope: str
-    status: str
+    # A connection of the recipient is attached to this process now.
+    held_here: bool
     now_ms: int
     ttl_ms: int
     quota: int
@@ -25,14 +26,21 @@ class Submission:
 
 @dataclass(slots=True)
 class Accepted:
-    """The outcome of storing a message: what the sender's `ack` says."""
+    """The outcome of storing a message, from which the sender's `ack` is made."""
 
-    status: str
+    # A connection of the recipient was known (here or on another instance) when the message
+    # was first stored; a duplicate gets the first store's answer.
+    reached: bool
     expires_at_ms: int
     duplicate: bool
-    # The message's place in the recipient's inbox, where the inbox numbers each recipient's
-    # messages consecutively (Redis); None where it does not (SQL: one sequence for all).
+    # The message's place in the recipient's inbox, and the highest place any earlier message
+    # of the recipient had then (0: none): a connection that has pushed up to `previous_seq`
+    # and not past it may be handed the message at once. None for a duplicate.
     seq: int | None = None
+    previous_seq: int | None = None
+    # Other instances holding a connection of the recipient when it was stored (their ids), as
+    # far as the inbox knows: the ones to wake.
+    holders: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""The public site: WebSocket upgrade at / and /ws (--ws-path), the JSON API under /v1."""
+"""The public site: WebSocket upgrade at / and /ws (--ws-path), the web client at / and /web/, the JSON API under /v1."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from construct.http.api import HttpApi
+from construct.web.resource import PageOrWebSocket, WebFiles, load_assets
 
 
 # An HTTP connection that sends nothing for this long is closed (twisted.web's default is 12
@@ -101,7 +102,9 @@ def build_site(ws_factory: Any, api: HttpApi, max_body_bytes: int, ws_path: str 
     """The open site; construct.http.camouflage builds the one of --camouflage."""
     root = Resource()
     websocket = UpgradeResource(ws_factory)
-    root.putChild(b"", websocket)
+    web = load_assets()
+    root.putChild(b"", PageOrWebSocket(websocket, web))
+    root.putChild(b"web", WebFiles(web))
     root.putChild(ws_path[1:].encode(), websocket)
     root.putChild(b"v1", Utf8Only(api.app.resource()))
     return ConstructSite(root, max_body_bytes)

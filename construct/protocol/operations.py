@@ -137,15 +137,10 @@ def send_message(core: Core, client: Client, payload: dict) -> Deferred:
 
 
 def _ack(result: SendResult, core: Core) -> Reply:
-    if not result.accepted.duplicate:
+    if not result.duplicate:
         core.metrics.accepted()
     return Reply(
-        "ack",
-        {
-            "messageId": result.message_id,
-            "status": result.accepted.status,
-            "expiresAt": result.accepted.expires_at_ms // 1000,
-        },
+        "ack", {"messageId": result.message_id, "status": result.status, "expiresAt": result.expires_at_ms // 1000}
     )
 
 

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from construct.core.app import Core
 from construct.errors import rate_limited
 from construct.protocol import codec
+from construct.protocol.writes import write_now
 from construct.protocol.connection import (
     AUTH_TIMEOUT,
     CONNECTION_RETRY_SECONDS,
@@ -144,7 +145,7 @@ class JsonLinesProtocol(Protocol):
         self.transport.abortConnection()
 
     def _write(self, data: bytes, encoding: str) -> None:
-        self.transport.write(data + b"\n")
+        write_now(self.transport, data + b"\n")
 
 
 class JsonLinesFactory(Factory):

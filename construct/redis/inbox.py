@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from construct.delivery.types import Accepted, InboxEntry, Submission, Survey
 from construct.redis.client import RedisClient, Script, TurnBatches, fail_unanswered
-from construct.redis.presence import event_message, instance_channel, presence_key
+from construct.redis.presence import presence_key
 from construct.errors import duplicate_id_error, inbox_full_error, user_not_found_error
 
 # Keys of a user survive this long after their last message expires.
@@ -36,31 +36,36 @@ INDEX_RETRY_SECONDS = 1.0
 TOMBSTONE_MS = 24 * 3600 * 1000
 
 # One round trip for all the messages to one recipient in one reactor turn (up to PUT_BATCH):
-# store them in order, read the recipient's presence (same hash slot) once to upgrade a
-# "queued" status, and wake the other instances holding the recipient once (PUBLISH from a
-# script is allowed, in Cluster too). A duplicate was announced the first time and is not again.
+# store them in order, and read the recipient's presence (same hash slot) once, for whether a
+# connection of the recipient is known anywhere and which other instances to wake. A duplicate
+# gets the first store's answer.
 # KEYS: inbox, msgs, exp, sent, seq, presence, and the tombstone of a deleted account, which
-# instances may still believe exists. ARGV: now, ttl, quota, key grace, the instance channel
-# prefix, this instance, the wake-up event; then id, sender, envelope, status of each message.
-# Returns, per message, {outcome, status, expires, seq}: outcome stored, duplicate, other
-# (the id is another sender's), full or gone.
+# instances may still believe exists. ARGV: now, ttl, quota, key grace, this instance; then id,
+# sender, envelope, held here ("1"/"0") of each message. Returns, per message, {outcome,
+# reached ("1"/"0"), expires, seq}, outcome stored, duplicate, other (the id is another
+# sender's), full or gone; then the other instances holding the recipient.
+# The records keep the status words they always had ("delivered": reached).
 PUT = Script("""
 local now, ttl, quota, grace = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local count = (#ARGV - 7) / 4
+local count = (#ARGV - 5) / 4
 local results = {}
 if redis.call('EXISTS', KEYS[7]) == 1 then
   for m = 1, count do results[m] = {'gone'} end
+  results[count + 1] = {}
   return results
 end
 local ids = {}
-for m = 1, count do ids[m] = ARGV[4 * m + 4] end
+for m = 1, count do ids[m] = ARGV[4 * m + 2] end
 local priors = redis.call('HMGET', KEYS[4], unpack(ids))
-local holders = redis.call('ZRANGEBYSCORE', KEYS[6], now, '+inf')
+local holders, others = redis.call('ZRANGEBYSCORE', KEYS[6], now, '+inf'), {}
+for _, holder in ipairs(holders) do
+  if holder ~= ARGV[5] then others[#others + 1] = holder end
+end
 local room = quota - redis.call('ZCARD', KEYS[1])
 local expires = string.format('%d', now + ttl)
 local batch, fresh = {}, {}
 for m = 1, count do
-  local id, sender = ARGV[4 * m + 4], ARGV[4 * m + 5]
+  local id, sender = ARGV[4 * m + 2], ARGV[4 * m + 3]
   local psender, pstatus, pexpires = nil, nil, nil
   if batch[id] then
     psender, pstatus, pexpires = batch[id][1], batch[id][2], expires
@@ -69,42 +74,43 @@ for m = 1, count do
     if tonumber(pexpires) <= now then psender = nil end
   end
   if psender then
-    if psender ~= sender then results[m] = {'other'} else results[m] = {'duplicate', pstatus, pexpires} end
+    if psender ~= sender then
+      results[m] = {'other'}
+    else
+      results[m] = {'duplicate', pstatus == 'delivered' and '1' or '0', pexpires}
+    end
   elseif room <= 0 then
     results[m] = {'full'}
   else
     room = room - 1
-    local status = ARGV[4 * m + 7]
-    if #holders > 0 then status = 'delivered' end
-    batch[id] = {sender, status}
+    local reached = (#holders > 0 or ARGV[4 * m + 5] == '1') and '1' or '0'
+    batch[id] = {sender, reached == '1' and 'delivered' or 'queued'}
     fresh[#fresh + 1] = m
-    results[m] = {'stored', status, expires, 0}
+    results[m] = {'stored', reached, expires, 0}
   end
 end
+results[count + 1] = others
 if #fresh == 0 then return results end
 local seq = redis.call('INCRBY', KEYS[5], #fresh) - #fresh
 local order, bodies, expiry, records = {}, {}, {}, {}
 for _, m in ipairs(fresh) do
-  local id = ARGV[4 * m + 4]
+  local id = ARGV[4 * m + 2]
   seq = seq + 1
   results[m][4] = seq
   order[#order + 1] = seq
   order[#order + 1] = id
   bodies[#bodies + 1] = id
-  bodies[#bodies + 1] = ARGV[4 * m + 6]
+  bodies[#bodies + 1] = ARGV[4 * m + 4]
   expiry[#expiry + 1] = expires
   expiry[#expiry + 1] = id
   records[#records + 1] = id
-  records[#records + 1] = ARGV[4 * m + 5] .. ' ' .. results[m][2] .. ' ' .. expires .. ' ' .. ARGV[1]
+  records[#records + 1] = ARGV[4 * m + 3] .. ' ' .. batch[id][2] .. ' ' .. expires .. ' ' .. ARGV[1]
 end
 redis.call('ZADD', KEYS[1], unpack(order))
 redis.call('HSET', KEYS[2], unpack(bodies))
 redis.call('ZADD', KEYS[3], unpack(expiry))
 redis.call('HSET', KEYS[4], unpack(records))
 for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl + grace) end
-for _, holder in ipairs(holders) do
-  if holder ~= ARGV[6] then redis.call('PUBLISH', ARGV[5] .. holder, ARGV[7]) end
-end
 return results
 """)
 # Messages per PUT call: Lua's unpack() takes at most about 8,000 values.
@@ -178,12 +184,9 @@ return {accepted, redis.call('ZCARD', KEYS[1])}
 
 
 class RedisInbox:
-    """`instance_id` is this instance, whose own connections the caller feeds after a send;
-    a send wakes every other instance holding the recipient."""
+    """`instance_id` is this instance: a store answers which other instances hold the recipient."""
 
     log = Logger()
-    # Every command goes down one pipelined connection: scripts run in the order issued.
-    stores_in_issue_order = True
 
     def __init__(
         self,
@@ -216,7 +219,8 @@ class RedisInbox:
         exists (KnownUsers).
 
         The messages to one recipient of one reactor turn go to Redis as one script call, in the
-        order of these calls, so they take effect in that order, as one call each would.
+        order of these calls, and every call goes down one pipelined connection, so they take
+        effect in the order of these calls (Inbox.put).
         """
         stored: Deferred = Deferred()
         self._puts.add(message.recipient_id, (message, stored))
@@ -237,17 +241,15 @@ class RedisInbox:
     def _put_args(self, batch: list[tuple[Submission, Deferred]]) -> list[Any]:
         # The messages of one call come from one reactor turn: they share the time, TTL and quota of the first.
         first = batch[0][0]
-        args: list[Any] = [
-            first.now_ms, first.ttl_ms, first.quota, KEY_GRACE_MS, instance_channel(self._prefix, ""),
-            self._instance_id, event_message("pending", first.recipient_id),
-        ]
+        args: list[Any] = [first.now_ms, first.ttl_ms, first.quota, KEY_GRACE_MS, self._instance_id]
         for message, _ in batch:
-            args += (message.message_id, message.sender_id, message.envelope, message.status)
+            args += (message.message_id, message.sender_id, message.envelope, "1" if message.held_here else "0")
         return args
 
     def _stored(self, results: list, recipient: str, batch: list[tuple[Submission, Deferred]]) -> None:
-        if len(results) != len(batch):
-            raise ValueError(f"PUT answered {len(results)} of {len(batch)} messages")
+        if len(results) != len(batch) + 1:
+            raise ValueError(f"PUT answered {len(results) - 1} of {len(batch)} messages")
+        holders = tuple(results.pop())
         # Indexed before any sender hears back. Every message stored by one call expires at once.
         expiries = [int(result[2]) for result in results if result[0] == "stored"]
         if expiries:
@@ -255,9 +257,12 @@ class RedisInbox:
         for (_, stored), result in zip(batch, results):
             outcome = result[0]
             if outcome == "stored":
-                stored.callback(Accepted(result[1], int(result[2]), duplicate=False, seq=result[3]))
+                seq = result[3]
+                stored.callback(Accepted(
+                    result[1] == "1", int(result[2]), duplicate=False, seq=seq, previous_seq=seq - 1, holders=holders
+                ))
             elif outcome == "duplicate":
-                stored.callback(Accepted(result[1], int(result[2]), duplicate=True))
+                stored.callback(Accepted(result[1] == "1", int(result[2]), duplicate=True))
             elif outcome == "gone":
                 stored.errback(user_not_found_error())
             elif outcome == "other":

@@ -13,9 +13,11 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from construct.errors import service_unavailable
+from construct.errors import ConstructError, service_unavailable
 
 SCHEMA_VERSION = 2
 
@@ -159,6 +161,7 @@ class Database:
 
     def __init__(self, engine: Engine, reactor: Any) -> None:
         self.engine = engine
+        self.reactor = reactor
         args, kwargs = engine.connect_args()
         self.pool = adbapi.ConnectionPool(
             engine.module,
@@ -190,6 +193,69 @@ class Database:
 
     def close(self) -> None:
         self.pool.close()
+
+
+class GroupCommit:
+    """Writes that share transactions: one commit (one fsync in SQLite) for every write issued
+    in one reactor turn, or while the previous commit was running.
+
+    Each write is a `_txn` function; they run in the order added, within one transaction, and
+    at most one such transaction runs at a time, so they take effect in that order. A
+    ConstructError raised by one answers that write alone, and must be raised before it has
+    written anything (what it raises for is then decided and nothing of it is kept); any other
+    error rolls the transaction back and fails every write in it. A write's Deferred fires only
+    after its transaction has committed.
+    """
+
+    log = Logger()
+
+    def __init__(self, db: Database, desc: str) -> None:
+        self._db = db
+        self._desc = desc
+        self._waiting: list[tuple[Callable[..., Any], tuple, Deferred]] = []
+        self._committing = False
+        self._call: Any = None
+
+    def add(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        done: Deferred = Deferred()
+        self._waiting.append((fn, args, done))
+        if not self._committing and self._call is None:
+            self._call = self._db.reactor.callLater(0, self._commit)
+        return done
+
+    def _commit(self) -> None:
+        self._call = None
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            return
+        self._committing = True
+        ensureDeferred(self._db.run(self._desc, self._batch_txn, batch)).addBoth(self._committed, batch)
+
+    @staticmethod
+    def _batch_txn(txn: "Txn", batch: list[tuple[Callable[..., Any], tuple, Deferred]]) -> list[Any]:
+        outcomes: list[Any] = []
+        for fn, args, _ in batch:
+            try:
+                outcomes.append(fn(txn, *args))
+            except ConstructError as e:
+                outcomes.append(e)
+        return outcomes
+
+    def _committed(self, outcomes: list[Any] | Failure, batch: list[tuple[Callable[..., Any], tuple, Deferred]]) -> None:
+        try:
+            for index, (_, _, done) in enumerate(batch):
+                outcome = outcomes if isinstance(outcomes, Failure) else outcomes[index]
+                if isinstance(outcome, (Failure, ConstructError)):
+                    done.errback(outcome)
+                else:
+                    done.callback(outcome)
+        except Exception:
+            self.log.failure("answering the writes of a commit failed")
+        finally:
+            self._committing = False
+            # What arrived during this commit goes now, in the next one.
+            if self._waiting and self._call is None:
+                self._commit()
 
 
 def _schema_scripts(engine: Engine) -> list[tuple[int, str]]:
