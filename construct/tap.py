@@ -182,6 +182,8 @@ class Options(SettingsOptions):
         ),
         Setting("camouflage-site", None, "directory of the website --camouflage shows (default: a placeholder page)",
                 non_empty),
+        Setting("camouflage-web-client", False, "with --camouflage, serve the web client under --ws-path (<ws-path>/)",
+                boolean, flag=True),
         Setting("ws-padding", False, "pad every WebSocket message sent to a size bucket", boolean, flag=True),
         Setting("obfs4", None, "obfs4 endpoint, tcp:PORT:interface=IP: obfs4proxy in front of --obfs4-target",
                 BindAddress.parse),
@@ -384,7 +386,9 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     if camouflage is None:
         site = build_site(ws_factory, HttpApi(core), max_frame, options["ws-path"])
     else:
-        site = build_camouflaged_site(camouflage, ws_factory, HttpApi(core), max_frame, options["ws-path"])
+        site = build_camouflaged_site(
+            camouflage, ws_factory, HttpApi(core), max_frame, options["ws-path"], options["camouflage-web-client"]
+        )
     tcp_factory = JsonLinesFactory(
         core, max_frame, tcp_connections, addresses, limits, reactor, proxied=options["tcp"].startswith("haproxy:")
     )

@@ -56,13 +56,17 @@ def site_dir(tmp_path):
     return root
 
 
-@pytest_twisted.async_yield_fixture
-async def camouflaged(core, site_dir):
-    """A camouflaged site on a loopback port; yields (base URL, the site's tracker of WebSockets)."""
+def _listen(core, site_dir, web_client: bool = False):
     tracker = ConnectionTracker(reactor)
     factory = ConstructWebSocketFactory(core, 1 << 16, tracker, AddressCounts(0), ConnectionLimits(), reactor, ["*"])
-    site = build_camouflaged_site(StaticSite.load(str(site_dir)), factory, HttpApi(core), 1 << 16, SECRET)
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    site = build_camouflaged_site(StaticSite.load(str(site_dir)), factory, HttpApi(core), 1 << 16, SECRET, web_client)
+    return reactor.listenTCP(0, site, interface="127.0.0.1")
+
+
+@pytest_twisted.async_yield_fixture
+async def camouflaged(core, site_dir):
+    """A camouflaged site on a loopback port; yields (base URL, port number)."""
+    port = _listen(core, site_dir)
     yield f"http://127.0.0.1:{port.getHost().port}", port.getHost().port
     await port.stopListening()
 
@@ -143,6 +147,39 @@ async def test_only_the_secret_path_is_construct(camouflaged):
         assert response.code == 200 and json.loads(body)["username"] == "gardener"
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_web_client_is_only_under_the_secret_path(core, site_dir):
+    """With --camouflage-web-client the page and its files are under <ws-path>/, its WebSocket at
+    <ws-path>/ws; at / and /web/ there is only the website, as without it."""
+    port = _listen(core, site_dir, web_client=True)
+    base = f"http://127.0.0.1:{port.getHost().port}"
+    try:
+        response, body = await _get(base + SECRET, allow_redirects=False)
+        assert (response.code, response.headers.getRawHeaders("location")) == (301, [SECRET + "/"])
+        response, body = await _get(base + SECRET + "/")
+        assert response.code == 200 and b'src="web/js/app.mjs"' in body
+        assert response.headers.getRawHeaders("content-security-policy")
+        response, body = await _get(base + SECRET + "/web/js/client.mjs")
+        assert response.code == 200 and b"export function serverUrl" in body
+        for path in ("/web/js/client.mjs", "/web/app.css"):
+            response, body = await _get(base + path)
+            assert (response.code, body) == (404, error_page(404)), path
+        client = await WsClient.connect(port.getHost().port, path=SECRET + "/ws")
+        assert (await client.request("ping"))["type"] == "pong"
+        await client.close()
+    finally:
+        await port.stopListening()
+    # Without the option, nothing of it anywhere.
+    port = _listen(core, site_dir)
+    base = f"http://127.0.0.1:{port.getHost().port}"
+    try:
+        for path in (SECRET + "/", SECRET + "/web/app.css"):
+            response, body = await _get(base + path)
+            assert (response.code, body) == (404, error_page(404)), path
+    finally:
+        await port.stopListening()
 
 
 def test_a_site_needs_an_index_and_a_bounded_size(tmp_path):

@@ -7,8 +7,9 @@ without an index, 405 for other methods than GET and HEAD on a file, 304 for con
 requests, `Server: nginx` and never a word of Twisted, Autobahn or Construct. Construct itself
 answers only under the one secret path `--ws-path`: a WebSocket upgrade there is a Construct
 connection and `<ws-path>/v1/…` is the HTTP API; a plain request there gets the site's 404 like
-any other path. The WebSocket upgrade at `/` that seed clients use is not served: `/` is the
-site's home page.
+any other path, or, with `--camouflage-web-client`, a redirect to the web client's page at
+`<ws-path>/`. The WebSocket upgrade at `/` that seed clients use and the web client at `/` are
+not served: `/` is the site's home page.
 
 The files are read once, at startup, into memory (at most MAX_SITE_BYTES): no request reads
 the disk, and no path can reach outside the directory.
@@ -30,6 +31,7 @@ from twisted.web.server import Request
 
 from construct.http.api import HttpApi
 from construct.http.site import ConstructSite, LimitedRequest, UpgradeResource, Utf8Only
+from construct.web.resource import PageOrWebSocket, WebFiles, load_assets
 
 SERVER_NAME = b"nginx"
 MAX_SITE_BYTES = 64 * 2**20
@@ -133,7 +135,7 @@ class StaticPage(Resource):
         name = "" if normal == "." else normal
         if name in self._site.directories:
             if not path.endswith("/"):
-                return self._redirect(request, "/" + name + "/")
+                return self.redirect(request, "/" + name + "/")
             name = f"{name}/{INDEX}" if name else INDEX
             if name not in self._site.files:
                 return self.error(request, 403)
@@ -153,7 +155,7 @@ class StaticPage(Resource):
         request.setHeader(b"content-type", page.content_type if page else b"text/html")
         return self._body(request, page.body if page else error_page(code))
 
-    def _redirect(self, request: Request, location: str) -> bytes:
+    def redirect(self, request: Request, location: str) -> bytes:
         request.setResponseCode(301, REASONS[301])
         request.setHeader(b"location", location.encode("utf-8"))
         request.setHeader(b"content-type", b"text/html")
@@ -168,20 +170,24 @@ class StaticPage(Resource):
 
 
 class ConstructEntrance(Resource):
-    """The secret `--ws-path`: WebSocket upgrades, and the API under `v1`; the site for anything else."""
+    """The secret `--ws-path`: WebSocket upgrades, the API under `v1`, and with the web client its
+    page under `/` (files under `web/`, its WebSocket at `ws`); the site for anything else."""
 
-    def __init__(self, websocket: UpgradeResource, api: Resource, page: StaticPage) -> None:
+    def __init__(self, websocket: UpgradeResource, children: dict[bytes, Resource], page: StaticPage) -> None:
         super().__init__()
         self._websocket = websocket
-        self._api = api
+        self._children = children
         self._page = page
 
     def getChild(self, path: bytes, request: Request) -> Resource:
-        return self._api if path == b"v1" else self._page
+        return self._children.get(path, self._page)
 
     def render(self, request: Request) -> Any:
         if (request.getHeader(b"upgrade") or b"").lower() == b"websocket":
             return self._websocket.render(request)
+        if b"" in self._children:
+            # The web client's page, whose links are relative, is at the path with its slash.
+            return self._page.redirect(request, request.path.decode("utf-8") + "/")
         return self._page.render(request)
 
 
@@ -231,10 +237,16 @@ class CamouflagedSite(ConstructSite):
 
 
 def build_camouflaged_site(
-    static: StaticSite, ws_factory: Any, api: HttpApi, max_body_bytes: int, ws_path: str
+    static: StaticSite, ws_factory: Any, api: HttpApi, max_body_bytes: int, ws_path: str, web_client: bool = False
 ) -> CamouflagedSite:
+    """`web_client`: serve the web client under the secret path too (`<ws-path>/`)."""
     # The WebSocket handshake's answer names the server too.
     ws_factory.server = SERVER_NAME.decode()
     page = StaticPage(static)
-    entrance = ConstructEntrance(UpgradeResource(ws_factory), Utf8Only(api.app.resource()), page)
+    websocket = UpgradeResource(ws_factory)
+    children: dict[bytes, Resource] = {b"v1": Utf8Only(api.app.resource())}
+    if web_client:
+        web = load_assets()
+        children.update({b"": PageOrWebSocket(websocket, web), b"web": WebFiles(web), b"ws": websocket})
+    entrance = ConstructEntrance(websocket, children, page)
     return CamouflagedSite(CamouflageRoot({ws_path[1:].encode(): entrance}, page), max_body_bytes)
