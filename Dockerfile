@@ -12,6 +12,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# obfs4proxy for --obfs4 (docs/operations.md, "Running in a censored network").
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends obfs4proxy \
+ && rm -rf /var/lib/apt/lists/*
+
 # The same layout as a host install (docs/operations.md): a venv in /opt/construct/venv,
 # state in /var/lib/construct, a non-root system user.
 RUN groupadd --system construct \

@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["construct", "construct.*"]) + ["twisted.plugins"],
     package_data={
         "construct.storage": ["schema/*.sql"],
-        "construct.http": ["openapi.json"],
+        "construct.http": ["openapi.json", "camouflage_site/*"],
         # The web client, built files included (webclient/build.mjs vendors libsodium).
         "construct.web": ["static/*.html", "static/*.css", "static/*.svg", "static/js/*.mjs", "static/vendor/*"],
     },

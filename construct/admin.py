@@ -1,4 +1,4 @@
-"""`construct-admin`: migrate the schema, show or delete a user, print counts.
+"""`construct-admin`: migrate the schema, show or delete a user, print counts, print the obfs4 bridge line.
 
 It reads the same settings as the server (CONSTRUCT_DATABASE, CONSTRUCT_DATA_DIR, CONSTRUCT_REDIS,
 CONSTRUCT_REDIS_PREFIX, or their _FILE forms, or the options below), so it runs beside the
@@ -8,6 +8,7 @@ server with the server's environment file.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -19,6 +20,7 @@ from twisted.python import usage
 
 from construct.config import Setting, SettingsOptions, non_empty
 from construct.core.deletion import AccountDeletion
+from construct.obfs4 import BRIDGE_LINE_FILE, STATE_DIRECTORY
 from construct.redis.client import RedisClient
 from construct.redis.inbox import RedisInbox
 from construct.redis.presence import RedisPresence
@@ -63,7 +65,8 @@ class UserOptions(usage.Options):
 
 class Options(SettingsOptions):
     program = PROGRAM
-    synopsis = "Usage: construct-admin [options] (migrate | user show NAME | user delete [--yes] NAME | stats)"
+    synopsis = ("Usage: construct-admin [options] "
+                "(migrate | user show NAME | user delete [--yes] NAME | stats | obfs4-bridge)")
     optFlags = [["json", None, "print JSON"]]
     settings = (
         Setting("data-dir", "construct-data", "directory of the embedded SQLite database", non_empty),
@@ -75,12 +78,13 @@ class Options(SettingsOptions):
         ["migrate", None, usage.Options, "create or upgrade the database schema"],
         ["user", None, UserOptions, "show or delete a user"],
         ["stats", None, usage.Options, "counts of users, sessions, keys and pending messages"],
+        ["obfs4-bridge", None, usage.Options, "the obfs4 bridge line clients connect with (construct --obfs4)"],
     ]
 
     def postOptions(self) -> None:
         super().postOptions()
         if self.subCommand is None:
-            raise usage.UsageError("a command is required: migrate, user or stats")
+            raise usage.UsageError("a command is required: migrate, user, stats or obfs4-bridge")
 
 
 class Admin:
@@ -94,6 +98,8 @@ class Admin:
         print(json.dumps(record) if self._options["json"] else "\n".join(lines))
 
     async def run(self) -> int:
+        if self._options.subCommand == "obfs4-bridge":
+            return self._bridge_line()
         try:
             engine = engine_from_options(self._options["database"], self._options["data-dir"])
         except ValueError as e:
@@ -121,6 +127,19 @@ class Admin:
             db.close()
             if self._redis is not None:
                 await self._redis.stop()
+
+    def _bridge_line(self) -> int:
+        """What the server wrote at its last start with --obfs4; no database needed."""
+        path = os.path.join(self._options["data-dir"], STATE_DIRECTORY, BRIDGE_LINE_FILE)
+        try:
+            with open(path, encoding="utf-8") as file:
+                line = file.read().strip()
+        except FileNotFoundError:
+            print(f"{PROGRAM}: no bridge line in {path}: start construct with --obfs4 (and this --data-dir) first",
+                  file=sys.stderr)
+            return 1
+        self._print({"bridgeLine": line}, [line])
+        return 0
 
     async def _inbox(self, db: Database) -> Any:
         if self._options["redis"] is None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 from typing import Any, Callable
 
+from construct import pt
 from construct.config import Setting, SettingsOptions, boolean, int_between, non_empty
 from construct.core.abuse import AbuseLimits, AbuseSettings
 from construct.core.accounts import AccountService, KnownUsers, PasswordHasher
@@ -25,10 +27,12 @@ from construct.core.messaging import MessageService
 from construct.core.worker import DEFAULT_REDELIVERY_SECONDS, DeliveryWorker, MemoryLeases
 from construct.delivery.ports import Inbox, WakeUps
 from construct.http.api import HttpApi
+from construct.http.camouflage import SiteError, StaticSite, build_camouflaged_site
 from construct.http.health import build_health_site
 from construct.http.site import build_site
 from construct.logs import log_format, use_log_format, user_id_hasher
 from construct.metrics import Metrics
+from construct.obfs4 import STATE_DIRECTORY, BindAddress, Obfs4Service
 from construct.protocol.tcp import JsonLinesFactory
 from construct.protocol.ws import ConstructWebSocketFactory
 from construct.redis.client import RedisAddress, RedisClient, RedisSubscriber, check_reachable
@@ -104,6 +108,27 @@ def origins(text: str) -> list[str]:
     return patterns
 
 
+def ws_path(text: str) -> str:
+    """One path segment: /ws, or with --camouflage a secret such as /k3Jd9…"""
+    path = text.strip()
+    if not re.fullmatch(r"/[A-Za-z0-9._~-]+", path) or path == "/v1":
+        raise ValueError(f"must be / and one path segment of letters, digits and ._~- (not /v1), such as /ws, not {text!r}")
+    return path
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.strip() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, not {text!r}")
+        return text.strip()
+
+    return parse
+
+
+# With --camouflage the WebSocket path is all that tells Construct from the website it poses as.
+MIN_SECRET_PATH_CHARACTERS = 16
+
+
 ABUSE_OPTIONS = {
     "limit-messages": ("messages_per_sender", "messages a user may send"),
     "limit-messages-per-recipient": ("messages_per_pair", "messages a user may send to one recipient"),
@@ -166,6 +191,21 @@ class Options(SettingsOptions):
         Setting("log-format", "text", "text, or json for one JSON object a line", log_format),
         Setting("log-salt", None, "secret salt for the hashes of user ids in logs", non_empty, secret=True),
         Setting("log-client-addresses", False, "log client IP addresses (off: never logged)", boolean, flag=True),
+        Setting("ws-path", "/ws", "path of the WebSocket (with --camouflage the only one, and the API under it)", ws_path),
+        Setting(
+            "camouflage", False, "look like an ordinary static website to all but Construct clients (for port 443)",
+            boolean, flag=True,
+        ),
+        Setting("camouflage-site", None, "directory of the website --camouflage shows (default: a placeholder page)",
+                non_empty),
+        Setting("camouflage-web-client", False, "with --camouflage, serve the web client under --ws-path (<ws-path>/)",
+                boolean, flag=True),
+        Setting("ws-padding", False, "pad every WebSocket message sent to a size bucket", boolean, flag=True),
+        Setting("obfs4", None, "obfs4 endpoint, tcp:PORT:interface=IP: obfs4proxy in front of --obfs4-target",
+                BindAddress.parse),
+        Setting("obfs4-target", "tcp", "what obfs4 carries: tcp (JSON lines) or websocket", one_of("tcp", "websocket")),
+        Setting("obfs4-iat-mode", 0, "obfs4 timing obfuscation: 0 off, 1 on, 2 paranoid", int_between(0, 2)),
+        Setting("obfs4proxy", "obfs4proxy", "the obfs4proxy program: a name on PATH or a path", non_empty),
     )
 
     def postOptions(self) -> None:
@@ -173,6 +213,11 @@ class Options(SettingsOptions):
         use_log_format(self, self["log-format"])
         if self["instance-id"] is None:
             self["instance-id"] = default_instance_id(self["listen"])
+        if self["camouflage"] and len(self["ws-path"]) - 1 < MIN_SECRET_PATH_CHARACTERS:
+            raise SystemExit(
+                f"{PROGRAM}: --camouflage needs a --ws-path nobody can guess, of at least {MIN_SECRET_PATH_CHARACTERS} "
+                f"characters, such as /{secrets.token_urlsafe(18)}"
+            )
 
 
 def default_instance_id(listen: str) -> str:
@@ -306,10 +351,36 @@ def build_production(
     return core, presence, redis, subscriber
 
 
+def obfs4_executable(options: Options) -> str | None:
+    """The obfs4proxy to run, if --obfs4 asks for one; one line and exit if it is missing."""
+    if options["obfs4"] is None:
+        return None
+    executable = pt.find_executable(options["obfs4proxy"])
+    if executable is None:
+        raise SystemExit(
+            f"{PROGRAM}: --obfs4 needs obfs4proxy, and {options['obfs4proxy']!r} is not installed "
+            "(Debian: apt-get install obfs4proxy; or name it with --obfs4proxy)"
+        )
+    return executable
+
+
+def camouflage_site(options: Options) -> StaticSite | None:
+    if not options["camouflage"]:
+        return None
+    try:
+        if options["camouflage-site"] is None:
+            return StaticSite.default()
+        return StaticSite.load(options["camouflage-site"])
+    except (SiteError, OSError) as e:
+        raise SystemExit(f"{PROGRAM}: --camouflage-site: {e}") from None
+
+
 def makeService(options: Options, reactor: Any = None) -> SequentialMultiService:
     if reactor is None:
         from twisted.internet import reactor
     endpoints = {name: parse_endpoint(reactor, PROGRAM, name, options[name]) for name in ("listen", "tcp", "health")}
+    obfs4proxy = obfs4_executable(options)
+    camouflage = camouflage_site(options)
     db = open_database(PROGRAM, options["database"], options["data-dir"], options["database-pool"], reactor)
     metrics = Metrics()
     root = SequentialMultiService()
@@ -339,13 +410,24 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     addresses = AddressCounts(limits.per_address)
     websockets, tcp_connections = ConnectionTracker(reactor), ConnectionTracker(reactor)
     ws_factory = ConstructWebSocketFactory(
-        core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"]
+        core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"], options["ws-padding"]
     )
-    site = build_site(ws_factory, HttpApi(core), max_frame)
-    ListenerService(PROGRAM, "http", endpoints["listen"], site, websockets).setServiceParent(root)
+    if camouflage is None:
+        site = build_site(ws_factory, HttpApi(core), max_frame, options["ws-path"])
+    else:
+        site = build_camouflaged_site(
+            camouflage, ws_factory, HttpApi(core), max_frame, options["ws-path"], options["camouflage-web-client"]
+        )
     tcp_factory = JsonLinesFactory(
         core, max_frame, tcp_connections, addresses, limits, reactor, proxied=options["tcp"].startswith("haproxy:")
     )
+    if obfs4proxy is not None:
+        # Before the listeners, so it stops after them: their connections through obfs4 close politely first.
+        Obfs4Service(
+            reactor, obfs4proxy, options["obfs4"], os.path.join(options["data-dir"], STATE_DIRECTORY),
+            options["obfs4-iat-mode"], tcp_factory if options["obfs4-target"] == "tcp" else site,
+        ).setServiceParent(root)
+    ListenerService(PROGRAM, "http", endpoints["listen"], site, websockets).setServiceParent(root)
     ListenerService(PROGRAM, "tcp", endpoints["tcp"], tcp_factory, tcp_connections).setServiceParent(root)
     for tracker in (websockets, tcp_connections):
         GuardedTimer(CONNECTION_SWEEP_SECONDS, "connection sweep", tracker.sweep, reactor).setServiceParent(root)

@@ -142,6 +142,8 @@ def _redis_contents(prefix: str) -> bytes:
     out = []
     for key in _redis("--scan", "--pattern", f"{prefix}*").split():
         kind = _redis("TYPE", key).strip()
+        if kind == "none":
+            continue  # gone since the scan (a worker's lease expires, an acknowledged inbox is deleted)
         out.append(key + "\n" + _redis(readers[kind][0], key, *readers[kind][1:]))
     return "\n".join(out).encode()
 

@@ -72,9 +72,9 @@ def _tls_endpoint(port: int, ca_pem: bytes):
     return wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
 
 
-async def _wss(port: int, ca_pem: bytes) -> WsClient:
+async def _wss(port: int, ca_pem: bytes, path: str = "/ws") -> WsClient:
     client = WsClient(codec.MSGPACK)
-    factory = WebSocketClientFactory(f"wss://localhost:{port}/ws")
+    factory = WebSocketClientFactory(f"wss://localhost:{port}{path}")
     factory.protocol = _WsProtocol
     factory.client = client
     factory.opened = defer.Deferred()

@@ -10,6 +10,8 @@
     construct-bench login-storm --logins 50
     construct-bench scale-out --server production
     construct-bench all --server production --json
+    construct-bench obfs4 --pairs 10 --duration 10
+    construct-bench ws-padding --pairs 10 --duration 10
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from twisted.internet.error import ConnectError
 from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner, \
     textFileLogObserver
 
-from construct.bench import scenarios
+from construct.bench import obfuscation, scenarios
 from construct.bench.clients import BenchError, Target
 from construct.bench.report import render
 from construct.bench.server import ServerPlan, raise_open_files_limit
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     every.add_argument("--connections", type=_positive_int, default=10_000, help="of the idle runs (default 10000)")
     every.add_argument("--drain-messages", type=_positive_int, default=10_000, help="of the drain run (default 10000)")
     every.add_argument("--logins", type=_positive_int, default=50, help="of the login storm (default 50)")
+    obfuscation.add_parsers(commands, server, _load_options)
     return parser
 
 
@@ -195,6 +198,8 @@ async def run_scenario(reactor: Any, arguments: argparse.Namespace) -> dict:
     if name == "drain":
         return await scenarios.drain(reactor, plan, arguments.transport, arguments.messages, arguments.window)
     load = load_from(arguments)
+    if name in obfuscation.SCENARIOS:
+        return await obfuscation.run(reactor, name, plan, load, arguments)
     if name == "throughput":
         return await scenarios.throughput(reactor, plan, load)
     if name == "relay":

@@ -80,8 +80,13 @@ class ServerAddress:
 
     @classmethod
     def parse(cls, text: str, trust: bytes | None = None) -> "ServerAddress":
-        """`ws://127.0.0.1:8080/ws`, `wss://chat.example.org/ws`, `tcp://127.0.0.1:8081` or
-        `tcps://chat.example.org:8081`; `trust` is the PEM of the authorities to trust for TLS."""
+        """`ws://127.0.0.1:8080/ws`, `wss://chat.example.org/ws`, `tcp://127.0.0.1:8081`,
+        `tcps://chat.example.org:8081` or an obfs4 bridge line (`obfs4://…`); `trust` is the PEM
+        of the authorities to trust for TLS."""
+        if text.strip().startswith("obfs4://"):
+            from construct.client.obfs4 import Obfs4Address  # which builds on this module
+
+            return Obfs4Address.parse(text)
         parts = urlsplit(text.strip())
         if parts.scheme not in cls.DEFAULT_PORTS or not parts.hostname:
             raise ValueError(

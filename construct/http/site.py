@@ -1,4 +1,4 @@
-"""The public site: WebSocket upgrade at / and /ws, the web client at / and /web/, the JSON API under /v1."""
+"""The public site: WebSocket upgrade at / and /ws (--ws-path), the web client at / and /web/, the JSON API under /v1."""
 
 from __future__ import annotations
 
@@ -98,12 +98,13 @@ class Utf8Only(Resource):
         return self._inner.render(request)
 
 
-def build_site(ws_factory: Any, api: HttpApi, max_body_bytes: int) -> ConstructSite:
+def build_site(ws_factory: Any, api: HttpApi, max_body_bytes: int, ws_path: str = "/ws") -> ConstructSite:
+    """The open site; construct.http.camouflage builds the one of --camouflage."""
     root = Resource()
     websocket = UpgradeResource(ws_factory)
     web = load_assets()
     root.putChild(b"", PageOrWebSocket(websocket, web))
     root.putChild(b"web", WebFiles(web))
-    root.putChild(b"ws", websocket)
+    root.putChild(ws_path[1:].encode(), websocket)
     root.putChild(b"v1", Utf8Only(api.app.resource()))
     return ConstructSite(root, max_body_bytes)

@@ -15,6 +15,7 @@ from construct.protocol import codec
 from construct.protocol.writes import write_now
 from construct.protocol.connection import AddressCounts, ClientConnection, ConnectionTracker, client_address
 from construct.protocol.timeouts import ConnectionLimits, closing_error
+from construct.protocol.padding import pad
 
 GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
@@ -206,7 +207,8 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
         # A reply can be ready after Autobahn began failing the connection (invalid UTF-8, a
         # protocol error) and before onClose: there is no one left to read it.
         if self.state == WebSocketProtocol.STATE_OPEN:
-            self.send_message(data, encoding == codec.MSGPACK)
+            binary = encoding == codec.MSGPACK
+            self.send_message(pad(data, binary) if self.factory.padding else data, binary)
 
 
 class ConstructWebSocketFactory(WebSocketServerFactory):
@@ -221,9 +223,12 @@ class ConstructWebSocketFactory(WebSocketServerFactory):
         limits: ConnectionLimits,
         clock: Any,
         allowed_origins: list[str],
+        padding: bool = False,
     ) -> None:
+        """`padding`: every message sent padded to a size bucket (construct.protocol.padding)."""
         super().__init__(server="Construct")
         self.noisy = False
+        self.padding = padding
         self.core = core
         self.tracker = tracker
         self.addresses = addresses

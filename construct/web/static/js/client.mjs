@@ -21,8 +21,11 @@ export class SessionExpired extends Error {}
 const now = () => Date.now() / 1000;
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// The WebSocket beside the page: /ws for the page at /, /<secret>/ws for the page of a camouflaged
+// server, which is under its secret path.
 export function serverUrl(location = globalThis.location) {
-  return `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+  const socket = new URL("ws", location.href);
+  return `${socket.protocol === "https:" ? "wss" : "ws"}://${socket.host}${socket.pathname}`;
 }
 
 export function checkUsername(text) {
