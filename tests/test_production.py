@@ -11,7 +11,7 @@ from twisted.internet import defer, reactor, task
 from construct.core.worker import DeliveryWorker
 from construct.errors import ConstructError
 from construct.metrics import Metrics
-from construct.redis.client import RedisAddress, RedisClient, RedisLeases
+from construct.redis.client import RedisAddress, RedisClient, RedisLeases, ResponseError
 from construct.redis.inbox import RedisInbox
 from construct.redis.presence import RedisPresence
 from construct.redis.wakeups import RedisWakeUps
@@ -222,5 +222,30 @@ async def test_more_stores_in_one_turn_than_one_script_call_takes_stay_in_order(
         assert [entry.seq for entry in accepted] == list(range(1, count + 1))
         assert [entry.message_id for entry in await inbox.fetch(recipient, 0, count, 1_000_000)] == ids
     finally:
+        await _delete_keys(redis, redis_prefix)
+        await redis.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_of_plain_commands_answers_in_order_and_fails_with_its_first_error(redis_prefix):
+    """execute_batch: every command runs, the replies come in order; an error reply fails the
+    batch only once all have answered (the commands after it ran too)."""
+    redis = RedisClient(RedisAddress.parse(REDIS_URL), reactor)
+    redis.start()
+    await _until_connected(redis)
+    key, other = f"{redis_prefix}batch", f"{redis_prefix}batch:other"
+    try:
+        assert await redis.execute_batch([("SET", key, "1"), ("INCR", key), ("GET", key)]) == ["OK", 2, "2"]
+        with pytest.raises(ResponseError):
+            await redis.execute_batch([("HSET", key, "f", "v"), ("SET", other, "after the error")])
+        assert await redis.execute("GET", other) == "after the error"
+        await redis.stop()
+        with pytest.raises(ConstructError) as refused:
+            await redis.execute_batch([("GET", key)])
+        assert refused.value.code == "SERVICE_UNAVAILABLE"
+    finally:
+        if not redis.connected:
+            redis.start()
+            await _until_connected(redis)
         await _delete_keys(redis, redis_prefix)
         await redis.stop()

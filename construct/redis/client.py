@@ -209,6 +209,27 @@ class _Connection:
         return self._service.stopService() if self._service.running else defer.succeed(None)
 
 
+def _gather(waiters: list[defer.Deferred]) -> defer.Deferred:
+    """Fires with every waiter's result, in order, once all have fired; or with the first failure."""
+    done: defer.Deferred = defer.Deferred()
+    results: list[Any] = [None] * len(waiters)
+    state = {"left": len(waiters), "failure": None}
+
+    def settled(result: Any, index: int) -> None:
+        if isinstance(result, Failure):
+            if state["failure"] is None:
+                state["failure"] = result
+        else:
+            results[index] = result
+        state["left"] -= 1
+        if not state["left"]:
+            done.errback(state["failure"]) if state["failure"] is not None else done.callback(results)
+
+    for index, waiter in enumerate(waiters):
+        waiter.addBoth(settled, index)
+    return done
+
+
 class TurnBatches:
     """Work grouped by key until the end of the reactor turn, then handed to `handle(key, items)`
     group by group, each in the order added: calls that Redis can take as one (one hash tag)."""
@@ -318,6 +339,31 @@ class RedisClient(_Connection):
                 protocol.transport.abortConnection()
         if deadlines:
             self._deadline_call = self._reactor.callLater(deadlines[0][0] - now, self._check_deadlines)
+
+    def execute_batch(self, commands: list[tuple]) -> defer.Deferred:
+        """Plain commands sent together; fires with their replies in order, or with the first
+        failure once all have answered. Callbacks, not a coroutine: it runs for every message.
+
+        Each command is atomic on its own but the batch is not (another connection's commands may
+        run between two of them): for what needs no script. Plain commands cost Redis a fraction
+        of a script's: no interpreter, no argument tables."""
+        try:
+            waiters = [self._send(command) for command in commands]
+        except Exception:
+            return defer.fail()
+        return _gather(waiters).addErrback(self._unavailable)
+
+    def _unavailable(self, failure: Failure) -> Failure:
+        """A connection that failed, or a reply that means Redis cannot serve now, is
+        SERVICE_UNAVAILABLE for the caller; any other error reply goes through as it is."""
+        error = failure.value
+        if isinstance(error, (TimeoutError, ConnectionLost)):
+            self.log.warn("Redis command failed: {error}", error=error)
+        elif isinstance(error, ResponseError) and str(error).startswith(UNAVAILABLE_REPLIES):
+            self.log.warn("Redis refused a command: {error}", error=error)
+        else:
+            return failure
+        raise service_unavailable("Redis") from error
 
     async def _call(self, command: tuple | list) -> Any:
         try:

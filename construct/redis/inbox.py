@@ -92,25 +92,45 @@ end
 results[count + 1] = others
 if #fresh == 0 then return results end
 local seq = redis.call('INCRBY', KEYS[5], #fresh) - #fresh
-local order, bodies, expiry, records = {}, {}, {}, {}
-for _, m in ipairs(fresh) do
+if #fresh == 1 then
+  -- The usual case under many users: one message per recipient and turn, without the tables.
+  local m = fresh[1]
   local id = ARGV[4 * m + 2]
   seq = seq + 1
   results[m][4] = seq
-  order[#order + 1] = seq
-  order[#order + 1] = id
-  bodies[#bodies + 1] = id
-  bodies[#bodies + 1] = ARGV[4 * m + 4]
-  expiry[#expiry + 1] = expires
-  expiry[#expiry + 1] = id
-  records[#records + 1] = id
-  records[#records + 1] = ARGV[4 * m + 3] .. ' ' .. batch[id][2] .. ' ' .. expires .. ' ' .. ARGV[1]
+  redis.call('ZADD', KEYS[1], seq, id)
+  redis.call('HSET', KEYS[2], id, ARGV[4 * m + 4])
+  redis.call('ZADD', KEYS[3], expires, id)
+  redis.call('HSET', KEYS[4], id, ARGV[4 * m + 3] .. ' ' .. batch[id][2] .. ' ' .. expires .. ' ' .. ARGV[1])
+else
+  local order, bodies, expiry, records = {}, {}, {}, {}
+  for _, m in ipairs(fresh) do
+    local id = ARGV[4 * m + 2]
+    seq = seq + 1
+    results[m][4] = seq
+    order[#order + 1] = seq
+    order[#order + 1] = id
+    bodies[#bodies + 1] = id
+    bodies[#bodies + 1] = ARGV[4 * m + 4]
+    expiry[#expiry + 1] = expires
+    expiry[#expiry + 1] = id
+    records[#records + 1] = id
+    records[#records + 1] = ARGV[4 * m + 3] .. ' ' .. batch[id][2] .. ' ' .. expires .. ' ' .. ARGV[1]
+  end
+  redis.call('ZADD', KEYS[1], unpack(order))
+  redis.call('HSET', KEYS[2], unpack(bodies))
+  redis.call('ZADD', KEYS[3], unpack(expiry))
+  redis.call('HSET', KEYS[4], unpack(records))
 end
-redis.call('ZADD', KEYS[1], unpack(order))
-redis.call('HSET', KEYS[2], unpack(bodies))
-redis.call('ZADD', KEYS[3], unpack(expiry))
-redis.call('HSET', KEYS[4], unpack(records))
-for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl + grace) end
+-- The inbox and bodies empty (and vanish) with every full ack; the expiry index and records
+-- live on: their TTL is refreshed only when half its grace has gone.
+local keep = ttl + grace
+redis.call('PEXPIRE', KEYS[1], keep)
+redis.call('PEXPIRE', KEYS[2], keep)
+if redis.call('PTTL', KEYS[3]) < keep - grace / 2 then
+  redis.call('PEXPIRE', KEYS[3], keep)
+  redis.call('PEXPIRE', KEYS[4], keep)
+end
 return results
 """)
 # Messages per PUT call: Lua's unpack() takes at most about 8,000 values.
@@ -139,27 +159,6 @@ end
 return out
 """)
 
-# KEYS: inbox, msgs, sent; ARGV: ids (at most MAX_ACK_IDS, so unpack() takes them). Returns,
-# per message removed, when it was accepted (ms).
-ACK = Script("""
-local present, seen = {}, {}
-local seqs = redis.call('ZMSCORE', KEYS[1], unpack(ARGV))
-for i, id in ipairs(ARGV) do
-  if seqs[i] and not seen[id] then
-    seen[id] = true
-    present[#present + 1] = id
-  end
-end
-if #present == 0 then return {} end
-redis.call('ZREM', KEYS[1], unpack(present))
-redis.call('HDEL', KEYS[2], unpack(present))
-local accepted = {}
-for i, record in ipairs(redis.call('HMGET', KEYS[3], unpack(present))) do
-  accepted[i] = record and string.match(record, '(%d+)$') or '0'
-end
-return accepted
-""")
-
 SWEEP_USER = Script("""
 local expired = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])) do
@@ -183,6 +182,13 @@ return {accepted, redis.call('ZCARD', KEYS[1])}
 """)
 
 
+def _accepted_times(replies: list) -> list[int]:
+    """From an ack's ZMSCORE and HMGET: when each id that was pending was accepted (ms)."""
+    pending, _, _, records = replies
+    return [int(record.rsplit(" ", 1)[1]) if record else 0
+            for seq, record in zip(pending, records) if seq is not None]
+
+
 class RedisInbox:
     """`instance_id` is this instance: a store answers which other instances hold the recipient."""
 
@@ -202,7 +208,7 @@ class RedisInbox:
         self._prefix = prefix
         self._clock = clock
         self._instance_id = instance_id
-        redis.preload(PUT, FETCH, ACK, SWEEP_USER, SURVEY_USER)
+        redis.preload(PUT, FETCH, SWEEP_USER, SURVEY_USER)
         self._pending_index = f"{prefix}pending"
         # user id -> earliest expiry (ms) not yet written to the pending index.
         self._unindexed: dict[str, int] = {}
@@ -302,10 +308,14 @@ class RedisInbox:
         return [InboxEntry(int(flat[i]), flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
 
     def ack(self, recipient_id: str, message_ids: list[str]) -> Deferred:
-        keys = self.keys(recipient_id)
-        return ensureDeferred(self._redis.eval(ACK, [keys[0], keys[1], keys[3]], message_ids)).addCallback(
-            lambda accepted: [int(value) for value in accepted]
-        )
+        """Plain commands, no script (a script costs Redis several times as much): which of the
+        ids are pending, remove them, and when those were accepted. Between the commands another
+        instance may remove one too; then both count it, in metrics only."""
+        inbox, msgs, _, sent, _ = self.keys(recipient_id)
+        ids = list(dict.fromkeys(message_ids))
+        return self._redis.execute_batch(
+            [("ZMSCORE", inbox, *ids), ("ZREM", inbox, *ids), ("HDEL", msgs, *ids), ("HMGET", sent, *ids)]
+        ).addCallback(_accepted_times)
 
     async def depth(self, recipient_id: str, now_ms: int) -> int:
         return int(await self._redis.execute("ZCARD", self.keys(recipient_id)[0]))
