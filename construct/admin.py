@@ -1,4 +1,5 @@
-"""`construct-admin`: migrate the schema, show or delete a user, print counts, print the obfs4 bridge line.
+"""`construct-admin`: migrate the schema, show or delete a user, print counts, print the obfs4 bridge line,
+show or rotate the keys that sign sender certificates.
 
 It reads the same settings as the server (CONSTRUCT_DATABASE, CONSTRUCT_DATA_DIR, CONSTRUCT_REDIS,
 CONSTRUCT_REDIS_PREFIX, or their _FILE forms, or the options below), so it runs beside the
@@ -29,6 +30,7 @@ from construct.storage.accounts import AccountStore
 from construct.storage.admin import AdminStore
 from construct.storage.database import SCHEMA_VERSION, Database, engine_from_options, prepare_database, schema_version
 from construct.storage.inbox import SqlInbox
+from construct.storage import server_keys as key_file
 from construct.tap import redis_address
 
 PROGRAM = "construct-admin"
@@ -63,28 +65,46 @@ class UserOptions(usage.Options):
             raise usage.UsageError("say 'user show USERNAME' or 'user delete USERNAME'")
 
 
+class RotateOptions(usage.Options):
+    optFlags = [["drop-old", None, "publish only the new key (a key leaked): older certificates stop verifying"]]
+
+
+class SenderKeyOptions(usage.Options):
+    subCommands = [
+        ["show", None, usage.Options, "the public keys clients verify sender certificates with"],
+        ["rotate", None, RotateOptions, "sign with a new key from now on (running servers pick it up within seconds)"],
+    ]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("say 'sender-key show' or 'sender-key rotate'")
+
+
 class Options(SettingsOptions):
     program = PROGRAM
     synopsis = ("Usage: construct-admin [options] "
-                "(migrate | user show NAME | user delete [--yes] NAME | stats | obfs4-bridge)")
+                "(migrate | user show NAME | user delete [--yes] NAME | stats | obfs4-bridge | sender-key show|rotate)")
     optFlags = [["json", None, "print JSON"]]
     settings = (
         Setting("data-dir", "construct-data", "directory of the embedded SQLite database", non_empty),
         Setting("database", None, "postgresql://user@host/db URL", non_empty),
         Setting("redis", None, "redis://host:port/db URL (production mode)", redis_address),
         Setting("redis-prefix", "construct:", "prefix of every Redis key and channel", non_empty),
+        Setting("sender-key-file", None, "file of the keys that sign sender certificates (default: in --data-dir)",
+                non_empty),
     )
     subCommands = [
         ["migrate", None, usage.Options, "create or upgrade the database schema"],
         ["user", None, UserOptions, "show or delete a user"],
         ["stats", None, usage.Options, "counts of users, sessions, keys and pending messages"],
         ["obfs4-bridge", None, usage.Options, "the obfs4 bridge line clients connect with (construct --obfs4)"],
+        ["sender-key", None, SenderKeyOptions, "show or rotate the keys that sign sender certificates"],
     ]
 
     def postOptions(self) -> None:
         super().postOptions()
         if self.subCommand is None:
-            raise usage.UsageError("a command is required: migrate, user, stats or obfs4-bridge")
+            raise usage.UsageError("a command is required: migrate, user, stats, obfs4-bridge or sender-key")
 
 
 class Admin:
@@ -100,6 +120,8 @@ class Admin:
     async def run(self) -> int:
         if self._options.subCommand == "obfs4-bridge":
             return self._bridge_line()
+        if self._options.subCommand == "sender-key":
+            return self._sender_key()
         try:
             engine = engine_from_options(self._options["database"], self._options["data-dir"])
         except ValueError as e:
@@ -139,6 +161,29 @@ class Admin:
                   file=sys.stderr)
             return 1
         self._print({"bridgeLine": line}, [line])
+        return 0
+
+    def _sender_key(self) -> int:
+        """The key file the server reads (construct.storage.server_keys); no database needed."""
+        path = self._options["sender-key-file"] or key_file.default_path(self._options["data-dir"])
+        command = self._options.subOptions
+        try:
+            if command.subCommand == "rotate":
+                keys = key_file.rotated(key_file.load_or_create(path, time.time()), time.time(),
+                                        command.subOptions["drop-old"])
+                key_file.write(path, keys)
+            elif not os.path.exists(path):
+                print(f"{PROGRAM}: no key file at {path}: the server makes it on its first start", file=sys.stderr)
+                return 1
+            else:
+                keys = key_file.load(path)
+        except (key_file.KeyFileError, OSError) as e:
+            print(f"{PROGRAM}: {e}", file=sys.stderr)
+            return 1
+        published = keys.public()
+        self._print({"signingKeyId": keys.current.key_id, "keys": published},
+                    [f"signing with key {keys.current.key_id}"]
+                    + [f"key {key['keyId']}: {key['publicKey']}" for key in published])
         return 0
 
     async def _inbox(self, db: Database) -> Any:

@@ -19,11 +19,13 @@ from construct.core.abuse import AbuseLimits, AbuseSettings
 from construct.core.accounts import AccountService, KnownUsers, PasswordHasher
 from construct.core.admission import TICK_SECONDS, Admission
 from construct.core.app import Core
+from construct.core.certificates import DEFAULT_LIFETIME_SECONDS, CertificateService, ServerKeys
 from construct.core.deletion import AccountDeletion
 from construct.core.delivery import DeliveryHub, LocalWakeUps
 from construct.core.keys import KeyService
 from construct.core.limits import Limit, MemoryCounters
 from construct.core.messaging import MessageService
+from construct.core.sealed import UnidentifiedAccess
 from construct.core.worker import DEFAULT_REDELIVERY_SECONDS, DeliveryWorker, MemoryLeases
 from construct.delivery.ports import Inbox, WakeUps
 from construct.http.api import HttpApi
@@ -56,6 +58,7 @@ from construct.storage.accounts import AccountStore
 from construct.storage.database import Database, engine_from_options, prepare_database
 from construct.storage.inbox import SqlInbox
 from construct.storage.keys import KeyStore
+from construct.storage.server_keys import KeyFileError, KeyFileWatcher, default_path, load_or_create
 
 PROGRAM = "construct"
 SWEEP_INTERVAL_SECONDS = 10
@@ -64,6 +67,8 @@ SESSION_CLEANUP_INTERVAL_SECONDS = 600
 CONNECTION_SWEEP_SECONDS = 5
 # Room for the envelope around the largest allowed content (base64 key, ids, JSON quoting).
 FRAME_OVERHEAD_BYTES = 16 * 1024
+# How often the sender-certificate key file is looked at for a rotation.
+KEY_FILE_CHECK_SECONDS = 10
 
 
 def redis_address(text: str) -> RedisAddress:
@@ -144,6 +149,9 @@ ABUSE_OPTIONS = {
     "limit-login-failures-account-wide": (
         "login_failures_per_account", "failed logins on one account, after which each address gets one try per window",
     ),
+    "limit-sealed-per-recipient": ("sealed_per_recipient", "sealed messages one user may be sent"),
+    "limit-sealed-per-connection": ("sealed_per_connection", "sealed messages one connection may send"),
+    "limit-sealed-per-address": ("sealed_per_address", "sealed messages one client address may send"),
 }
 
 
@@ -188,6 +196,11 @@ class Options(SettingsOptions):
             "seconds a client may leave the server's output unread (0: no limit)", int_between(0, 86400),
         ),
         Setting("allowed-origins", ["*"], "comma-separated Origin patterns browsers may open a WebSocket from", origins),
+        Setting("sender-key-file", None,
+                "file of the keys that sign sender certificates, made on first start (default: in --data-dir)",
+                non_empty),
+        Setting("sender-certificate-lifetime", DEFAULT_LIFETIME_SECONDS, "seconds a sender certificate is valid",
+                int_between(300, 7 * 24 * 3600)),
         Setting("log-format", "text", "text, or json for one JSON object a line", log_format),
         Setting("log-salt", None, "secret salt for the hashes of user ids in logs", non_empty, secret=True),
         Setting("log-client-addresses", False, "log client IP addresses (off: never logged)", boolean, flag=True),
@@ -264,17 +277,19 @@ def assemble_core(
     metrics: Metrics,
     run_blocking: Callable,
     counters: Any,
+    server_keys: ServerKeys,
     recipient_exists: Callable | None = None,
     login_counters: Any = None,
 ) -> Core:
     # The log salt, when set, is the secret every instance shares: it hides the limits' keys too.
     limits = AbuseLimits(counters, abuse_settings(options), options["log-salt"], login_counters)
+    keys = KeyStore(db)
     return Core(
         accounts=AccountService(
             AccountStore(db), PasswordHasher(options["bcrypt-cost"], run_blocking), clock, wakeups.sessions_revoked,
             limits,
         ),
-        keys=KeyService(KeyStore(db), clock, limits),
+        keys=KeyService(keys, clock, limits),
         messaging=MessageService(
             inbox,
             hub.holds,
@@ -285,12 +300,14 @@ def assemble_core(
             quota=options["inbox-quota"],
             max_content_bytes=options["max-message-bytes"],
             recipient_exists=recipient_exists,
+            access=UnidentifiedAccess(keys.get_access),
         ),
         hub=hub,
         metrics=metrics,
         log_id=user_id_hasher(options["log-salt"]),
         deletion=AccountDeletion(AccountStore(db), inbox, wakeups.sessions_revoked),
         admission=Admission(clock),
+        certificates=CertificateService(keys, clock, server_keys, options["sender-certificate-lifetime"]),
     )
 
 
@@ -309,26 +326,32 @@ def connection_limits(options: Options) -> ConnectionLimits:
 
 
 def build_embedded(
-    db: Database, clock: Any, options: Options, metrics: Metrics, run_blocking: Callable
+    db: Database, clock: Any, options: Options, metrics: Metrics, run_blocking: Callable,
+    server_keys: ServerKeys | None = None,
 ) -> tuple[Core, DeliveryWorker]:
-    """The core on the SQL inbox, with the hub as presence and bus, and an in-process worker."""
+    """The core on the SQL inbox, with the hub as presence and bus, and an in-process worker.
+
+    `server_keys` sign sender certificates (default: a new key, kept in memory only)."""
     inbox = SqlInbox(db)
     hub = DeliveryHub(inbox, clock, metrics)
     wakeups = LocalWakeUps(hub)
     core = assemble_core(
         db, inbox, hub, wakeups, clock, options, metrics, run_blocking,
-        MemoryCounters(clock), login_counters=MemoryCounters(clock),
+        MemoryCounters(clock), server_keys or ServerKeys.generate(clock.seconds()),
+        login_counters=MemoryCounters(clock),
     )
     worker = DeliveryWorker(inbox, hub.is_online, wakeups, MemoryLeases(clock), clock, metrics, options["redelivery-timeout"])
     return core, worker
 
 
 def build_production(
-    db: Database, reactor: Any, clock: Any, options: Options, metrics: Metrics, run_blocking: Callable
+    db: Database, reactor: Any, clock: Any, options: Options, metrics: Metrics, run_blocking: Callable,
+    server_keys: ServerKeys | None = None,
 ) -> tuple[Core, InstancePresence, RedisClient, RedisSubscriber]:
     """The core on the Redis inbox; presence and wake-ups through Redis.
 
-    `reactor` runs the connections; `clock` is what the logic reads time from.
+    `reactor` runs the connections; `clock` is what the logic reads time from; `server_keys`
+    as for build_embedded.
     """
     address, prefix, instance_id = options["redis"], options["redis-prefix"], options["instance-id"]
     redis = RedisClient(address, reactor)
@@ -340,7 +363,8 @@ def build_production(
     wakeups = RedisWakeUps(redis, prefix, presence, instance_id, hub)
     core = assemble_core(
         db, inbox, hub, wakeups, clock, options, metrics,
-        run_blocking, redis_limits.RedisCounters(redis, prefix, reactor), recipient_exists=known_users.exists,
+        run_blocking, redis_limits.RedisCounters(redis, prefix, reactor),
+        server_keys or ServerKeys.generate(clock.seconds()), recipient_exists=known_users.exists,
     )
 
     def subscribed() -> None:
@@ -382,6 +406,11 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     obfs4proxy = obfs4_executable(options)
     camouflage = camouflage_site(options)
     db = open_database(PROGRAM, options["database"], options["data-dir"], options["database-pool"], reactor)
+    key_file = options["sender-key-file"] or default_path(options["data-dir"])
+    try:
+        keys = load_or_create(key_file, reactor.seconds())
+    except KeyFileError as e:
+        raise SystemExit(f"{PROGRAM}: --sender-key-file: {e}") from None
     metrics = Metrics()
     root = SequentialMultiService()
     CollectorTuning().setServiceParent(root)
@@ -391,11 +420,11 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     DatabaseService(db).setServiceParent(root)
     checks: dict[str, Callable] = {"database": db.check}
     if options["redis"] is None:
-        core, worker = build_embedded(db, reactor, options, metrics, run_blocking)
+        core, worker = build_embedded(db, reactor, options, metrics, run_blocking, keys)
         GuardedTimer(SWEEP_INTERVAL_SECONDS, "delivery sweep", worker.sweep, reactor).setServiceParent(root)
     else:
         require_redis(PROGRAM, options["redis"])
-        core, presence, redis, subscriber = build_production(db, reactor, reactor, options, metrics, run_blocking)
+        core, presence, redis, subscriber = build_production(db, reactor, reactor, options, metrics, run_blocking, keys)
         RedisService(redis, subscriber).setServiceParent(root)
         GuardedTimer(HEARTBEAT_SECONDS, "presence heartbeat", presence.heartbeat, reactor).setServiceParent(root)
         checks["redis"] = redis.ping
@@ -403,6 +432,8 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
         SESSION_CLEANUP_INTERVAL_SECONDS, "session cleanup", core.accounts.delete_expired_sessions, reactor
     ).setServiceParent(root)
     GuardedTimer(TICK_SECONDS, "load check", core.admission.tick, reactor).setServiceParent(root)
+    watcher = KeyFileWatcher(key_file, core.certificates)
+    GuardedTimer(KEY_FILE_CHECK_SECONDS, "sender key file check", watcher.check, reactor).setServiceParent(root)
 
     max_frame = options["max-message-bytes"] * 2 + FRAME_OVERHEAD_BYTES
     limits = connection_limits(options)

@@ -62,9 +62,9 @@ HOSTILE_VALUES = [
     [None], [[[[[]]]]], {}, {"a": {"b": {"c": []}}}, ["x"] * 200,
 ]
 TYPES = [
-    "register", "login", "connect", "getPublicKey", "sendMessage", "ackMessage", "rotatePrekey", "uploadPrekeys",
-    "getPrekeyCount", "lookupUser", "changePassword", "logout", "deleteAccount", "ping", "", "PING", "message", "error",
-    "__proto__",
+    "register", "login", "connect", "getPublicKey", "sendMessage", "sendSealed", "ackMessage", "rotatePrekey",
+    "uploadPrekeys", "getPrekeyCount", "lookupUser", "changePassword", "logout", "deleteAccount", "ping", "", "PING",
+    "message", "error", "__proto__",
 ]
 
 
@@ -134,6 +134,8 @@ def valid_payload(rng: random.Random, ctx: Context, message_type: str) -> dict:
         "connect": {"sessionToken": rng.choice(["A" * 43, ctx.ws_token])},
         "getPublicKey": {"userId": target, "oneTimePrekey": rng.choice([True, False])},
         "sendMessage": chat_message(rng.choice([ctx.alice_id, str(uuid.uuid4())]), target, content=base64.b64encode(rng.randbytes(rng.randint(1, 64))).decode()),
+        "sendSealed": {"id": str(uuid.uuid4()), "to": target, "content": base64.b64encode(rng.randbytes(64)).decode(),
+                       "accessKey": base64.b64encode(rng.randbytes(16)).decode()},
         "ackMessage": {"messageIds": [str(uuid.uuid4()) for _ in range(rng.randint(1, 3))]},
         "rotatePrekey": {"update": make_bundle()},
         "uploadPrekeys": {"prekeys": [{"keyId": rng.randint(0, 100), "publicKey": base64.b64encode(rng.randbytes(32)).decode()}]},

@@ -40,7 +40,7 @@ PER_OPERATION = settings(SETTINGS, max_examples=20)
 REPLY_TYPES = {
     "registerSuccess", "loginSuccess", "connectSuccess", "sessionExpired", "publicKeyBundle", "ack",
     "keyRotationSuccess", "prekeysUploaded", "prekeyCount", "userFound", "changePasswordSuccess",
-    "logoutSuccess", "accountDeleted", "pong",
+    "logoutSuccess", "accountDeleted", "pong", "senderCertificate", "serverKeys",
 }
 PROBE = "probe-after-hostile-frame"
 
@@ -386,18 +386,24 @@ def field_values(context: dict) -> dict:
         "oldPassword": (st.just(PASSWORD), HOSTILE_ANYTHING),
         "newPassword": (st.just("Another9Password"), HOSTILE_ANYTHING),
         "newPasswordConfirm": (st.just("Another9Password"), HOSTILE_ANYTHING),
+        "accessKey": (st.binary(min_size=16, max_size=16).map(b64), HOSTILE_ANYTHING),
+        "unidentifiedAccessKey": (st.none() | st.binary(min_size=16, max_size=16).map(b64), HOSTILE_ANYTHING),
+        "unrestrictedUnidentifiedAccess": (st.booleans(), HOSTILE_ANYTHING),
     }
 
 
 # The payload fields each operation reads (docs/protocol.md §6).
 OPERATION_FIELDS = {
-    "register": ["username", "password", "publicKey"],
+    "register": ["username", "password", "publicKey", "unidentifiedAccessKey", "unrestrictedUnidentifiedAccess"],
     "login": ["username", "password"],
     "connect": ["sessionToken"],
     "getPublicKey": ["userId", "oneTimePrekey"],
     "sendMessage": ["id", "from", "to", "ephemeralPublicKey", "messageNumber", "content", "timestamp"],
     "ackMessage": ["messageIds"],
-    "rotatePrekey": ["userId", "update"],
+    "sendSealed": ["id", "to", "content", "accessKey"],
+    "getSenderCertificate": [],
+    "getServerKeys": [],
+    "rotatePrekey": ["userId", "update", "unidentifiedAccessKey", "unrestrictedUnidentifiedAccess"],
     "uploadPrekeys": ["prekeys"],
     "getPrekeyCount": [],
     "lookupUser": ["username"],
@@ -422,7 +428,9 @@ async def other_user(core):
 
 
 # Accounts and keys live in SQL in both modes: Redis only adds the inbox and presence.
-REDIS_OPERATIONS = {"register", "login", "connect", "sendMessage", "ackMessage", "logout", "changePassword", "deleteAccount"}
+REDIS_OPERATIONS = {
+    "register", "login", "connect", "sendMessage", "sendSealed", "ackMessage", "logout", "changePassword", "deleteAccount",
+}
 BACKEND_OPERATIONS = (
     [("sqlite", name) for name in sorted(OPERATION_FIELDS)]
     + [("postgres", name) for name in sorted(OPERATION_FIELDS) if name != "ping"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from construct.core.limits import Charge, Limit
+from construct.core.limits import Allowance, Charge, Limit
 from construct.errors import rate_limited
 
 
@@ -38,6 +38,11 @@ class AbuseSettings:
     login_failures_per_account_address: Limit = Limit(5, 900)
     # Past this, each address gets one attempt per window on the account, not a lockout.
     login_failures_per_account: Limit = Limit(50, 3600)
+    # Sealed sends have no sender to count: they are counted by recipient (only once allowed
+    # by the recipient's access key), by connection and by client address.
+    sealed_per_recipient: Limit = Limit(600, 60)
+    sealed_per_connection: Limit = Limit(300, 60)
+    sealed_per_address: Limit = Limit(600, 60)
 
 
 def _refuse_if_limited(retry_after: float | None, what: str) -> None:
@@ -82,6 +87,33 @@ class AbuseLimits:
             Charge(f"{{{sender_id}}}:send:{recipient_id}", self.settings.messages_per_pair),
         )
         return ensureDeferred(self._counters.take(charges)).addCallback(_refuse_if_limited, "Too many messages")
+
+    def check_sealed_connection(self, allowance: Allowance | None, now: float) -> None:
+        """Count a sealed send on its connection (None: not a connection, an HTTP request)."""
+        if allowance is not None:
+            retry_after = allowance.take(self.settings.sealed_per_connection, now)
+            _refuse_if_limited(retry_after, "Too many sealed messages on this connection")
+
+    def check_sealed_address(self, address: str) -> Deferred | None:
+        """Count a sealed send from a client address: None when the limit is off, else a
+        Deferred that fires once counted or fails with RATE_LIMITED."""
+        return self._check_one(
+            Charge(f"{{{self._private(address)}}}:sealed", self.settings.sealed_per_address),
+            "Too many sealed messages from this address",
+        )
+
+    def check_sealed_recipient(self, recipient_id: str) -> Deferred | None:
+        """Count a sealed send the recipient's access key allowed (so that counting it tells a
+        sender nothing it did not know)."""
+        return self._check_one(
+            Charge(f"{{{recipient_id}}}:sealed", self.settings.sealed_per_recipient),
+            "Too many sealed messages to this recipient",
+        )
+
+    def _check_one(self, charge: Charge, what: str) -> Deferred | None:
+        if not charge.limit.enabled:
+            return None
+        return ensureDeferred(self._counters.take([charge])).addCallback(_refuse_if_limited, what)
 
     async def check_registration(self, address: str) -> None:
         await self._take(

@@ -7,7 +7,7 @@ import re
 import secrets
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 import bcrypt
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from construct.core.abuse import AbuseLimits
 from construct.core.keys import validate_bundle
+from construct.core.sealed import parse_access_update
 from construct.core.validation import USERNAME_PATTERN, check_password_strength, normalize_username
 from construct.errors import ConstructError, user_not_found_error
 from construct.storage.accounts import AccountStore, User
@@ -149,17 +150,22 @@ class AccountService:
     def _new_token(self) -> tuple[str, int]:
         return secrets.token_urlsafe(32), self._now_ms() + int(self._session_ttl * 1000)
 
-    async def register(self, username: Any, password: Any, raw_bundle: Any, address: str) -> IssuedSession:
+    async def register(
+        self, username: Any, password: Any, raw_bundle: Any, address: str, access_fields: Mapping[str, Any] = {}
+    ) -> IssuedSession:
+        """`access_fields`: the request's, of which the unidentified access registered with the
+        bundle is read (construct.core.sealed.parse_access_update)."""
         username = normalize_username(username)
         if not isinstance(password, str):
             raise ConstructError("INVALID_FORMAT", "'password' is required and must be a str")
         check_password_strength(password)
         bundle = validate_bundle(raw_bundle, None)
+        access = parse_access_update(access_fields)
         # Counted once the request is well formed: each one costs a hash, taken or not.
         await self._limits.check_registration(address)
         user = User(str(uuid.uuid4()), username, await self._hasher.hash(password))
         token, expires_ms = self._new_token()
-        await self._store.create_account(user, bundle, token_hash(token), self._now_ms(), expires_ms)
+        await self._store.create_account(user, bundle, token_hash(token), self._now_ms(), expires_ms, access)
         return IssuedSession(Identity(user.id, user.username, token_hash(token)), token, expires_ms // 1000)
 
     async def login(self, username: Any, password: Any, address: str) -> IssuedSession:

@@ -7,6 +7,7 @@ from typing import Callable
 
 from construct.core.accounts import AccountService
 from construct.core.admission import Admission
+from construct.core.certificates import CertificateService
 from construct.core.deletion import AccountDeletion
 from construct.core.delivery import DeliveryHub
 from construct.core.keys import KeyService
@@ -27,3 +28,5 @@ class Core:
     deletion: AccountDeletion
     # Whether new sends are taken now or shed (SERVER_BUSY).
     admission: Admission
+    # Sender certificates for sealed sends, and the server keys that sign them.
+    certificates: CertificateService

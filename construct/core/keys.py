@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import Any, Mapping
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 from twisted.internet.interfaces import IReactorTime
 
 from construct.core.abuse import AbuseLimits
+from construct.core.sealed import parse_access_update
 from construct.core.validation import canonical_uuid, decode_base64
 from construct.errors import ConstructError, user_not_found_error
 from construct.storage.keys import KeyStore, OneTimePrekeyRecord, PublishedBundle, StoredBundle
@@ -124,13 +125,15 @@ class KeyService:
         self._clock = clock
         self._limits = limits
 
-    async def rotate(self, user_id: str, raw_bundle: Any) -> None:
-        """Replace the user's own bundle; the identity key itself never changes."""
+    async def rotate(self, user_id: str, raw_bundle: Any, access_fields: Mapping[str, Any] = {}) -> None:
+        """Replace the user's own bundle, and the unidentified access registered with it (read
+        from `access_fields`, the request's); the identity key itself never changes."""
         bundle = validate_bundle(raw_bundle, user_id)
+        access = parse_access_update(access_fields)
         current = await self._store.get_bundle(user_id)
         if current is not None and current.bundle.master_identity_key != bundle.master_identity_key:
             raise _bad("masterIdentityKey cannot change; register a new account for a new identity")
-        await self._store.put_bundle(user_id, bundle, int(self._clock.seconds() * 1000))
+        await self._store.put_bundle(user_id, bundle, int(self._clock.seconds() * 1000), access)
 
     async def get(self, user_id: str, requester_id: str, wants_prekey: bool = True) -> PublishedBundle:
         """The user's bundle. For another user's fetch it also carries one of the owner's

@@ -80,6 +80,28 @@ def _ceil_ms(seconds: float) -> int:
     return math.ceil(round(seconds * 1000, 3))
 
 
+class Allowance:
+    """One fixed window counted on the object it belongs to (a connection's sealed sends):
+    nothing to look up, and it goes when its owner does."""
+
+    __slots__ = ("_window",)
+
+    def __init__(self) -> None:
+        self._window: _Window | None = None
+
+    def take(self, limit: Limit, now: float) -> float | None:
+        """Count one event; None when counted, else the seconds until the window ends."""
+        if not limit.enabled:
+            return None
+        window = self._window
+        if window is None or window.ends <= now:
+            window = self._window = _Window(now, limit.period)
+        if window.used >= limit.count:
+            return window.left_ms(now) / 1000
+        window.used += 1
+        return None
+
+
 class MemoryCounters:
     """The counters of one process (embedded mode), holding at most `max_keys` windows.
 

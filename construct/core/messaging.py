@@ -14,6 +14,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from construct.core.abuse import AbuseLimits
+from construct.core.limits import Allowance
+from construct.core.sealed import (
+    SealedMessage,
+    UnidentifiedAccess,
+    access_denied,
+    parse_sealed_message,
+    sealed_envelope,
+    sealed_marker,
+)
 from construct.core.validation import canonical_uuid, decode_base64
 from construct.delivery.ports import Inbox, WakeUps
 from construct.delivery.types import Accepted, InboxEntry, Submission
@@ -79,12 +88,22 @@ def encode_envelope(message: dict) -> str:
 
 def decode_envelope(envelope: str) -> dict:
     message = orjson.loads(envelope)
-    message["ephemeralPublicKey"] = base64.b64decode(message["ephemeralPublicKey"])
+    if "ephemeralPublicKey" in message:  # a sealed envelope has none
+        message["ephemeralPublicKey"] = base64.b64decode(message["ephemeralPublicKey"])
     return message
+
+
+def _denied_if_gone(failure: Failure) -> Failure:
+    """A recipient deleted between the access check and the store is refused like any unknown one."""
+    if failure.check(ConstructError) and failure.value.code == "USER_NOT_FOUND":
+        raise access_denied()
+    return failure
 
 
 DELIVERED = "delivered"
 QUEUED = "queued"
+# A sealed send's ack says nothing of the recipient's presence.
+SEALED = "sealed"
 
 
 # Not frozen: one per message, and a frozen dataclass is several times slower to build.
@@ -114,10 +133,12 @@ class MessageService:
         quota: int = DEFAULT_QUOTA,
         max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
         recipient_exists: Callable[[str], bool | Deferred] | None = None,
+        access: UnidentifiedAccess | None = None,
     ) -> None:
         """`held_here`: a connection of the user is attached to this process. `recipient_exists`
         is for an inbox that cannot check it in its own store (Redis): True when known at once,
-        else a Deferred firing with whether the user exists."""
+        else a Deferred firing with whether the user exists. `access` decides sealed sends
+        (none: every sealed send is refused)."""
         self._inbox = inbox
         self._held_here = held_here
         self._wakeups = wakeups
@@ -127,8 +148,9 @@ class MessageService:
         self._quota = quota
         self.max_content_bytes = max_content_bytes
         self._recipient_exists = recipient_exists
-        # sender id -> fires once that sender's latest send waiting for a check has been issued
-        # to the inbox, so the next one is issued after it.
+        self._access = access
+        # sender id (for sealed sends: "sealed:" and the recipient id) -> fires once the latest
+        # send waiting for a check has been issued to the inbox, so the next one is issued after it.
         self._store_turns: dict[str, Deferred] = {}
 
     def _now_ms(self) -> int:
@@ -161,23 +183,28 @@ class MessageService:
             except Exception:
                 return fail()
             return stored.addCallback(self._stored, message)
-        turn: Deferred = Deferred()
-        self._store_turns[sender_id] = turn
-        if previous is not None:
-            waiting = _then(waiting, previous)
-        stored = (waiting or succeed(None)).addCallbacks(
-            self._issue, self._refused, callbackArgs=(sender_id, message, turn), errbackArgs=(sender_id, turn)
-        )
+        stored = self._in_turn(sender_id, waiting, previous, self._store, sender_id, message)
         return stored.addCallback(self._stored, message)
 
-    def _issue(self, _: None, sender_id: str, message: dict, turn: Deferred) -> Deferred:
-        try:
-            return self._store(sender_id, message)
-        finally:
-            self._pass_turn(sender_id, turn)
+    def _in_turn(self, key: str, waiting: Deferred | None, previous: Deferred | None, store: Callable[..., Deferred],
+                 *args: Any) -> Deferred:
+        """`store(*args)` once `waiting` has fired, after the sends queued before it under `key`."""
+        turn: Deferred = Deferred()
+        self._store_turns[key] = turn
+        if previous is not None:
+            waiting = _then(waiting, previous)
+        return (waiting or succeed(None)).addCallbacks(
+            self._issue, self._refused, callbackArgs=(key, turn, store, *args), errbackArgs=(key, turn)
+        )
 
-    def _refused(self, failure: Failure, sender_id: str, turn: Deferred) -> Failure:
-        self._pass_turn(sender_id, turn)
+    def _issue(self, _: None, key: str, turn: Deferred, store: Callable[..., Deferred], *args: Any) -> Deferred:
+        try:
+            return store(*args)
+        finally:
+            self._pass_turn(key, turn)
+
+    def _refused(self, failure: Failure, key: str, turn: Deferred) -> Failure:
+        self._pass_turn(key, turn)
         return failure
 
     def _store(self, sender_id: str, message: dict) -> Deferred:
@@ -188,6 +215,11 @@ class MessageService:
         ))
 
     def _stored(self, accepted: Accepted, message: dict) -> SendResult:
+        self._wake(accepted, message)
+        return SendResult(message["id"], DELIVERED if accepted.reached else QUEUED, accepted.expires_at_ms,
+                          accepted.duplicate)
+
+    def _wake(self, accepted: Accepted, message: dict) -> None:
         # Only after the write is durable; a duplicate was announced the first time.
         if not accepted.duplicate:
             try:
@@ -195,14 +227,50 @@ class MessageService:
             except Exception:
                 # The message is stored: its sender is told so, and the recipient reads it later.
                 self.log.failure("waking the recipient of a stored message failed")
-        return SendResult(message["id"], DELIVERED if accepted.reached else QUEUED, accepted.expires_at_ms,
-                          accepted.duplicate)
 
-    def _pass_turn(self, sender_id: str, turn: Deferred) -> None:
-        if self._store_turns.get(sender_id) is turn:
-            del self._store_turns[sender_id]
+    def _pass_turn(self, key: str, turn: Deferred) -> None:
+        if self._store_turns.get(key) is turn:
+            del self._store_turns[key]
         if not turn.called:
             turn.callback(None)
+
+    def send_sealed(self, payload: dict, address: str, allowance: Allowance | None) -> Deferred:
+        """Store a sealed message (construct.core.sealed); fires with its SendResult, whose
+        status says nothing of the recipient. Limits first (the connection's, the address's),
+        then the access check, then the recipient's limit; the sealed messages to one recipient
+        are issued to the inbox in the order of these calls."""
+        try:
+            message = parse_sealed_message(payload, self.max_content_bytes)
+            self._limits.check_sealed_connection(allowance, self._clock.seconds())
+            waiting = (self._limits.check_sealed_address(address) or succeed(None)).addCallback(self._allowed, message)
+        except Exception:
+            return fail()
+        key = f"sealed:{message.recipient_id}"
+        return self._in_turn(key, waiting, self._store_turns.get(key), self._store_sealed, message)
+
+    def _allowed(self, _: None, message: SealedMessage) -> Deferred:
+        if self._access is None:
+            raise access_denied()
+        recipient = message.recipient_id
+        return self._access.check(recipient, message.access_key).addCallback(
+            lambda _: self._limits.check_sealed_recipient(recipient)
+        )
+
+    def _store_sealed(self, message: SealedMessage) -> Deferred:
+        """The one place a sealed message is submitted. What a recipient may be sent (the inbox
+        quota) applies as to any message; nothing can charge its sender, whom nobody here knows."""
+        now_ms = self._now_ms()
+        envelope = sealed_envelope(message, now_ms // 1000)
+        recipient = message.recipient_id
+        stored = self._inbox.put(Submission(
+            sealed_marker(message.content), recipient, message.message_id, orjson.dumps(envelope).decode("utf-8"),
+            self._held_here(recipient), now_ms, self._ttl_ms, self._quota,
+        ))
+        return stored.addCallbacks(self._stored_sealed, _denied_if_gone, callbackArgs=(envelope,))
+
+    def _stored_sealed(self, accepted: Accepted, envelope: dict) -> SendResult:
+        self._wake(accepted, envelope)
+        return SendResult(envelope["id"], SEALED, accepted.expires_at_ms, accepted.duplicate)
 
     def ack(self, user_id: str, message_ids: Any) -> Deferred:
         """Remove acknowledged messages; fires with, for each one removed, seconds since it was accepted."""

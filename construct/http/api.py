@@ -30,6 +30,9 @@ MAX_PENDING_BATCH = 100
 class HttpClient:
     """An HTTP request as an operation's client: authenticated by its bearer token, never live."""
 
+    # Sealed sends over HTTP are counted per address only: a request is no connection.
+    sealed_allowance = None
+
     def __init__(self, identity: Identity | None, address: str) -> None:
         self.identity = identity
         self.address = address
@@ -152,6 +155,19 @@ class HttpApi:
     @app.route("/messages", methods=["POST"])
     def send_message(self, request: Any) -> Deferred:
         return self._call(request, "sendMessage", lambda: self._body(request), True)
+
+    @app.route("/messages/sealed", methods=["POST"])
+    def send_sealed(self, request: Any) -> Deferred:
+        # No bearer token is read: a sealed send is allowed by the recipient's access key alone.
+        return self._call(request, "sendSealed", lambda: self._body(request), False)
+
+    @app.route("/certificate", methods=["GET"])
+    def sender_certificate(self, request: Any) -> Deferred:
+        return self._call(request, "getSenderCertificate", dict, True)
+
+    @app.route("/server-keys", methods=["GET"])
+    def server_keys(self, request: Any) -> Deferred:
+        return self._call(request, "getServerKeys", dict, False)
 
     @app.route("/messages/ack", methods=["POST"])
     def ack_messages(self, request: Any) -> Deferred:

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from construct.core.accounts import Identity
 from construct.core.app import Core
+from construct.core.limits import Allowance
 from construct.errors import ConstructError, rate_limited
 from construct.protocol import codec, operations
 from construct.protocol.backpressure import Backpressure
@@ -31,8 +32,10 @@ from construct.protocol.replies import NO_REPLY, Place, ReplyOrder
 from construct.protocol.timeouts import STOPPED_READING, ConnectionLimits, overdue
 
 # Operations that may start before the frames ahead of them are answered: the core keeps one
-# sender's stores in order, and the reply order keeps replies in order.
-PIPELINED = frozenset({"sendMessage", "ackMessage"})
+# sender's stores in order, and the reply order keeps replies in order. Sealed sends need no
+# session, so they are pipelined on any connection.
+PIPELINED = frozenset({"sendMessage", "ackMessage", "sendSealed"})
+SEALED_SEND = "sendSealed"
 MAX_IN_FLIGHT = 32
 # A client told to wait for a free connection slot is told to retry after this long.
 CONNECTION_RETRY_SECONDS = 10
@@ -80,7 +83,8 @@ class ClientConnection:
     log = Logger()
     # Thousands are open at once, most of them idle: no per-instance __dict__.
     __slots__ = (
-        "identity", "address", "opened_at", "last_heard", "_core", "_transport_name", "_write", "_close",
+        "identity", "address", "sealed_allowance", "opened_at", "last_heard", "_core", "_transport_name", "_write",
+        "_close",
         "_limits", "_clock", "_max_frame_bytes", "_push_encoding", "_backlog", "_running", "_alone", "_in_flight",
         "_open", "_draining", "_idle_waiters", "_replies", "_flow",
     )
@@ -102,6 +106,7 @@ class ClientConnection:
         the log only with --log-client-addresses (construct.logs withholds it otherwise)."""
         self.identity: Identity | None = None
         self.address = address
+        self.sealed_allowance = Allowance()
         self.opened_at = self.last_heard = clock.seconds()
         self._core = core
         self._transport_name = transport_name
@@ -247,7 +252,9 @@ class ClientConnection:
                     frame: Any = codec.decode(data, encoding)
                 except codec.FrameError as e:
                     frame = e
-                if not isinstance(frame, codec.FrameError) and frame.type in PIPELINED and self.identity is not None:
+                if not isinstance(frame, codec.FrameError) and frame.type in PIPELINED and (
+                    self.identity is not None or frame.type == SEALED_SEND
+                ):
                     if self._in_flight >= MAX_IN_FLIGHT:
                         break
                     backlog.pop(0)

@@ -15,6 +15,7 @@ from construct.core.accounts import Identity, IssuedSession
 from construct.core.admission import Admission
 from construct.core.app import Core
 from construct.core.keys import first_suite_keys
+from construct.core.limits import Allowance
 from construct.core.messaging import SendResult
 from construct.core.validation import canonical_uuid, require
 from construct.errors import ConstructError, auth_required, server_busy
@@ -26,6 +27,8 @@ class Client(Protocol):
     identity: Identity | None
     # The client's network address, for limits per address.
     address: str
+    # The count of sealed sends on this connection (None: not a connection, an HTTP request).
+    sealed_allowance: Allowance | None
 
     def bind(self, identity: Identity) -> None: ...
 
@@ -59,7 +62,7 @@ def _session_payload(session: IssuedSession) -> dict:
 
 async def register(core: Core, client: Client, payload: dict) -> Reply:
     session = await core.accounts.register(
-        payload.get("username"), payload.get("password"), payload.get("publicKey"), client.address
+        payload.get("username"), payload.get("password"), payload.get("publicKey"), client.address, payload
     )
     client.bind(session.identity)
     return Reply("registerSuccess", _session_payload(session))
@@ -108,6 +111,11 @@ async def get_public_key(core: Core, client: Client, payload: dict) -> Reply:
         "masterIdentityKey": bundle.master_identity_key,
         "bundleData": bundle.bundle_data,
     }
+    # Whoever reads the bundle may send its owner sealed messages (docs/security.md).
+    if published.access.access_key is not None:
+        reply["unidentifiedAccessKey"] = published.access.access_key
+    if published.access.unrestricted:
+        reply["unrestrictedUnidentifiedAccess"] = True
     if published.one_time_prekey is not None:
         prekey = published.one_time_prekey
         reply["oneTimePrekey"] = {"keyId": prekey.key_id, "publicKey": prekey.public_key}
@@ -141,6 +149,33 @@ def send_message(core: Core, client: Client, payload: dict) -> Deferred:
     return core.messaging.send(identity.user_id, payload).addBoth(_sent, admission).addCallback(_ack, core)
 
 
+def send_sealed(core: Core, client: Client, payload: dict) -> Deferred:
+    # No session: the recipient's access key allows it, and nothing here names the sender.
+    admission = core.admission
+    if admission.busy:
+        raise server_busy()
+    admission.started()
+    return core.messaging.send_sealed(payload, client.address, client.sealed_allowance).addBoth(
+        _sent, admission
+    ).addCallback(_sealed_ack, core)
+
+
+def _sealed_ack(result: SendResult, core: Core) -> Reply:
+    if not result.duplicate:
+        core.metrics.accepted()
+    # No status: whether the recipient is connected is none of an anonymous sender's business.
+    return Reply("ack", {"messageId": result.message_id, "expiresAt": result.expires_at_ms // 1000})
+
+
+async def get_sender_certificate(core: Core, client: Client, payload: dict) -> Reply:
+    identity = _authenticated(client)
+    return Reply("senderCertificate", await core.certificates.issue(identity.user_id))
+
+
+async def get_server_keys(core: Core, client: Client, payload: dict) -> Reply:
+    return Reply("serverKeys", {"keys": core.certificates.public_keys()})
+
+
 def _sent(result: Any, admission: Admission) -> Any:
     admission.finished()
     return result
@@ -169,7 +204,7 @@ async def rotate_prekey(core: Core, client: Client, payload: dict) -> Reply:
     target = payload.get("userId", identity.user_id)
     if canonical_uuid(target, "userId", "INVALID_USER_ID") != identity.user_id:
         raise ConstructError("FORBIDDEN", "Only your own key bundle can be rotated", 403)
-    await core.keys.rotate(identity.user_id, payload.get("update"))
+    await core.keys.rotate(identity.user_id, payload.get("update"), payload)
     return Reply("keyRotationSuccess")
 
 
@@ -220,6 +255,9 @@ OPERATIONS: dict[str, Operation] = {
     "connect": connect,
     "getPublicKey": get_public_key,
     "sendMessage": send_message,
+    "sendSealed": send_sealed,
+    "getSenderCertificate": get_sender_certificate,
+    "getServerKeys": get_server_keys,
     "ackMessage": ack_message,
     "rotatePrekey": rotate_prekey,
     "uploadPrekeys": upload_prekeys,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from construct.errors import ConstructError
 from construct.storage.database import Database, Txn
-from construct.storage.keys import StoredBundle, put_bundle_txn
+from construct.storage.keys import AccessUpdate, StoredBundle, put_access_txn, put_bundle_txn
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,13 @@ class AccountStore:
         token_hash: str,
         now_ms: int,
         session_expires_ms: int,
+        access: AccessUpdate = AccessUpdate(),
     ) -> None:
-        """Create the user, its key bundle and its first session in one transaction."""
+        """Create the user, its key bundle (with its unidentified access) and its first session
+        in one transaction."""
         try:
             await self._db.run(
-                "create_account", self._create_account_txn, user, bundle, token_hash, now_ms, session_expires_ms
+                "create_account", self._create_account_txn, user, bundle, token_hash, now_ms, session_expires_ms, access
             )
         except Exception as e:
             if self._db.engine.is_conflict(e):
@@ -46,13 +48,15 @@ class AccountStore:
             raise
 
     def _create_account_txn(
-        self, txn: Txn, user: User, bundle: StoredBundle, token_hash: str, now_ms: int, expires_ms: int
+        self, txn: Txn, user: User, bundle: StoredBundle, token_hash: str, now_ms: int, expires_ms: int,
+        access: AccessUpdate,
     ) -> None:
         txn.execute(
             "INSERT INTO users (id, username, password_hash, created_at) VALUES (?, ?, ?, ?)",
             (user.id, user.username, user.password_hash, now_ms),
         )
         put_bundle_txn(txn, user.id, bundle, now_ms)
+        put_access_txn(txn, user.id, access, now_ms)
         _insert_session_txn(txn, token_hash, user.id, now_ms, expires_ms)
 
     async def get_user_by_name(self, username: str) -> User | None:
@@ -104,7 +108,7 @@ class AccountStore:
 
     async def delete_account(self, user_id: str) -> list[str] | None:
         """Delete the account and every row about it in one transaction: its sessions, key bundle,
-        one-time prekeys and SQL inbox (messages to it, and their dedup records). Returns the
+        one-time prekeys, unidentified access and SQL inbox (messages to it, and their dedup records). Returns the
         deleted sessions' token hashes, or None when there is no such account.
 
         Rows of other users that name it stay: the messages it sent them, in their inboxes."""
@@ -119,6 +123,7 @@ class AccountStore:
             ("sessions", "user_id"),
             ("one_time_prekeys", "user_id"),
             ("key_bundles", "user_id"),
+            ("unidentified_access", "user_id"),
             ("inbox", "recipient_id"),
             ("sent_messages", "recipient_id"),
         ):

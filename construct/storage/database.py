@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from construct.errors import ConstructError, service_unavailable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 
 class Engine:

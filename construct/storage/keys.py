@@ -32,20 +32,69 @@ class OneTimePrekeyRecord:
 
 
 @dataclass(frozen=True)
+class AccessRecord:
+    """An account's unidentified access (sealed sender): its access key (base64 of 16 bytes,
+    None when it has none) and whether it takes sealed messages from anyone."""
+
+    access_key: str | None
+    unrestricted: bool
+
+
+@dataclass(frozen=True)
+class AccessUpdate:
+    """A change of an account's unidentified access, registered with its bundle. `set_key`:
+    the key becomes `key` (None removes it); `unrestricted` None leaves that as it is."""
+
+    set_key: bool = False
+    key: str | None = None
+    unrestricted: bool | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.set_key and self.unrestricted is None
+
+
+@dataclass(frozen=True)
 class PublishedBundle:
     user_id: str
     username: str
     bundle: StoredBundle
     # Claimed (and so deleted) for this fetch; None when none was asked for or none was left.
     one_time_prekey: OneTimePrekeyRecord | None = None
+    # Handed out with the bundle: whoever fetched it may send the owner sealed messages.
+    access: AccessRecord = AccessRecord(None, False)
 
 
 class KeyStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def put_bundle(self, user_id: str, bundle: StoredBundle, now_ms: int) -> None:
-        await self._db.run("put_bundle", put_bundle_txn, user_id, bundle, now_ms)
+    async def put_bundle(
+        self, user_id: str, bundle: StoredBundle, now_ms: int, access: AccessUpdate = AccessUpdate()
+    ) -> None:
+        """Replace the bundle, and change the unidentified access registered with it, in one transaction."""
+        await self._db.run("put_bundle", self._put_bundle_txn, user_id, bundle, now_ms, access)
+
+    @staticmethod
+    def _put_bundle_txn(txn: Txn, user_id: str, bundle: StoredBundle, now_ms: int, access: AccessUpdate) -> None:
+        put_bundle_txn(txn, user_id, bundle, now_ms)
+        put_access_txn(txn, user_id, access, now_ms)
+
+    async def get_access(self, user_id: str) -> AccessRecord | None:
+        """The account's unidentified access; None when there is no such account.
+
+        One statement, the same whether the account exists or not, so that a sealed send to an
+        unknown account costs what one with a wrong key does."""
+        return await self._db.run("get_access", self._get_access_txn, user_id)
+
+    @staticmethod
+    def _get_access_txn(txn: Txn, user_id: str) -> AccessRecord | None:
+        row = txn.execute(
+            "SELECT a.access_key, a.unrestricted FROM users u"
+            " LEFT JOIN unidentified_access a ON a.user_id = u.id WHERE u.id = ?",
+            (user_id,),
+        ).fetchone()
+        return None if row is None else AccessRecord(row[0], bool(row[1]))
 
     async def get_bundle(self, user_id: str, claim_one_time_prekey: bool = False) -> PublishedBundle | None:
         """The user's bundle; with `claim_one_time_prekey`, also one of their prekeys, deleted as it is read."""
@@ -53,14 +102,16 @@ class KeyStore:
 
     def _get_bundle_txn(self, txn: Txn, user_id: str, claim_one_time_prekey: bool) -> PublishedBundle | None:
         row = txn.execute(
-            "SELECT u.username, k.master_identity_key, k.bundle_data, k.signature"
-            " FROM users u JOIN key_bundles k ON k.user_id = u.id WHERE u.id = ?",
+            "SELECT u.username, k.master_identity_key, k.bundle_data, k.signature, a.access_key, a.unrestricted"
+            " FROM users u JOIN key_bundles k ON k.user_id = u.id"
+            " LEFT JOIN unidentified_access a ON a.user_id = u.id WHERE u.id = ?",
             (user_id,),
         ).fetchone()
         if row is None:
             return None
         prekey = self._claim_txn(txn, user_id) if claim_one_time_prekey else None
-        return PublishedBundle(user_id, row[0], StoredBundle(row[1], row[2], row[3]), prekey)
+        access = AccessRecord(row[4], bool(row[5]))
+        return PublishedBundle(user_id, row[0], StoredBundle(row[1], row[2], row[3]), prekey, access)
 
     def _claim_txn(self, txn: Txn, user_id: str) -> OneTimePrekeyRecord | None:
         """Delete and return the user's lowest-numbered prekey in one statement.
@@ -138,3 +189,20 @@ def put_bundle_txn(txn: Txn, user_id: str, bundle: StoredBundle, now_ms: int) ->
             " VALUES (?, ?, ?, ?, ?)",
             (user_id, bundle.master_identity_key, bundle.bundle_data, bundle.signature, now_ms),
         )
+
+
+def put_access_txn(txn: Txn, user_id: str, update: AccessUpdate, now_ms: int) -> None:
+    """Apply an AccessUpdate (nothing when it is empty)."""
+    if update.empty:
+        return
+    row = txn.execute(
+        "SELECT access_key, unrestricted FROM unidentified_access WHERE user_id = ?", (user_id,)
+    ).fetchone()
+    key = update.key if update.set_key else (row[0] if row else None)
+    unrestricted = update.unrestricted if update.unrestricted is not None else bool(row and row[1])
+    txn.execute(
+        "INSERT INTO unidentified_access (user_id, access_key, unrestricted, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (user_id) DO UPDATE SET access_key = excluded.access_key,"
+        " unrestricted = excluded.unrestricted, updated_at = excluded.updated_at",
+        (user_id, key, unrestricted, now_ms),
+    )
