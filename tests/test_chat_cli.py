@@ -85,7 +85,7 @@ def test_a_message_sent_while_the_server_is_down_waits_and_a_listener_rides_out_
         history = alice.ok("history", "bob")
         assert [(m["text"], m["status"]) for m in history] == [("written while the server was down", "pending")]
         server.start()
-        assert alice.ok("send", "bob", "written after")[0]["status"] in ("queued", "delivered")
+        assert alice.ok("send", "bob", "written after")[0]["status"] == "sealed"
         received = [json.loads(listener.stdout.readline())["text"] for _ in range(2)]
         assert received == ["written while the server was down", "written after"]
         assert [(m["text"], m["status"]) for m in alice.ok("history", "bob")] == [
@@ -167,7 +167,7 @@ def test_a_reused_username_is_an_identity_change_until_trust(tmp_path):
         trusted = alice.ok("trust", "bob", "--yes")[0]
         assert trusted["trusted"] and trusted["pinned"]["safetyNumber"] == pinned
         assert trusted["safetyNumber"] != pinned and trusted["userId"] != trusted["pinned"]["userId"]
-        assert alice.ok("send", "bob", "welcome, new bob")[0]["status"] == "queued"
+        assert alice.ok("send", "bob", "welcome, new bob")[0]["status"] == "sealed"
         # The first message the newcomer ever gets: nothing meant for the real bob reached them.
         assert [m["text"] for m in newcomer.ok("listen", "--once", "--timeout", "30")] == ["welcome, new bob"]
         history = [(m["text"], m["status"]) for m in alice.ok("history", "bob")]
@@ -223,7 +223,7 @@ def test_tcps_speaks_json_lines_over_verified_tls(tmp_path):
         for chat in (alice, bob):
             chat.env["CONSTRUCT_CHAT_CA_FILE"] = str(tmp_path / "ca.pem")
             chat.ok("register", chat.name)
-        assert alice.ok("send", "bob", "over TLS")[0]["status"] == "queued"
+        assert alice.ok("send", "bob", "over TLS")[0]["status"] == "sealed"
         assert [m["text"] for m in bob.ok("listen", "--once", "--timeout", "30")] == ["over TLS"]
         bob.env["CONSTRUCT_CHAT_CA_FILE"] = str(tmp_path / "other.pem")
         untrusted = bob.run("listen", "--once", "--timeout", "30")

@@ -80,7 +80,8 @@ def _converse(tmp_path: Path, server: ServerProcess, inspect_pending) -> tuple[l
 
     texts = _secrets(4)
     sent = [alice.ok("send", "bob", text)[0] for text in texts]
-    assert [s["status"] for s in sent] == ["queued"] * len(texts)
+    # Bob's bundle gave Alice his access key: sealed, so the ack says nothing of Bob's presence.
+    assert [s["status"] for s in sent] == ["sealed"] * len(texts)
     assert {s["toUserId"] for s in sent} == {registered["bob"]["userId"]}
     inspect_pending([s["id"] for s in sent], texts)
 
@@ -89,7 +90,7 @@ def _converse(tmp_path: Path, server: ServerProcess, inspect_pending) -> tuple[l
     assert [m["id"] for m in received] == [s["id"] for s in sent]
 
     reply = _secrets(1)
-    assert bob.ok("send", "alice", reply[0])[0]["status"] == "queued"
+    assert bob.ok("send", "alice", reply[0])[0]["status"] == "sealed"
     assert [m["text"] for m in alice.ok("listen", "--once", "--timeout", "60")] == reply
     # Both see the same safety number; nothing is left to deliver.
     assert alice.ok("fingerprint", "bob")[0]["safetyNumber"] == bob.ok("fingerprint", "alice")[0]["safetyNumber"]

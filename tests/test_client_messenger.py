@@ -87,10 +87,13 @@ async def test_send_listen_and_acknowledge(core, server, tmp_path):
     alice, _ = await _user(server, tmp_path, "alice")
     bob, bob_id = await _user(server, tmp_path, "bob")
     for i in range(3):
-        assert (await alice.send("BOB", f"message {i}")).status in ("queued", "delivered")
+        # Bob's bundle gave Alice his access key: every message goes sealed, the first one too.
+        assert (await alice.send("BOB", f"message {i}")).status == "sealed"
     received: list[dict] = []
     await bob.listen(received.append, count=3)
-    assert [(m["peerName"], m["text"]) for m in received] == [("alice", f"message {i}") for i in range(3)]
+    assert [(m["peerName"], m["text"], m.get("sealed")) for m in received] == [
+        ("alice", f"message {i}", True) for i in range(3)
+    ]
     assert await core.messaging.pending(bob_id, 10) == []
     # The first message used one of Bob's one-time prekeys.
     assert await core.keys.count_one_time_prekeys(bob_id) == 99
@@ -101,26 +104,46 @@ async def test_send_listen_and_acknowledge(core, server, tmp_path):
     assert [e["text"] for e in await alice.history("bob")] == [f"message {i}" for i in range(3)] + ["thanks"]
 
 
+def _intercept(core, monkeypatch, path: str, refuse) -> list[str]:
+    """Make the server's send of `path` ("sendMessage", or "sendSealed") answer `refuse(payload)`
+    when it returns a failure; returns the ids of every attempt. On the plain path no sealed
+    send is allowed, so the client falls back to sendMessage."""
+    attempts: list[str] = []
+    name = "send" if path == "sendMessage" else "send_sealed"
+    real = getattr(core.messaging, name)
+    if path == "sendMessage":
+        monkeypatch.setattr(core.messaging, "_access", None)
+
+    def intercepted(*args):
+        payload = args[1] if path == "sendMessage" else args[0]
+        attempts.append(payload["id"])
+        return refuse(payload) or real(*args)
+
+    monkeypatch.setattr(core.messaging, name, intercepted)
+    return attempts
+
+
+@pytest.mark.parametrize("path", ["sendMessage", "sendSealed"])
 @pytest_twisted.ensureDeferred
-async def test_unacknowledged_sends_are_resent_unchanged(core, server, tmp_path, monkeypatch):
-    """SERVICE_UNAVAILABLE makes the client resend the same message; when it gives up, the next run does."""
+async def test_unacknowledged_sends_are_resent_unchanged(core, server, tmp_path, monkeypatch, path):
+    """SERVICE_UNAVAILABLE makes the client resend the same message; when it gives up, the next
+    run does; sealed or not."""
     monkeypatch.setattr(messenger_module, "RETRY_DELAY_SECONDS", 0.01)
     alice, _ = await _user(server, tmp_path, "alice")
     bob, bob_id = await _user(server, tmp_path, "bob")
-    real_send = core.messaging.send
-    attempts: list[str] = []
     failures = [2]
+    contents: list[str] = []
 
-    def flaky(sender_id, payload):
-        attempts.append(payload["id"])
+    def flaky(payload):
+        contents.append(payload["content"])
         if failures[0]:
             failures[0] -= 1
             return defer.fail(ConstructError("SERVICE_UNAVAILABLE", "The database is unavailable, try again later", 503))
-        return real_send(sender_id, payload)
+        return None
 
-    monkeypatch.setattr(core.messaging, "send", flaky)
+    attempts = _intercept(core, monkeypatch, path, flaky)
     await alice.send("bob", "first")
-    assert len(attempts) == 3 and len(set(attempts)) == 1
+    assert len(attempts) == 3 and len(set(attempts)) == 1 and len(set(contents)) == 1
 
     failures[0] = messenger_module.SEND_ATTEMPTS
     with pytest.raises(ServerError):
@@ -129,25 +152,26 @@ async def test_unacknowledged_sends_are_resent_unchanged(core, server, tmp_path,
     # The next command sends what is still in the outbox before anything new.
     await alice.send("bob", "third")
     assert attempts[-2] == attempts[-3] and len(set(attempts)) == 3
+    assert contents[-2] == contents[-3]
     received: list[dict] = []
     await bob.listen(received.append, count=3)
-    assert [m["text"] for m in received] == ["first", "second", "third"]
+    assert [(m["text"], bool(m.get("sealed"))) for m in received] == [
+        (text, path == "sendSealed") for text in ("first", "second", "third")
+    ]
 
 
+@pytest.mark.parametrize("path", ["sendMessage", "sendSealed"])
 @pytest_twisted.ensureDeferred
-async def test_a_rate_limited_send_stays_in_the_outbox_and_goes_out_next_time(core, server, tmp_path, monkeypatch):
+async def test_a_rate_limited_send_stays_in_the_outbox_and_goes_out_next_time(
+    core, server, tmp_path, monkeypatch, path
+):
     """RATE_LIMITED means "not now": the message is not marked failed, and the next run sends it first."""
     alice, _ = await _user(server, tmp_path, "alice")
     bob, _ = await _user(server, tmp_path, "bob")
-    real_send = core.messaging.send
     limited = [True]
-
-    def limited_send(sender_id, payload):
-        if limited[0]:
-            return defer.fail(rate_limited(30, "Too many messages"))
-        return real_send(sender_id, payload)
-
-    monkeypatch.setattr(core.messaging, "send", limited_send)
+    _intercept(
+        core, monkeypatch, path, lambda payload: defer.fail(rate_limited(30, "Too many messages")) if limited[0] else None
+    )
     with pytest.raises(ServerError) as refused:
         await alice.send("bob", "held back")
     assert refused.value.code == "RATE_LIMITED" and refused.value.retry_after == 30

@@ -318,7 +318,7 @@ def test_chat_over_obfs4_and_websocket_survives_obfs4proxy_and_server_restarts(t
         bob = Chat(tmp_path, "bob", f"ws://127.0.0.1:{server.ports['http']}/ws")
         assert alice.ok("register", "alice")[0]["server"] == bridge_line
         bob.ok("register", "bob")
-        assert alice.ok("send", "bob", "over obfs4")[0]["status"] == "queued"
+        assert alice.ok("send", "bob", "over obfs4")[0]["status"] == "sealed"
         assert [m["text"] for m in bob.ok("listen", "--once", "--timeout", "30")] == ["over obfs4"]
         bob.ok("send", "alice", "over WebSocket")
         assert [m["text"] for m in alice.ok("listen", "--once", "--timeout", "30")] == ["over WebSocket"]

@@ -13,7 +13,14 @@ The state is one JSON-able dict, kept encrypted by `construct.client.store`:
      "outbox": [{"id", "peerName", "peer", "text", "createdAt", "message"}, …]   in the order
          written; `peer` is None until the name is looked up, `message` (the ChatMessage) None
          until encrypted; an entry leaves when the server has it or refused it for good,
-     "historyKey": b64 of 32 bytes, "keepMessages": int   the history file's (construct.client.history)}
+     "historyKey": b64 of 32 bytes, "keepMessages": int   the history file's (construct.client.history),
+     "accessKey": b64 of 16 bytes, "accessKeyPublished": bool   our unidentified-access key (sealed sender),
+     "senderCertificate": SenderCertificate.to_dict() or None   ours, for sealing,
+     "serverKeys": {"fetchedAt": int, "keys": {keyId: b64 Ed25519 public}} or None   to verify others'}
+
+A contact also keeps what its bundle said of sealed sending to it: "accessKey" (b64, or None),
+"unrestrictedAccess" and "accessCheckedAt". An outbox entry sealed for sending keeps
+"sealed": {"content", "certificateExpires"}, sent again unchanged until the server has it.
 
 A contact is pinned on first contact: its user id, under its username, and its master key. A
 name that comes to mean another account, or a master key that changes, is an IdentityChanged
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
@@ -51,6 +58,7 @@ from construct.client.crypto import (
 )
 from construct.client.history import DEFAULT_KEEP, HistoryLog
 from construct.client.ratchet import VERSION_INITIAL, Session, is_ratchet_content
+from construct.client.sealed import ACCESS_KEY_SIZE, InvalidCertificate, SenderCertificate, open_sealed, seal
 from construct.client.x3dh import HEADER_SIZE, InitialHeader
 
 STATE_VERSION = 2
@@ -62,6 +70,16 @@ SIGNED_PREKEY_ROTATION_SECONDS = 7 * 24 * 3600
 SIGNED_PREKEY_RETENTION_SECONDS = 30 * 24 * 3600
 # The session to send on and the one before it (both sides may start a session at once).
 MAX_SESSIONS_PER_CONTACT = 2
+# A sender certificate is renewed when less than this is left of it, so that a sealed message
+# still has a valid one when the server accepts it.
+CERTIFICATE_MARGIN_SECONDS = 3600
+# The server's keys are fetched again after a day (one may have been withdrawn), and at once
+# for a certificate signed by an unknown key, unless they were fetched within ten minutes (a
+# stranger's made-up key ids cost one fetch, not one each).
+SERVER_KEYS_MAX_AGE_SECONDS = 24 * 3600
+SERVER_KEYS_REFRESH_SECONDS = 600
+# A contact whose bundle gave no access key is asked again after this long.
+ACCESS_RECHECK_SECONDS = 24 * 3600
 
 
 class NotRegistered(Exception):
@@ -97,11 +115,14 @@ class NoSuchContact(Exception):
 
 @dataclass(frozen=True)
 class PeerBundle:
-    """A peer's bundle as fetched for this message: verified, with the one-time prekey handed out."""
+    """A peer's bundle as fetched for this message: verified, with the one-time prekey handed
+    out, and what it says of sealed sends to the peer (its access key, b64)."""
 
     username: str
     keys: VerifiedBundle
     one_time_prekey: Mapping[str, Any] | None
+    access_key: str | None = None
+    unrestricted: bool = False
 
 
 # No usable bundle of the sender exists: the account is gone or its bundle does not verify.
@@ -113,14 +134,16 @@ class Incoming:
     """What became of one pushed message.
 
     `status`: "received" (decrypted and stored), "duplicate" (seen before), "rejected" (the
-    sender's keys did not check out), "undecryptable", or "need-bundle" (call again with the
-    sender's bundle). Every status but "need-bundle" means: acknowledge it.
+    sender's keys or sender certificate did not check out), "undecryptable", "need-bundle"
+    (call again with the bundle of `sender`) or "need-server-keys" (fetch the server's keys,
+    set_server_keys, call again). Every status but the "need-" ones means: acknowledge it.
     """
 
     status: str
     entry: dict | None = None
     reason: str = ""
     used_one_time_prekey: bool = False
+    sender: str = ""
 
 
 def new_state(server: str, now: float) -> dict[str, Any]:
@@ -138,14 +161,25 @@ def new_state(server: str, now: float) -> dict[str, Any]:
         "outbox": [],
         "historyKey": b64encode(os.urandom(32)),
         "keepMessages": DEFAULT_KEEP,
+        **_sealing_fields(),
     }
+
+
+def _sealing_fields() -> dict[str, Any]:
+    # A random access key: whoever has it (from our bundle) may send us sealed messages.
+    return {"accessKey": b64encode(os.urandom(ACCESS_KEY_SIZE)), "accessKeyPublished": False,
+            "senderCertificate": None, "serverKeys": None}
 
 
 def upgrade(data: dict[str, Any], history: HistoryLog) -> None:
     """Bring a state of an earlier version up to this one (nothing to do if it is current).
 
-    Version 1 kept the history (and the text of unsent messages) in the state file.
+    Version 1 kept the history (and the text of unsent messages) in the state file; states
+    from before sealed sender have no access key yet (one is made, and published by
+    maintain_keys).
     """
+    if "accessKey" not in data:
+        data.update(_sealing_fields())
     if data.get("version") != 1:
         return
     data["historyKey"] = b64encode(os.urandom(32))
@@ -200,11 +234,17 @@ def registration_bundle(data: Mapping[str, Any]) -> dict[str, str]:
     return make_key_bundle(identity(data), SignedPrekey.from_dict(data["signedPrekeys"][0]), "")
 
 
+def access_key_published(data: dict[str, Any]) -> None:
+    """The server has our access key (sent with `register` or `rotatePrekey`)."""
+    data["accessKeyPublished"] = True
+
+
 # Keys on the server
 
 
 def signed_prekey_to_publish(data: dict[str, Any], now: float) -> dict[str, str] | None:
-    """The bundle to upload with `rotatePrekey`, or None when the published one is fresh.
+    """The bundle to upload with `rotatePrekey` (and our access key with it), or None when the
+    published one is fresh and the server has the access key.
 
     A new signed prekey is made when the newest is older than a week; its private key is saved
     before the bundle leaves, so any message to it can be read.
@@ -212,15 +252,19 @@ def signed_prekey_to_publish(data: dict[str, Any], now: float) -> dict[str, str]
     newest = data["signedPrekeys"][0]
     if newest["published"]:
         if now - newest["createdAt"] < SIGNED_PREKEY_ROTATION_SECONDS:
-            return None
-        data["signedPrekeys"].insert(0, _new_signed_prekey(now))
+            if data["accessKeyPublished"]:
+                return None
+        else:
+            data["signedPrekeys"].insert(0, _new_signed_prekey(now))
     timestamp = datetime.fromtimestamp(now, timezone.utc)
     spk = SignedPrekey.from_dict(data["signedPrekeys"][0])
     return make_key_bundle(identity(data), spk, account(data)["userId"], timestamp)
 
 
 def signed_prekey_published(data: dict[str, Any], bundle_key_id: int, now: float) -> None:
-    """Record a successful rotatePrekey; retire older keys, forget long-retired ones."""
+    """Record a successful rotatePrekey (which carried our access key too); retire older keys,
+    forget long-retired ones."""
+    data["accessKeyPublished"] = True
     for entry in data["signedPrekeys"]:
         if entry["keyId"] == bundle_key_id:
             entry["published"] = True
@@ -309,6 +353,10 @@ def pin_contact(
         )
     contact["identityKey"] = b64encode(bundle.keys.identity_key)
     contact["bundleTime"] = max(contact.get("bundleTime", 0), signed_at)
+    # What the server says of sealed sends to them, as of this bundle.
+    contact["accessKey"] = bundle.access_key
+    contact["unrestrictedAccess"] = bundle.unrestricted
+    contact["accessCheckedAt"] = int(now)
     return contact
 
 
@@ -323,7 +371,7 @@ def trust_contact(data: dict[str, Any], username: str, user_id: str, bundle: Pee
         data["sessions"].pop(old_id, None)
         if old is not None:
             former += old.get("formerIds", []) + ([old_id] if old_id != user_id else [])
-    contact = pin_contact(data, user_id, PeerBundle(username, bundle.keys, None), now)
+    contact = pin_contact(data, user_id, replace(bundle, username=username, one_time_prekey=None), now)
     contact["formerIds"] = sorted(set(former) - {user_id})
 
 
@@ -419,16 +467,97 @@ def encrypt_outgoing(data: dict[str, Any], entry_id: str, bundle: PeerBundle | N
     return entry["message"]
 
 
-def outgoing_settled(data: dict[str, Any], history: HistoryLog, entry_id: str, status: str, reason: str = "") -> None:
-    """The server has the message ("sent"), or it cannot go ("failed", saying why): it leaves
-    the outbox for the history."""
+def outgoing_settled(
+    data: dict[str, Any], history: HistoryLog, entry_id: str, status: str, reason: str = "", sealed: bool = False
+) -> None:
+    """The server has the message ("sent", `sealed` or not), or it cannot go ("failed", saying
+    why): it leaves the outbox for the history."""
     entry = outbox_entry(data, entry_id)
     data["outbox"].remove(entry)
     record = {"id": entry["id"], "peer": entry["peer"], "peerName": entry["peerName"], "direction": "out",
               "text": entry["text"], "timestamp": entry["createdAt"], "status": status}
     if reason:
         record["reason"] = reason
+    if sealed:
+        record["sealed"] = True
     history.add_message(record)
+
+
+# Sealed sending: the server stores the message without learning who sent it.
+
+
+def _may_seal(contact: Mapping[str, Any]) -> bool:
+    return bool(contact.get("accessKey")) or bool(contact.get("unrestrictedAccess"))
+
+
+def sealable_contact(data: Mapping[str, Any], peer_name: str) -> str | None:
+    """The user id of the contact pinned as `peer_name`, when a message to them can go sealed
+    without asking the server anything first (a `lookupUser` would tell it whom we write to):
+    we have a session with them, and their access key. Otherwise None: look the name up."""
+    found = contact_by_name(data, peer_name)
+    if found is None or not data["sessions"].get(found[0]) or not _may_seal(found[1]):
+        return None
+    return found[0]
+
+
+def sealing_access(data: Mapping[str, Any], peer_id: str) -> dict[str, Any] | None:
+    """How a message to `peer_id` is sealed (`{"accessKey": b64 or None}`), or None when it
+    cannot be (their bundle gave no access key): it goes as a plain sendMessage then."""
+    contact = data["contacts"].get(peer_id)
+    if contact is None or not _may_seal(contact) or not contact.get("identityKey"):
+        return None
+    return {"accessKey": contact.get("accessKey")}
+
+
+def access_check_due(data: Mapping[str, Any], peer_id: str, now: float) -> bool:
+    """Whether to read the bundle of a contact that gave no access key, to see if it has one now."""
+    contact = data["contacts"].get(peer_id)
+    if contact is None or _may_seal(contact):
+        return False
+    return now - contact.get("accessCheckedAt", 0) >= ACCESS_RECHECK_SECONDS
+
+
+def forget_access(data: dict[str, Any], peer_id: str, now: float) -> None:
+    """The server refused our sealed send to them, and their bundle says nothing newer."""
+    contact = data["contacts"].get(peer_id)
+    if contact is not None:
+        contact.update(accessKey=None, unrestrictedAccess=False, accessCheckedAt=int(now))
+
+
+def set_certificate(data: dict[str, Any], payload: Mapping[str, Any]) -> None:
+    """Keep a `senderCertificate` reply, which must be for this account and its identity key."""
+    certificate = SenderCertificate.from_dict(payload)
+    if certificate.sender_id != account(data)["userId"] or certificate.identity_key != identity(data).master_public:
+        raise InvalidCertificate("from the server is not for this account's identity key")
+    data["senderCertificate"] = certificate.to_dict()
+
+
+def seal_outgoing(data: dict[str, Any], entry_id: str, now: float) -> str | None:
+    """The sealed content of an encrypted outbox entry: the one made before while its
+    certificate is good, else a new one. None when we have no certificate good for long enough
+    (fetch one: `set_certificate`)."""
+    entry = outbox_entry(data, entry_id)
+    sealed = entry.get("sealed")
+    if sealed is not None and sealed["certificateExpires"] - now > CERTIFICATE_MARGIN_SECONDS:
+        return sealed["content"]
+    stored = data.get("senderCertificate")
+    certificate = SenderCertificate.from_dict(stored) if stored else None
+    if certificate is None or certificate.expires - now <= CERTIFICATE_MARGIN_SECONDS:
+        return None
+    recipient_key = b64decode(data["contacts"][entry["peer"]]["identityKey"])
+    content = seal(entry["message"], certificate, recipient_key)
+    entry["sealed"] = {"content": content, "certificateExpires": certificate.expires}
+    return content
+
+
+def set_server_keys(data: dict[str, Any], payload: Mapping[str, Any], now: float) -> None:
+    """Keep a `serverKeys` reply: the keys sender certificates are verified with."""
+    keys: dict[str, str] = {}
+    for entry in payload.get("keys") or []:
+        key_id = entry.get("keyId") if isinstance(entry, Mapping) else None
+        if isinstance(key_id, int) and not isinstance(key_id, bool):
+            keys[str(key_id)] = b64encode(b64decode(entry.get("publicKey"), InvalidCertificate, 32))
+    data["serverKeys"] = {"fetchedAt": int(now), "keys": keys}
 
 
 def wire_message(stored: Mapping[str, Any]) -> dict[str, Any]:
@@ -442,14 +571,22 @@ def wire_message(stored: Mapping[str, Any]) -> dict[str, Any]:
 def accept_incoming(
     data: dict[str, Any], history: HistoryLog, message: Mapping[str, Any], sender: PeerBundle | str | None, now: float
 ) -> Incoming:
-    """Decrypt a pushed ChatMessage with the Double Ratchet and store it in the history.
+    """Decrypt a pushed ChatMessage with the Double Ratchet and store it in the history; a
+    sealed one is opened first (`_open_sealed`).
 
     Anything else, such as the seed's unauthenticated per-message scheme ("v1"), is refused.
     `sender` is the sender's fetched bundle, SENDER_GONE, or None when not fetched yet.
     """
-    message_id, peer_id = str(message.get("id")), str(message.get("from"))
+    message_id = str(message.get("id"))
     if history.seen(message_id):
         return Incoming("duplicate")
+    certificate = None
+    if message.get("sealed") is True:
+        opened = _open_sealed(data, history, message, now)
+        if isinstance(opened, Incoming):
+            return opened
+        message, certificate = opened
+    peer_id = str(message.get("from"))
     try:
         ratchet_key = _bytes_field(message.get("ephemeralPublicKey"))
         number, content = message["messageNumber"], message["content"]
@@ -462,7 +599,9 @@ def accept_incoming(
             "not a Double Ratchet message (the seed's unauthenticated scheme is not accepted)",
         )
     try:
-        outcome = _accept_ratchet(data, history, message, ratchet_key, number, content, context, sender, now)
+        outcome = _accept_ratchet(
+            data, history, message, ratchet_key, number, content, context, sender, now, certificate
+        )
     except ReplayError as e:
         return _refused(data, history, message, "undecryptable", str(e))
     except (IdentityChanged, SenderUnverified) as e:
@@ -470,13 +609,49 @@ def accept_incoming(
     except CryptoError:
         outcome = None
     if outcome is not None:
-        return outcome
+        return replace(outcome, sender=peer_id) if outcome.status == "need-bundle" else outcome
     return _refused(data, history, message, "undecryptable", "no session or prekey of ours opens it")
+
+
+def _open_sealed(
+    data: dict[str, Any], history: HistoryLog, message: Mapping[str, Any], now: float
+) -> tuple[dict[str, Any], SenderCertificate] | Incoming:
+    """The ChatMessage inside a sealed message, and its sender certificate, checked: signed by
+    a key the server publishes, not expired when the server accepted the message, and, for a
+    pinned sender, for the identity key pinned for them (the message itself must then be the
+    sender's, which the ratchet checks). Or what became of it."""
+    try:
+        opened = open_sealed(message.get("content"), identity(data))
+    except InvalidCertificate as e:
+        return _refused(data, history, message, "rejected", f"its sender certificate {e}")
+    except CryptoError as e:
+        return _refused(data, history, message, "undecryptable", str(e))
+    server_keys = data.get("serverKeys") or {"fetchedAt": 0, "keys": {}}
+    age = now - server_keys["fetchedAt"]
+    known = str(opened.certificate.key_id) in server_keys["keys"]
+    if age > SERVER_KEYS_MAX_AGE_SECONDS or (not known and age > SERVER_KEYS_REFRESH_SECONDS):
+        return Incoming("need-server-keys")
+    accepted_at = message.get("acceptedAt")
+    # The server's word for when it took the message: a certificate then valid still counts.
+    at = min(accepted_at, now) if isinstance(accepted_at, int) and not isinstance(accepted_at, bool) else now
+    try:
+        opened.certificate.verify({int(key_id): b64decode(key) for key_id, key in server_keys["keys"].items()}, at)
+    except InvalidCertificate as e:
+        return _refused(data, history, message, "rejected", f"its sender certificate {e}")
+    inner = opened.chat_message(str(message.get("id")), account(data)["userId"])
+    contact = data["contacts"].get(opened.certificate.sender_id)
+    if contact is not None and contact["masterKey"] != b64encode(opened.certificate.identity_key):
+        return _refused(
+            data, history, inner, "rejected",
+            f"its sender certificate is for another identity key than the one pinned for {contact['username']}",
+        )
+    return inner, opened.certificate
 
 
 def _accept_ratchet(
     data: dict[str, Any], history: HistoryLog, message: Mapping[str, Any], ratchet_key: bytes, number: int,
     content: str, context: bytes, sender: PeerBundle | str | None, now: float,
+    certificate: SenderCertificate | None = None,
 ) -> Incoming | None:
     """Decrypt with a session of the sender's, or start one from an initial (0x20) message.
 
@@ -500,7 +675,7 @@ def _accept_ratchet(
             continue
         # Send on the session that last decrypted a message.
         data["sessions"][peer_id] = [session.to_dict()] + [s.to_dict() for s in stored if s is not session]
-        return _received(data, history, message, plaintext, now)
+        return _received(data, history, message, plaintext, now, certificate is not None)
     if candidates or not initial:
         return None
     spks = {SignedPrekey.from_dict(item).key_id: SignedPrekey.from_dict(item) for item in data["signedPrekeys"]}
@@ -515,24 +690,28 @@ def _accept_ratchet(
             f"it starts a session with one-time prekey {header.one_time_prekey_id}, which was already used: "
             "the server handed it out twice, or this is a replay. Ask the sender to write again"
         ) from e
-    checked = _check_sender_keys(data, peer_id, session, sender, now)
+    checked = _check_sender_keys(data, peer_id, session, sender, now, certificate)
     if checked is not None:
         return checked
     if used_opk is not None:
         # Only now that the first message decrypted and its sender checked out.
         data["oneTimePrekeys"] = [item for item in data["oneTimePrekeys"] if item["keyId"] != used_opk]
     data["sessions"][peer_id] = [session.to_dict(), *data["sessions"].get(peer_id, [])][:MAX_SESSIONS_PER_CONTACT]
-    received = _received(data, history, message, plaintext, now)
+    received = _received(data, history, message, plaintext, now, certificate is not None)
     return Incoming(received.status, received.entry, used_one_time_prekey=used_opk is not None)
 
 
 def _check_sender_keys(
-    data: dict[str, Any], peer_id: str, session: Session, sender: PeerBundle | str | None, now: float
+    data: dict[str, Any], peer_id: str, session: Session, sender: PeerBundle | str | None, now: float,
+    certificate: SenderCertificate | None = None,
 ) -> Incoming | None:
-    """The X3DH header's keys are claims: they must be the sender's pinned or signed ones.
+    """The X3DH header's keys are claims: they must be the sender's pinned or signed ones, and
+    those of its sender certificate for a sealed message.
 
     None when they check out (the contact is pinned on first contact).
     """
+    if certificate is not None and certificate.identity_key != session.remote_master_key:
+        raise SenderUnverified("its sender certificate is for another identity key than the message's")
     master, identity_key = b64encode(session.remote_master_key), b64encode(session.remote_identity_key)
     contact = data["contacts"].get(peer_id)
     if contact is not None and contact["masterKey"] != master:
@@ -550,10 +729,13 @@ def _check_sender_keys(
 
 
 def _received(
-    data: dict[str, Any], history: HistoryLog, message: Mapping[str, Any], plaintext: bytes, now: float
+    data: dict[str, Any], history: HistoryLog, message: Mapping[str, Any], plaintext: bytes, now: float,
+    sealed: bool = False,
 ) -> Incoming:
     entry = _history_entry(data, message, now, "received")
     entry["text"] = plaintext.decode("utf-8", errors="replace")
+    if sealed:
+        entry["sealed"] = True
     history.mark_seen(entry["id"])
     history.add_message(entry)
     return Incoming("received", entry)
@@ -568,7 +750,8 @@ def _refused(data: dict[str, Any], history: HistoryLog, message: Mapping[str, An
 
 
 def _history_entry(data: Mapping[str, Any], message: Mapping[str, Any], now: float, status: str) -> dict[str, Any]:
-    peer_id = str(message.get("from"))
+    # None: a sealed message that was not opened, whose sender nobody knows.
+    peer_id = None if message.get("from") is None else str(message.get("from"))
     timestamp = message.get("timestamp")
     return {
         "id": str(message.get("id")),

@@ -365,6 +365,8 @@ class Output:
             }
             if entry.get("reason"):
                 record["reason"] = entry["reason"]
+            if entry.get("sealed"):
+                record["sealed"] = True
             print(json.dumps(record, ensure_ascii=False), flush=True)
             return
         speaker = "me" if entry["direction"] == "out" else printable(name)

@@ -11,7 +11,10 @@ receives them. The rules it follows (docs/crypto.md, docs/protocol.md §8):
 - a contact's name, user id and master identity key are pinned on first contact, and a change
   of any is refused until the user accepts it (`trust`);
 - no incoming message holds up the ones behind it: one that cannot be decided now (its
-  sender's bundle cannot be fetched) is set aside, unacknowledged, and comes again later.
+  sender's bundle cannot be fetched) is set aside, unacknowledged, and comes again later;
+- a message to a contact whose bundle gave an access key goes sealed (docs/crypto.md, "Sealed
+  sender"): over a second connection that never authenticates, without looking the name up
+  first; refused, it goes as a plain message instead.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from twisted.logger import Logger
 from construct.client import account
 from construct.client.account import SENDER_GONE, Incoming, PeerBundle, SelfMessage
 from construct.client.crypto import CryptoError, InvalidBundle, b64decode, b64encode, safety_number, verify_key_bundle
+from construct.client.sealed import InvalidCertificate
 from construct.client.store import StateExists, StateStore
 from construct.client.transport import (
     AuthenticationFailed,
@@ -59,6 +63,11 @@ SENDER_CACHE_SECONDS = 600.0
 SENDER_CACHE_SIZE = 1000
 # The reason `sessionExpired` gives when the account itself was deleted.
 ACCOUNT_DELETED = "accountDeleted"
+# The server refuses a sealed send: the access key is not (or no longer) the recipient's, or
+# there is no such recipient.
+ACCESS_DENIED = "UNIDENTIFIED_ACCESS_DENIED"
+# A sealed send's ack has no status of its own.
+SEALED = "sealed"
 
 
 class UnusableUsername(Exception):
@@ -101,6 +110,8 @@ class Messenger:
         self._store = store
         self._link = Link(reactor, address, encoding, self._pushed, on_status=self._connection_status)
         self._link.authenticate = self._resume_session
+        # Sealed sends: a connection of its own, never authenticated, opened when needed.
+        self._anonymous = Link(reactor, address, encoding, lambda frame: None)
         # While False (during register and login) a new connection is not resumed with the
         # stored token, which may be the very thing that stopped working.
         self._resume = True
@@ -125,6 +136,7 @@ class Messenger:
         self._username = await self._store.read(lambda data: (data.get("account") or {}).get("username"))
 
     async def close(self) -> None:
+        await self._anonymous.stop()
         await self._link.stop()
         await self._store.close()
 
@@ -182,10 +194,12 @@ class Messenger:
         if keep_messages is not None:
             account.set_keep(state, keep_messages)
         self._resume = False
-        reply = await self._request(
-            "register", {"username": username, "password": password, "publicKey": account.registration_bundle(state)}
-        )
+        reply = await self._request("register", {
+            "username": username, "password": password, "publicKey": account.registration_bundle(state),
+            "unidentifiedAccessKey": state["accessKey"],
+        })
         account.set_account(state, reply["payload"])
+        account.access_key_published(state)
         await self._store.create(state)
         self._username = username
         self._resume = True
@@ -232,7 +246,8 @@ class Messenger:
         now = self._now()
         bundle = await self._store.update(partial(account.signed_prekey_to_publish, now=now))
         if bundle is not None:
-            await self._request("rotatePrekey", {"update": bundle})
+            access_key = await self._store.read(lambda data: data["accessKey"])
+            await self._request("rotatePrekey", {"update": bundle, "unidentifiedAccessKey": access_key})
             key_id = verify_key_bundle(bundle).signed_prekey_id
             await self._store.update(partial(account.signed_prekey_published, bundle_key_id=key_id, now=now))
         await self._refill_prekeys()
@@ -255,7 +270,11 @@ class Messenger:
         """The peer's verified bundle, with one of their one-time prekeys when starting a session."""
         payload = (await self._request("getPublicKey", {"userId": user_id, "oneTimePrekey": take_prekey}))["payload"]
         keys = verify_key_bundle(payload, expected_user_id=user_id)
-        return PeerBundle(payload["username"], keys, payload.get("oneTimePrekey"))
+        access_key = payload.get("unidentifiedAccessKey")
+        return PeerBundle(
+            payload["username"], keys, payload.get("oneTimePrekey"),
+            access_key if isinstance(access_key, str) else None, payload.get("unrestrictedUnidentifiedAccess") is True,
+        )
 
     async def safety_number(self, username: str) -> dict:
         """The safety number with a contact, pinning their key first if they are new."""
@@ -355,8 +374,13 @@ class Messenger:
 
     async def _send_entry(self, entry_id: str) -> Sent:
         entry = await self._store.read(partial(account.outbox_entry, entry_id=entry_id))
+        looked_up = entry["peer"] is not None
         if entry["peer"] is None:
-            user_id, _ = await self._lookup(entry["peerName"])
+            # A contact we may seal to is not looked up: that would tell the server whom we write to.
+            user_id = await self._store.read(partial(account.sealable_contact, peer_name=entry["peerName"]))
+            if user_id is None:
+                user_id, _ = await self._lookup(entry["peerName"])
+                looked_up = True
             await self._store.update(partial(account.resolve_outgoing, entry_id=entry_id, user_id=user_id))
         now = self._now()
         message = await self._store.update(partial(account.encrypt_outgoing, entry_id=entry_id, bundle=None, now=now))
@@ -366,20 +390,86 @@ class Messenger:
             message = await self._store.update(
                 partial(account.encrypt_outgoing, entry_id=entry_id, bundle=bundle, now=now)
             )
-        ack = await self._deliver(entry_id, message)
+        peer = message["to"]
+        if await self._store.read(partial(account.access_check_due, peer_id=peer, now=now)):
+            await self._refresh_contact(peer)
+        if await self._send_sealed(entry_id, peer):
+            return Sent(entry_id, entry["peerName"], peer, SEALED, entry["createdAt"])
+        if not looked_up:
+            # Refused sealed: the name may have come to mean another account (IdentityChanged).
+            user_id, _ = await self._lookup(entry["peerName"])
+            await self._store.read(partial(account.check_name, username=entry["peerName"], user_id=user_id))
+        ack = await self._deliver(entry_id, partial(self._request, "sendMessage", account.wire_message(message)), False)
         return Sent(entry_id, entry["peerName"], message["to"], ack["status"], entry["createdAt"])
 
-    async def _settle(self, entry_id: str, status: str, reason: str = "") -> None:
-        await self._store.transact(partial(account.outgoing_settled, entry_id=entry_id, status=status, reason=reason))
+    async def _send_sealed(self, entry_id: str, peer: str) -> bool:
+        """Send an encrypted outbox entry sealed, if its recipient's bundle gave us the means;
+        False when it must go as a plain message (no access key, or the server refuses it)."""
+        access = await self._store.read(partial(account.sealing_access, peer_id=peer))
+        if access is None:
+            return False
+        content = await self._sealed_content(entry_id)
+        for attempt in (1, 2):
+            payload = {"id": entry_id, "to": peer, "content": content}
+            if access["accessKey"]:
+                payload["accessKey"] = access["accessKey"]
+            try:
+                await self._deliver(
+                    entry_id, partial(self._anonymous.request, "sendSealed", payload, fail_after=CONNECT_ATTEMPTS), True
+                )
+                return True
+            except ServerError as e:
+                if e.code != ACCESS_DENIED:
+                    raise
+            # Their access key may have changed: read their bundle again (the server sees this fetch).
+            if attempt == 2 or not await self._refresh_contact(peer):
+                break
+            access = await self._store.read(partial(account.sealing_access, peer_id=peer))
+            if access is None:
+                return False
+        await self._store.update(partial(account.forget_access, peer_id=peer, now=self._now()))
+        return False
 
-    async def _deliver(self, entry_id: str, message: dict) -> dict:
+    async def _sealed_content(self, entry_id: str) -> str:
+        """The entry sealed, with our sender certificate (a new one fetched when it runs out)."""
+        content = await self._store.update(partial(account.seal_outgoing, entry_id=entry_id, now=self._now()))
+        if content is None:
+            certificate = (await self._request("getSenderCertificate"))["payload"]
+            await self._store.update(partial(account.set_certificate, payload=certificate))
+            content = await self._store.update(partial(account.seal_outgoing, entry_id=entry_id, now=self._now()))
+            if content is None:
+                raise InvalidCertificate(f"from the server expires too soon ({certificate.get('expires')})")
+        return content
+
+    async def _refresh_contact(self, user_id: str) -> bool:
+        """Read a contact's bundle again, for their access key; False when there is none to read."""
+        try:
+            bundle = await self._fetch_bundle(user_id, take_prekey=False)
+        except (ServerError, InvalidBundle):
+            return False
+        await self._store.update(partial(account.pin_contact, user_id=user_id, bundle=bundle, now=self._now()))
+        return True
+
+    async def _settle(self, entry_id: str, status: str, reason: str = "", sealed: bool = False) -> None:
+        await self._store.transact(
+            partial(account.outgoing_settled, entry_id=entry_id, status=status, reason=reason, sealed=sealed)
+        )
+
+    async def _deliver(self, entry_id: str, request: Callable[[], Awaitable[dict]], sealed: bool) -> dict:
+        """Send with `request` until the server has it; the same message every time (sealed
+        anew only when its certificate ran out)."""
         last_error: Exception | None = None
         for attempt in range(SEND_ATTEMPTS):
             if attempt:
                 await task.deferLater(self._reactor, RETRY_DELAY_SECONDS * 2 ** (attempt - 1), lambda: None)
             try:
-                reply = await self._request("sendMessage", account.wire_message(message))
+                reply = await request()
             except ServerError as e:
+                if e.code == "DUPLICATE_MESSAGE":
+                    # Our ids are random: another copy of this very message is what the server has,
+                    # one sealed before (the server keeps no sender for it) or sent before sealing.
+                    await self._settle(entry_id, "sent", sealed=sealed)
+                    return {"status": SEALED if sealed else "queued"}
                 if e.code not in RETRYABLE_CODES:
                     raise
                 last_error = e
@@ -387,7 +477,7 @@ class Messenger:
             except TRANSIENT_ERRORS as e:
                 last_error = e
                 continue
-            await self._settle(entry_id, "sent")
+            await self._settle(entry_id, "sent", sealed=sealed)
             return reply["payload"]
         # Still in the outbox: the next run sends it again, unchanged.
         assert last_error is not None
@@ -412,6 +502,8 @@ class Messenger:
             await self.flush_outbox()
         except (ServerError, *NETWORK_ERRORS) as e:
             self.on_warning(f"messages in the outbox stay there for now: {e}")
+        # Nothing more is sent while listening: the server would close an idle anonymous connection.
+        await self._anonymous.stop()
         await self._keep_keys()
         on_ready()
         received = 0
@@ -444,7 +536,7 @@ class Messenger:
                     # It is saved already; a display problem must not stop the acknowledgement.
                     self.log.failure("showing message {id} failed", id=outcome.entry["id"])
             elif outcome.status in ("rejected", "undecryptable"):
-                sender = outcome.entry["peerName"] or outcome.entry["peer"]
+                sender = outcome.entry["peerName"] or outcome.entry["peer"] or "a sealed sender"
                 self.on_warning(f"dropped message {outcome.entry['id']} from {sender}: {outcome.reason}")
             await self._acknowledge(item["id"])
             if outcome.used_one_time_prekey:
@@ -461,10 +553,23 @@ class Messenger:
         """Decrypt and save one message, checking its sender's bundle when that is needed."""
         now = self._now()
         outcome = await self._store.transact(partial(account.accept_incoming, message=message, sender=None, now=now))
+        if outcome.status == "need-server-keys":
+            await self._refresh_server_keys()
+            outcome = await self._store.transact(
+                partial(account.accept_incoming, message=message, sender=None, now=now)
+            )
         if outcome.status != "need-bundle":
             return outcome
-        sender = await self._sender_bundle(str(message.get("from")))
+        sender = await self._sender_bundle(outcome.sender)
         return await self._store.transact(partial(account.accept_incoming, message=message, sender=sender, now=now))
+
+    async def _refresh_server_keys(self) -> None:
+        """The keys the server signs sender certificates with, fetched again; SetAside if not now."""
+        try:
+            reply = await self._request("getServerKeys")
+        except (ServerError, *NETWORK_ERRORS) as e:
+            raise SetAside(f"the server's keys cannot be had now ({e})") from None
+        await self._store.update(partial(account.set_server_keys, payload=reply["payload"], now=self._now()))
 
     async def _sender_bundle(self, sender_id: str) -> PeerBundle | str:
         """The sender's verified bundle (or SENDER_GONE), from the cache or the server; SetAside
