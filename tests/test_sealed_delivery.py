@@ -112,7 +112,8 @@ async def test_a_refused_sealed_send_goes_as_a_plain_message(core, tmp_path, mon
         assert (await alice.send("bob", "sealed")).status == "sealed"
         # Bob's access key changes behind Alice's back: she reads his bundle again and seals with the new one.
         bob_client = MemoryClient(core)
-        assert (await bob_client.request("connect", {"sessionToken": bob_info["sessionToken"]}))["type"] == "connectSuccess"
+        connected = await bob_client.request("connect", {"sessionToken": bob_info["sessionToken"]})
+        assert connected["type"] == "connectSuccess"
         bundle = await bob._store.read(lambda data: account.signed_prekey_to_publish(
             dict(copy.deepcopy(data), accessKeyPublished=False), reactor.seconds()))
         new_key = b64encode(os.urandom(16))
