@@ -96,3 +96,16 @@ test("what is not a ratchet message is refused and recorded, not shown", () => {
   assert.equal(b.data.history.at(-1).text, undefined);
   assert.equal(deliver(v1, b, a).status, "duplicate");
 });
+
+test("a construct-chat state's access key is withdrawn with the next bundle, at once", () => {
+  const a = alice();
+  assert.equal(account.signedPrekeyToPublish(a.data, T + 60), null);
+  a.data.accessKey = "q3m1y0C8bA2Xv9v0p3lW0Q==";
+  a.data.accessKeyPublished = true;
+  const publish = account.signedPrekeyToPublish(a.data, T + 60);
+  assert.equal(publish.withdrawAccess, true);
+  assert.equal(verifyKeyBundle(publish.bundle, a.userId).userId, a.userId);
+  account.signedPrekeyPublished(a.data, publish.keyId, T + 60);
+  assert.equal("accessKey" in a.data, false);
+  assert.equal(account.signedPrekeyToPublish(a.data, T + 120), null);
+});

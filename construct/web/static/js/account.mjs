@@ -88,17 +88,26 @@ export function registrationBundle(data) {
 
 // Keys on the server
 
+// `withdrawAccess`: the state came from construct-chat, which registered an access key for
+// sealed messages (docs/crypto.md, "Sealed sender"). This page cannot open them, so the bundle
+// goes out at once with the key withdrawn, and construct-chat then sends this account plain
+// messages. (A construct-chat that opens the state again registers a new key.)
 export function signedPrekeyToPublish(data, now) {
   const newest = data.signedPrekeys[0];
+  const withdrawAccess = Boolean(data.accessKey);
   if (newest.published) {
-    if (now - newest.createdAt < SIGNED_PREKEY_ROTATION_SECONDS) return null;
-    data.signedPrekeys.unshift(newSignedPrekey(now));
+    const fresh = now - newest.createdAt < SIGNED_PREKEY_ROTATION_SECONDS;
+    if (fresh && !withdrawAccess) return null;
+    if (!fresh) data.signedPrekeys.unshift(newSignedPrekey(now));
   }
   const spkPublic = x25519Public(b64decode(data.signedPrekeys[0].privateKey));
-  return { keyId: data.signedPrekeys[0].keyId, bundle: makeKeyBundle(identity(data), spkPublic, account(data).userId, new Date(now * 1000)) };
+  const bundle = makeKeyBundle(identity(data), spkPublic, account(data).userId, new Date(now * 1000));
+  return { keyId: data.signedPrekeys[0].keyId, bundle, withdrawAccess };
 }
 
 export function signedPrekeyPublished(data, keyId, now) {
+  delete data.accessKey;
+  delete data.accessKeyPublished;
   for (const entry of data.signedPrekeys) {
     if (entry.keyId === keyId) entry.published = true;
     else if (entry.retiredAt === null) entry.retiredAt = Math.floor(now);

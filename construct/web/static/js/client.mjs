@@ -180,7 +180,8 @@ export class Messenger extends EventTarget {
   async publishKeys() {
     const publish = await this.store.update((data) => account.signedPrekeyToPublish(data, now()));
     if (publish) {
-      await this.connection.call("rotatePrekey", { update: publish.bundle });
+      const withdrawn = publish.withdrawAccess ? { unidentifiedAccessKey: null } : {};
+      await this.connection.call("rotatePrekey", { update: publish.bundle, ...withdrawn });
       await this.store.update((data) => account.signedPrekeyPublished(data, publish.keyId, now()));
     }
     const count = (await this.connection.call("getPrekeyCount")).payload.count;
