@@ -90,7 +90,7 @@ class Options(SettingsOptions):
         Setting("database", None, "postgresql://user@host/db URL", non_empty),
         Setting("redis", None, "redis://host:port/db URL (production mode)", redis_address),
         Setting("redis-prefix", "construct:", "prefix of every Redis key and channel", non_empty),
-        Setting("sender-key-file", None, "file of the keys that sign sender certificates (default: in --data-dir)",
+        Setting("sender-key-path", None, "file of the keys that sign sender certificates (default: in --data-dir)",
                 non_empty),
     )
     subCommands = [
@@ -165,7 +165,7 @@ class Admin:
 
     def _sender_key(self) -> int:
         """The key file the server reads (construct.storage.server_keys); no database needed."""
-        path = self._options["sender-key-file"] or key_file.default_path(self._options["data-dir"])
+        path = self._options["sender-key-path"] or key_file.default_path(self._options["data-dir"])
         command = self._options.subOptions
         try:
             if command.subCommand == "rotate":

@@ -196,7 +196,7 @@ class Options(SettingsOptions):
             "seconds a client may leave the server's output unread (0: no limit)", int_between(0, 86400),
         ),
         Setting("allowed-origins", ["*"], "comma-separated Origin patterns browsers may open a WebSocket from", origins),
-        Setting("sender-key-file", None,
+        Setting("sender-key-path", None,
                 "file of the keys that sign sender certificates, made on first start (default: in --data-dir)",
                 non_empty),
         Setting("sender-certificate-lifetime", DEFAULT_LIFETIME_SECONDS, "seconds a sender certificate is valid",
@@ -406,11 +406,11 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     obfs4proxy = obfs4_executable(options)
     camouflage = camouflage_site(options)
     db = open_database(PROGRAM, options["database"], options["data-dir"], options["database-pool"], reactor)
-    key_file = options["sender-key-file"] or default_path(options["data-dir"])
+    key_file = options["sender-key-path"] or default_path(options["data-dir"])
     try:
         keys = load_or_create(key_file, reactor.seconds())
     except KeyFileError as e:
-        raise SystemExit(f"{PROGRAM}: --sender-key-file: {e}") from None
+        raise SystemExit(f"{PROGRAM}: --sender-key-path: {e}") from None
     metrics = Metrics()
     root = SequentialMultiService()
     CollectorTuning().setServiceParent(root)

@@ -374,13 +374,14 @@ class Messenger:
 
     async def _send_entry(self, entry_id: str) -> Sent:
         entry = await self._store.read(partial(account.outbox_entry, entry_id=entry_id))
-        looked_up = entry["peer"] is not None
+        # Whether this run asked the server who the name is (None: an earlier run did).
+        looked_up: bool | None = None
         if entry["peer"] is None:
             # A contact we may seal to is not looked up: that would tell the server whom we write to.
             user_id = await self._store.read(partial(account.sealable_contact, peer_name=entry["peerName"]))
+            looked_up = user_id is None
             if user_id is None:
                 user_id, _ = await self._lookup(entry["peerName"])
-                looked_up = True
             await self._store.update(partial(account.resolve_outgoing, entry_id=entry_id, user_id=user_id))
         now = self._now()
         message = await self._store.update(partial(account.encrypt_outgoing, entry_id=entry_id, bundle=None, now=now))
@@ -393,21 +394,24 @@ class Messenger:
         peer = message["to"]
         if await self._store.read(partial(account.access_check_due, peer_id=peer, now=now)):
             await self._refresh_contact(peer)
-        if await self._send_sealed(entry_id, peer):
+        sealed = await self._send_sealed(entry_id, peer)
+        if sealed is True:
             return Sent(entry_id, entry["peerName"], peer, SEALED, entry["createdAt"])
-        if not looked_up:
-            # Refused sealed: the name may have come to mean another account (IdentityChanged).
+        if looked_up is False or (sealed is False and looked_up is None):
+            # Going plain after a sealed try: the name may have come to mean another account
+            # (IdentityChanged), which the lookup skipped for sealing would have said.
             user_id, _ = await self._lookup(entry["peerName"])
             await self._store.read(partial(account.check_name, username=entry["peerName"], user_id=user_id))
         ack = await self._deliver(entry_id, partial(self._request, "sendMessage", account.wire_message(message)), False)
         return Sent(entry_id, entry["peerName"], message["to"], ack["status"], entry["createdAt"])
 
-    async def _send_sealed(self, entry_id: str, peer: str) -> bool:
+    async def _send_sealed(self, entry_id: str, peer: str) -> bool | None:
         """Send an encrypted outbox entry sealed, if its recipient's bundle gave us the means;
-        False when it must go as a plain message (no access key, or the server refuses it)."""
+        otherwise it must go as a plain message: None when there are no means, False when the
+        server refused."""
         access = await self._store.read(partial(account.sealing_access, peer_id=peer))
         if access is None:
-            return False
+            return None
         content = await self._sealed_content(entry_id)
         for attempt in (1, 2):
             payload = {"id": entry_id, "to": peer, "content": content}
@@ -426,7 +430,7 @@ class Messenger:
                 break
             access = await self._store.read(partial(account.sealing_access, peer_id=peer))
             if access is None:
-                return False
+                break
         await self._store.update(partial(account.forget_access, peer_id=peer, now=self._now()))
         return False
 

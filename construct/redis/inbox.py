@@ -6,7 +6,8 @@ each script stays atomic:
     <prefix>{<userId>}:inbox   ZSET  message id -> seq (FIFO order)
     <prefix>{<userId>}:msgs    HASH  message id -> envelope (JSON)
     <prefix>{<userId>}:exp     ZSET  message id -> expiry (ms)
-    <prefix>{<userId>}:sent    HASH  message id -> "sender status expiry accepted" (dedup, kept until expiry)
+    <prefix>{<userId>}:sent    HASH  message id -> "sender status expiry accepted" (dedup, kept until expiry;
+                                     a sealed message's "sender" is "sealed:" and a digest of its content)
     <prefix>{<userId>}:seq     STRING per-user sequence
 
 and one index, `<prefix>pending` (ZSET user id -> earliest expiry), that the worker's sweeps walk.

@@ -3,7 +3,7 @@
     {"version": 1, "keys": [{"keyId": 2, "privateKey": "<b64 32-byte Ed25519 seed>", "createdAt": <unix s>}, …]}
 
 newest first. `construct` creates it on first start (mode 0600, in a directory it makes 0700)
-at `--sender-key-file`, by default in the data directory, and reads it again whenever it
+at `--sender-key-path`, by default in the data directory, and reads it again whenever it
 changes; `construct-admin sender-key rotate` puts a new key in front. Every instance of one
 deployment must read the same keys (the same file, copied or mounted as a secret).
 """
