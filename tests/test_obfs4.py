@@ -328,7 +328,7 @@ def test_chat_over_obfs4_and_websocket_survives_obfs4proxy_and_server_restarts(t
         _wait_for(lambda: len(_proxy_pids(server)) == 2 and server.log_text().count("obfs4 bridge line: ") == 2,
                   "obfs4proxy was not restarted")
         assert "obfs4proxy ended (killed by signal 9); restarting it" in server.log_text()
-        assert alice.ok("send", "bob", "after obfs4proxy died")[0]["status"] == "queued"
+        assert alice.ok("send", "bob", "after obfs4proxy died")[0]["status"] == "sealed"
     finally:
         server.stop()
     # The server's shutdown took its obfs4proxy with it.
@@ -338,7 +338,7 @@ def test_chat_over_obfs4_and_websocket_survives_obfs4proxy_and_server_restarts(t
     try:
         assert _bridge_line(restarted) == bridge_line
         bob.server = f"ws://127.0.0.1:{restarted.ports['http']}/ws"
-        assert alice.ok("send", "bob", "after the server restarted")[0]["status"] == "queued"
+        assert alice.ok("send", "bob", "after the server restarted")[0]["status"] == "sealed"
         received = bob.ok("listen", "--count", "2", "--timeout", "30")
         assert [m["text"] for m in received] == ["after obfs4proxy died", "after the server restarted"]
     finally:
