@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from construct.core.accounts import Identity
 from construct.core.app import Core
-from construct.errors import ConstructError, rate_limited
+from construct.errors import ConstructError, rate_limited, server_busy
 from construct.protocol import codec, operations
 from construct.protocol.backpressure import Backpressure
 from construct.protocol.replies import NO_REPLY, Place, ReplyOrder
@@ -34,6 +34,7 @@ from construct.protocol.timeouts import STOPPED_READING, ConnectionLimits, overd
 # sender's stores in order, and the reply order keeps replies in order.
 PIPELINED = frozenset({"sendMessage", "ackMessage"})
 MAX_IN_FLIGHT = 32
+SERVER_BUSY = server_busy()
 # A client told to wait for a free connection slot is told to retry after this long.
 CONNECTION_RETRY_SECONDS = 10
 
@@ -263,6 +264,12 @@ class ClientConnection:
 
     def _start(self, frame: codec.Frame, encoding: str) -> None:
         place = self._replies.take(frame.request_id, encoding)
+        if frame.type == "sendMessage" and self._core.admission.busy:
+            # Shedding must cost a small fraction of taking a send (construct.core.admission):
+            # the refusal goes in its place at once, with no operation, Deferred or Failure.
+            self._core.metrics.error(SERVER_BUSY.code)
+            self._replies.answer(place, ("error", SERVER_BUSY.payload(), frame.request_id, encoding))
+            return
         self._in_flight += 1
         operations.start(self._core, self, frame.type, frame.payload).addBoth(self._pipelined_answered, place)
 
