@@ -38,10 +38,20 @@ def test_a_reply_that_cannot_be_sent_does_not_hold_back_the_rest():
     assert sent == ["good"] and order.waiting == 0
 
 
+class _Reading:
+    def __init__(self) -> None:
+        self.changes: list[bool] = []
+
+    def pause_reading(self) -> None:
+        self.changes.append(False)
+
+    def resume_reading(self) -> None:
+        self.changes.append(True)
+
+
 def _flow() -> tuple[Backpressure, list[bool], task.Clock]:
-    reading: list[bool] = []
-    clock = task.Clock()
-    return Backpressure(lambda: reading.append(False), lambda: reading.append(True), 1024, clock), reading, clock
+    transport, clock = _Reading(), task.Clock()
+    return Backpressure(transport, 1024, clock), transport.changes, clock
 
 
 def test_a_long_backlog_stops_reading_until_it_is_short_again():

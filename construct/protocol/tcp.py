@@ -32,7 +32,9 @@ class JsonLinesProtocol(Protocol):
         self._buffer = b""
         self._discarding = False
         self.connection: ClientConnection | None = None
-        self._closed: Deferred = Deferred()
+        # Made only when a shutdown waits for the close (a Deferred on every connection is 280 bytes).
+        self._closed: Deferred | None = None
+        self._lost = False
         self._opened_at = 0.0
         self._refused = False
 
@@ -59,16 +61,7 @@ class JsonLinesProtocol(Protocol):
             self._refused = True
             return False
         self.connection = ClientConnection(
-            factory.core,
-            "tcp",
-            self._write,
-            self.transport.pauseProducing,
-            self.transport.resumeProducing,
-            factory.max_line_bytes,
-            address,
-            self.abort,
-            factory.limits,
-            factory.clock,
+            factory.core, "tcp", self, factory.max_line_bytes, address, factory.limits, factory.clock
         )
         self.transport.registerProducer(self.connection, True)
         return True
@@ -127,7 +120,8 @@ class JsonLinesProtocol(Protocol):
             if self.connection is not None:
                 self.factory.addresses.release(self.connection.address)
                 self.connection.connection_lost()
-            if not self._closed.called:
+            self._lost = True
+            if self._closed is not None and not self._closed.called:
                 self._closed.callback(None)
         except Exception:
             self.log.failure("unexpected error closing a TCP connection")
@@ -136,13 +130,24 @@ class JsonLinesProtocol(Protocol):
         """Answer what was received, flush, close."""
         if self.connection is not None:
             await self.connection.drain()
+        if self._lost:
+            return
+        self._closed = Deferred()
         self._close_politely()
         await self._closed
+
+    # The connection's Transport (construct.protocol.connection)
 
     def abort(self) -> None:
         self.transport.abortConnection()
 
-    def _write(self, data: bytes, encoding: str) -> None:
+    def pause_reading(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()
+
+    def write_frame(self, data: bytes, encoding: str) -> None:
         write_now(self.transport, data + b"\n")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -47,6 +47,26 @@ def server_frame(payload: bytes, binary: bool) -> bytes:
     if size < 1 << 16:
         return bytes((opcode, 126)) + size.to_bytes(2, "big") + payload
     return bytes((opcode, 127)) + size.to_bytes(8, "big") + payload
+
+
+class SendQueue(list):
+    """Autobahn's send queue (for synchronous and chopped sends) as a list: an empty deque costs
+    over 600 bytes on every connection, and the queue is almost never used."""
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+class _NobodyWaits:
+    """A future that Autobahn resolves and nothing here waits on."""
+
+    def callback(self, result: Any) -> None:
+        pass
+
+
+NOBODY_WAITS = _NobodyWaits()
+# Autobahn counts traffic on every connection; nothing reads the counts, so all share one.
+UNREAD_STATISTICS = TrafficStats()
 
 
 class FastFrames:
@@ -134,32 +154,27 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         try:
-            self._forget_handshake()
-            self._closed = Deferred()
+            self._slim_down()
             factory = self.factory
             factory.tracker.add(self)
             self.connection = ClientConnection(
-                factory.core,
-                "websocket",
-                self._write,
-                self.transport.pauseProducing,
-                self.transport.resumeProducing,
-                factory.max_frame_bytes,
-                self._address,
-                self.abort,
-                factory.limits,
-                factory.clock,
+                factory.core, "websocket", self, factory.max_frame_bytes, self._address, factory.limits, factory.clock
             )
             self.transport.registerProducer(self.connection, True)
         except Exception:
             self._log.failure("could not set up a WebSocket connection")
             self.dropConnection(abort=True)
 
-    def _forget_handshake(self) -> None:
-        """Autobahn keeps the opening handshake's text for the connection's life: over 1 KB an
-        idle connection does not need (nothing reads these after onConnect)."""
+    def _slim_down(self) -> None:
+        """Let go of what Autobahn keeps per connection that an open one of ours does not use:
+        the opening handshake's text (over 1 KB), traffic statistics nobody reads, a send queue
+        only synchronous sends use (a deque is over 600 bytes empty), and the futures of the
+        open and the close, which nobody waits on here (Autobahn still resolves them)."""
         for name in HANDSHAKE_LEFTOVERS:
             setattr(self, name, None)
+        self.trafficStats = UNREAD_STATISTICS
+        self.send_queue = SendQueue()
+        self.is_open = self.is_closed = NOBODY_WAITS
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
@@ -185,12 +200,23 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
         """Answer what was received, then close with 1001 (going away)."""
         if self.connection is not None:
             await self.connection.drain()
+        if self.state == WebSocketProtocol.STATE_CLOSED:
+            return
+        self._closed = Deferred()
         # sendClose only takes 1000 or application codes; 1001 is the one that says "going away".
         self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
         await self._closed
 
+    # The connection's Transport (construct.protocol.connection)
+
     def abort(self) -> None:
         self.dropConnection(abort=True)
+
+    def pause_reading(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()
 
     def overdue(self, now: float) -> str | None:
         """Why the tracker's sweep must close this connection now, if it must."""
@@ -203,7 +229,7 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
             self.connection.send_error(closing_error(reason))
         self.sendCloseFrame(code=POLICY_VIOLATION, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
-    def _write(self, data: bytes, encoding: str) -> None:
+    def write_frame(self, data: bytes, encoding: str) -> None:
         # A reply can be ready after Autobahn began failing the connection (invalid UTF-8, a
         # protocol error) and before onClose: there is no one left to read it.
         if self.state == WebSocketProtocol.STATE_OPEN:
