@@ -278,7 +278,10 @@ class ClientConnection:
                 else:
                     backlog.pop(0)
                     self._alone = True
-                    self._replies.all_answered().addCallback(self._run_alone, frame, encoding)
+                    if self._reply_order is None or not self._reply_order.waiting:
+                        self._run_alone(None, frame, encoding)
+                    else:
+                        self._reply_order.all_answered().addCallback(self._run_alone, frame, encoding)
         finally:
             self._running = False
             if self._backpressure is not None or len(backlog) >= PAUSE_BACKLOG:

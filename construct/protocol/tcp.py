@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from construct.core.app import Core
 from construct.errors import rate_limited
 from construct.protocol import codec
-from construct.protocol.writes import write_now
+from construct.protocol.writes import share_log_prefix, write_now
 from construct.protocol.connection import (
     CONNECTION_RETRY_SECONDS,
     AddressCounts,
@@ -40,6 +40,7 @@ class JsonLinesProtocol(Protocol):
 
     def connectionMade(self) -> None:
         try:
+            share_log_prefix(self.transport, "construct-tcp")
             self.factory.tracker.add(self)
             self._opened_at = self.factory.clock.seconds()
             if not self.factory.proxied:

@@ -1,4 +1,7 @@
-"""Writing to a plain TCP socket without a round trip through the reactor.
+"""Two economies on the plain TCP transports of client connections: writing without a round
+trip through the reactor, and one shared log prefix.
+
+Writing.
 
 Twisted's `transport.write` only buffers: it registers the socket for writing (an `epoll_ctl`),
 sends on the reactor's next turn, and unregisters it (another `epoll_ctl`). A relay writes one
@@ -38,3 +41,12 @@ def write_now(transport: Any, data: bytes) -> None:
         sent = 0
     if sent < len(data):
         transport.write(data[sent:] if sent else data)
+
+
+def share_log_prefix(transport: Any, prefix: str) -> None:
+    """Twisted gives every connection a log prefix and a repr of its own that name the client's
+    address (`JsonLinesProtocol,42,203.0.113.9`): over a hundred bytes on every connection, and an
+    address in the log's system field, which construct.logs keeps out of the log otherwise. All
+    client connections of a kind share one string instead."""
+    if isinstance(transport, tcp.Connection):
+        transport.logstr = transport.repstr = prefix

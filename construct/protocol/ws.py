@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from construct.core.app import Core
 from construct.protocol import codec
-from construct.protocol.writes import write_now
+from construct.protocol.writes import share_log_prefix, write_now
 from construct.protocol.connection import AddressCounts, ClientConnection, ConnectionTracker, client_address
 from construct.protocol.timeouts import ConnectionLimits, closing_error
 from construct.protocol.padding import pad
@@ -172,6 +172,7 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
         open and the close, which nobody waits on here (Autobahn still resolves them)."""
         for name in HANDSHAKE_LEFTOVERS:
             setattr(self, name, None)
+        share_log_prefix(self.transport, "construct-websocket")
         self.trafficStats = UNREAD_STATISTICS
         self.send_queue = SendQueue()
         self.is_open = self.is_closed = NOBODY_WAITS
