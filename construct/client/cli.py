@@ -46,7 +46,7 @@ from construct.client.account import (
     account as stored_account,
 )
 from construct.client.crypto import MAX_PLAINTEXT, InvalidBundle, MessageTooLarge
-from construct.client.messenger import AccountDeleted, Messenger, UnusableUsername, normalize_username
+from construct.client.messenger import NOT_NOW_CODES, AccountDeleted, Messenger, UnusableUsername, normalize_username
 from construct.client.state import KdfParams, WrongPassphrase, load_state_with_key
 from construct.client.store import StateBusy, StateExists, StateStore
 from construct.client.transport import (
@@ -87,7 +87,6 @@ EXIT_CODES = {
 }
 AUTH_CODES = frozenset({"INVALID_CREDENTIALS", "INVALID_TOKEN", "SESSION_EXPIRED", "AUTH_REQUIRED"})
 NETWORK_CODES = frozenset({"SERVICE_UNAVAILABLE", "SERVER_ERROR"})
-NOT_NOW_CODES = frozenset({"RATE_LIMITED", "INBOX_FULL"})
 
 # libsodium's Argon2id presets for the state file's key, chosen when the file is created.
 KDF_COSTS = {
