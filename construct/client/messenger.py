@@ -312,6 +312,13 @@ class Messenger:
             info["trusted"] = True
         return info
 
+    async def export(self, path: str) -> int:
+        """Write the key file (the state with its messages inline) to `path`, under the same
+        passphrase; returns how many messages it holds."""
+        data = await self._store.transact(account.key_file, save=False)
+        await self._store.write_copy(path, data)
+        return len(data["history"])
+
     async def history(self, username: str) -> list[dict]:
         return await self._store.transact(partial(account.history_of, username=normalize_username(username)), save=False)
 
