@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from construct.core.app import Core
 from construct.errors import rate_limited
 from construct.protocol import codec
-from construct.protocol.writes import share_log_prefix, write_now
+from construct.protocol.writes import CoalescedWrites, TurnWriter, share_log_prefix
 from construct.protocol.connection import (
     CONNECTION_RETRY_SECONDS,
     AddressCounts,
@@ -22,7 +22,7 @@ from construct.protocol.connection import (
 from construct.protocol.timeouts import AUTH_TIMEOUT, ConnectionLimits, closing_error
 
 
-class JsonLinesProtocol(Protocol):
+class JsonLinesProtocol(CoalescedWrites, Protocol):
     """Splits lines itself so an oversize line is skipped with an error, not a disconnect."""
 
     log = Logger()
@@ -86,6 +86,7 @@ class JsonLinesProtocol(Protocol):
         self._close_politely()
 
     def _close_politely(self) -> None:
+        self.flush_writes()
         # A TLS transport closes only once no producer is registered.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -149,7 +150,7 @@ class JsonLinesProtocol(Protocol):
         self.transport.resumeProducing()
 
     def write_frame(self, data: bytes, encoding: str) -> None:
-        write_now(self.transport, data + b"\n")
+        self.write_soon(data + b"\n")
 
 
 class JsonLinesFactory(Factory):
@@ -172,6 +173,7 @@ class JsonLinesFactory(Factory):
         self.addresses = addresses
         self.limits = limits
         self.clock = clock
+        self.writer = TurnWriter(clock)
         self.proxied = proxied
 
     def buildProtocol(self, addr: Any) -> JsonLinesProtocol:

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from construct.core.app import Core
 from construct.protocol import codec
-from construct.protocol.writes import share_log_prefix, write_now
+from construct.protocol.writes import CoalescedWrites, TurnWriter, share_log_prefix
 from construct.protocol.connection import AddressCounts, ClientConnection, ConnectionTracker, client_address
 from construct.protocol.timeouts import ConnectionLimits, closing_error
 from construct.protocol.padding import pad
@@ -69,7 +69,7 @@ NOBODY_WAITS = _NobodyWaits()
 UNREAD_STATISTICS = TrafficStats()
 
 
-class FastFrames:
+class FastFrames(CoalescedWrites):
     """The common frames of an open connection without Autobahn's per-frame machinery.
 
     Autobahn runs a state machine per frame (a frame header object, a new C XOR masker, a
@@ -80,7 +80,7 @@ class FastFrames:
     a fragment, reserved bits, a length over the limit or not minimally encoded, text that is
     not UTF-8, or a frame not yet complete) the rest of the bytes go to Autobahn, which handles
     them as it always does, from a frame boundary. Replies go out as one unfragmented frame,
-    written straight to the socket when it can take them (construct.protocol.writes).
+    written with the turn's others, straight to the socket (construct.protocol.writes).
     """
 
     def dataReceived(self, data: bytes) -> None:
@@ -123,14 +123,17 @@ class FastFrames:
             self._dataReceived(data[start:] if start else data)
 
     def send_message(self, payload: bytes, binary: bool) -> None:
-        """`sendMessage` for an open connection: one frame, straight to the socket if it can."""
+        """`sendMessage` for an open connection: one frame, out with the turn's others."""
         if self.send_queue:
+            self.flush_writes()
             self.sendMessage(payload, isBinary=binary)
             return
-        write_now(self.transport, server_frame(payload, binary))
+        self.write_soon(server_frame(payload, binary))
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        """Autobahn's own writes (handshake, control frames), without its debug line."""
+        """Autobahn's own writes (handshake, control frames, close), after what this turn wrote
+        before them, and without Autobahn's debug line."""
+        self.flush_writes()
         if sync or chopsize or self.send_queue or self.state != WebSocketProtocol.STATE_OPEN:
             super().sendData(data, sync, chopsize)
             return
@@ -261,6 +264,7 @@ class ConstructWebSocketFactory(WebSocketServerFactory):
         self.addresses = addresses
         self.limits = limits
         self.clock = clock
+        self.writer = TurnWriter(clock)
         self.max_frame_bytes = max_frame_bytes
         # One call: setProtocolOptions resets allowNullOrigin unless it is passed again.
         # Compression stays off (Autobahn's default): it costs memory per connection and
