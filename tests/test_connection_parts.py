@@ -118,14 +118,14 @@ def test_admission_sheds_when_more_sends_are_in_flight_than_complete_in_the_dela
     clock = task.Clock()
     admission = Admission(clock)
     _run(admission.tick())
-    # A steady 4,000 completions a second for a while: the limit follows the rate.
+    # A steady 20,000 completions a second for a while: the limit follows the rate.
     for _ in range(40):
-        for _ in range(int(4000 * TICK_SECONDS)):
+        for _ in range(int(20_000 * TICK_SECONDS)):
             admission.started()
             admission.finished()
         clock.advance(TICK_SECONDS)
         _run(admission.tick())
-    assert abs(admission.limit() - 4000 * MAX_DELAY_SECONDS) < 50
+    assert abs(admission.limit() - 20_000 * MAX_DELAY_SECONDS) < 50
     for _ in range(int(admission.limit()) + 10):
         admission.started()
     clock.advance(TICK_SECONDS)
