@@ -1,7 +1,7 @@
 """Prometheus metrics for one process, in a registry of its own (no global state).
 
-The per-message figures (accepted, delivered, acknowledged, send-to-ack latency) are plain
-tallies read at scrape time: prometheus_client's own types take a lock and check their state
+The per-message figures (accepted, delivered, acknowledged, send-to-ack latency, error replies)
+are plain tallies read at scrape time: prometheus_client's own types take a lock and check their state
 on every update, a measurable share of what a message costs.
 """
 
@@ -24,6 +24,8 @@ class _MessageTallies:
         self.accepted = 0
         self.delivered = dict.fromkeys(DELIVERY_PATHS, 0)
         self.acknowledged = 0
+        # Error replies by code: a server shedding load answers thousands a second.
+        self.errors: dict[str, int] = {}
         # One count per bucket of SEND_TO_ACK_BUCKETS, and one for above the last.
         self.ack_latency_counts = [0] * (len(SEND_TO_ACK_BUCKETS) + 1)
         self.ack_latency_sum = 0.0
@@ -40,6 +42,10 @@ class _MessageTallies:
         for path, count in self.delivered.items():
             delivered.add_metric([path], count)
         yield delivered
+        errors = CounterMetricFamily("construct_errors", "Error replies by code", labels=["code"])
+        for code, count in self.errors.items():
+            errors.add_metric([code], count)
+        yield errors
         yield CounterMetricFamily(
             "construct_messages_acknowledged",
             "Messages removed by the recipient's ackMessage",
@@ -79,7 +85,6 @@ class Metrics:
             "Users whose unacknowledged messages the worker had pushed again",
             registry=self.registry,
         )
-        self.errors = Counter("construct_errors", "Error replies by code", ["code"], registry=self.registry)
 
     def connection_opened(self, transport: str) -> None:
         self.connections.labels(transport).inc()
@@ -102,7 +107,8 @@ class Metrics:
             counts[bisect_left(SEND_TO_ACK_BUCKETS, latency)] += 1
 
     def error(self, code: str) -> None:
-        self.errors.labels(code).inc()
+        errors = self._tallies.errors
+        errors[code] = errors.get(code, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -69,18 +69,20 @@ class MemoryClient:
         self.closed = False
         # What the connection last told its transport: read the client, or stop.
         self.reading = True
-        self.connection = ClientConnection(
-            core, "memory", self._write, lambda: self._read(False), lambda: self._read(True), 256 * 1024,
-            address, self._close, limits, clock or reactor,
-        )
+        self.connection = ClientConnection(core, "memory", self, 256 * 1024, address, limits, clock or reactor)
 
-    def _read(self, reading: bool) -> None:
-        self.reading = reading
+    # The connection's Transport
 
-    def _close(self) -> None:
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def abort(self) -> None:
         self.closed = True
 
-    def _write(self, data: bytes, encoding: str) -> None:
+    def write_frame(self, data: bytes, encoding: str) -> None:
         self.received.put(decode_server_frame(data, encoding))
 
     def send(self, message_type: str, payload: dict | None = None, request_id: str | None = None) -> None:

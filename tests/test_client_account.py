@@ -393,6 +393,35 @@ def test_a_version_1_state_is_upgraded_with_its_history_and_outbox(users, tmp_pa
     assert upgraded.run(lambda data, history: history.seen("junk"))
 
 
+def test_a_key_file_carries_the_history_and_opening_one_moves_it_into_the_history_file(users, tmp_path):
+    """key_file (construct-chat export, and what the web client keeps and exports) is the state with
+    its messages inline; upgrade moves them into the history file: shown messages (the web
+    client's "delivered" too) kept in order, incoming ids recognised as seen, anything else dropped."""
+    alice, bob = users("alice", "bob")
+    first = alice.send(bob, "hello bob")
+    bob.receive(alice, first)
+    bob.send(alice, "hi alice")
+    exported = bob.run(account.key_file)
+    assert exported["version"] == account.STATE_VERSION and "history" not in bob.state
+    assert [(m["direction"], m["text"]) for m in exported["history"]] == [("in", "hello bob"), ("out", "hi alice")]
+    exported["history"] += [
+        {"id": "from-a-browser", "peer": alice.user_id, "peerName": "alice", "direction": "out", "text": "seen live",
+         "timestamp": 2, "status": "delivered"},
+        {"id": "not-an-entry"}, "junk",
+    ]
+    opened = User("bob-elsewhere", tmp_path, bob.user_id)
+    opened.state = copy.deepcopy(exported)
+    opened.run(account.upgrade)
+    assert opened.state == bob.state
+    assert [(m["text"], m["status"]) for m in opened.messages()] == [
+        ("hello bob", "received"), ("hi alice", "sent"), ("seen live", "delivered")]
+    assert opened.accept(dict(first), None).status == "duplicate"
+    # A current state file (no inline history) is left as it is.
+    before = copy.deepcopy(opened.state)
+    opened.run(account.upgrade)
+    assert opened.state == before and len(opened.messages()) == 3
+
+
 def test_signed_prekey_rotation_keeps_old_keys_for_a_while(users):
     """After a week a new signed prekey is published; the old one still opens messages in flight, then goes."""
     alice, bob = users("alice", "bob")

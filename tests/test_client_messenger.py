@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import uuid
 
 import pytest
@@ -10,6 +11,7 @@ from nacl.pwhash import argon2id
 from twisted.internet import defer, reactor, task
 
 from construct.client import messenger as messenger_module
+from construct.client.cli import EXIT_NETWORK, _describe_failure
 from construct.client.crypto import IdentityKeys, b64encode, envelope_context, verify_key_bundle
 from construct.client.ratchet import Session
 from construct.client.messenger import Messenger
@@ -161,21 +163,29 @@ async def test_unacknowledged_sends_are_resent_unchanged(core, server, tmp_path,
 
 
 @pytest.mark.parametrize("path", ["sendMessage", "sendSealed"])
+@pytest.mark.parametrize("code", ["RATE_LIMITED", "SERVER_BUSY"])
 @pytest_twisted.ensureDeferred
-async def test_a_rate_limited_send_stays_in_the_outbox_and_goes_out_next_time(
-    core, server, tmp_path, monkeypatch, path
+async def test_a_send_refused_for_now_stays_in_the_outbox_and_goes_out_next_time(
+    core, server, tmp_path, monkeypatch, code, path
 ):
-    """RATE_LIMITED means "not now": the message is not marked failed, and the next run sends it first."""
+    """RATE_LIMITED and SERVER_BUSY (the server sheds sends past its capacity) mean "not now",
+    sealed or not: the message is not marked failed, construct-chat exits 3, and the next run
+    sends it first."""
     alice, _ = await _user(server, tmp_path, "alice")
     bob, _ = await _user(server, tmp_path, "bob")
     limited = [True]
-    _intercept(
-        core, monkeypatch, path, lambda payload: defer.fail(rate_limited(30, "Too many messages")) if limited[0] else None
-    )
+    if code == "RATE_LIMITED":
+        _intercept(core, monkeypatch, path,
+                   lambda payload: defer.fail(rate_limited(30, "Too many messages")) if limited[0] else None)
+    else:
+        _intercept(core, monkeypatch, path, lambda payload: None)
+        core.admission.busy = True
     with pytest.raises(ServerError) as refused:
         await alice.send("bob", "held back")
-    assert refused.value.code == "RATE_LIMITED" and refused.value.retry_after == 30
+    assert refused.value.code == code and refused.value.retry_after == (30 if code == "RATE_LIMITED" else 1)
+    assert _describe_failure(refused.value, argparse.Namespace(command="send"))[0] == EXIT_NETWORK
     limited[0] = False
+    core.admission.busy = False
     await alice.send("bob", "after the wait")
     received: list[dict] = []
     await bob.listen(received.append, count=2)

@@ -233,6 +233,6 @@ def test_without_an_access_key_a_message_is_not_sealed(people, tmp_path):
     old = copy.deepcopy(bob.state)
     for field in ("accessKey", "accessKeyPublished", "senderCertificate", "serverKeys"):
         del old[field]
-    account.upgrade(old, bob.history)
+    account.prepare_sealing(old)
     assert len(b64decode(old["accessKey"])) == 16 and not old["accessKeyPublished"]
     assert account.signed_prekey_to_publish(old, NOW) is not None

@@ -96,6 +96,24 @@ async def test_history_rows_are_written_with_their_change_and_never_without_it(t
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_copy_is_sealed_under_the_same_passphrase_and_never_overwrites(tmp_path):
+    """write_copy (construct-chat export) writes a new state file the same passphrase opens, and
+    refuses a path where a state file or a history file already is."""
+    store = StateStore(str(tmp_path / "state.json"), "pw", FAST)
+    await store.create({"n": 1})
+    await store.read(lambda data: data["n"])
+    copy = tmp_path / "copy.json"
+    await store.write_copy(str(copy), {"n": 1, "history": []})
+    assert load_state(copy, "pw") == {"n": 1, "history": []}
+    (tmp_path / "other.json.history").write_bytes(b"")
+    for taken in (copy, tmp_path / "other.json"):
+        with pytest.raises(StateExists):
+            await store.write_copy(str(taken), {"n": 2})
+    assert load_state(copy, "pw") == {"n": 1, "history": []} and not (tmp_path / "other.json").exists()
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_two_stores_on_one_file_see_each_others_changes(tmp_path):
     """A second store (another process, in real life) reloads what the first saved, and the reverse."""
     path = str(tmp_path / "state.json")

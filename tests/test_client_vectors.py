@@ -59,7 +59,7 @@ def _replay(chunks: list[str]) -> Callable[[int], bytes]:
 
 def test_the_conversation_replays_byte_for_byte():
     """With the recorded randomness each side produces exactly the recorded contents and reads
-    every message, in the recorded delivery order."""
+    every message, in the recorded delivery order, leaving the recorded session states."""
     parties = VECTORS["parties"]
     messages = VECTORS["messages"]
     identities = {
@@ -83,6 +83,7 @@ def test_the_conversation_replays_byte_for_byte():
                 message["ephemeralPublicKey"], message["messageNumber"], message["content"]
             )
             assert random_bytes.left == []
+            assert session.to_dict() == event["session"]
             sessions[sender] = session
         else:
             message = messages[event["deliver"]]
@@ -96,15 +97,16 @@ def test_the_conversation_replays_byte_for_byte():
                 opk = OneTimePrekey(me["oneTimePrekey"]["keyId"], bytes.fromhex(me["oneTimePrekey"]["privateKey"]))
                 session, plaintext, used = Session.from_initial(
                     identities[recipient], {spk.key_id: spk}, {opk.key_id: opk}, ratchet_public,
-                    message["messageNumber"], message["content"], context, random_bytes, now=0,
+                    message["messageNumber"], message["content"], context, random_bytes, now=event["now"],
                 )
                 assert used == opk.key_id
             else:
                 session = Session.from_dict(sessions[recipient].to_dict(), random_bytes)
                 plaintext = session.decrypt(
-                    ratchet_public, message["messageNumber"], message["content"], context, now=0
+                    ratchet_public, message["messageNumber"], message["content"], context, now=event["now"]
                 )
             assert plaintext == message["plaintext"].encode()
             assert random_bytes.left == []
+            assert session.to_dict() == event["session"]
             sessions[recipient] = session
     assert [base64.b64decode(m["content"])[0] for m in messages] == [0x20, 0x20, 0x21, 0x21, 0x21, 0x21]

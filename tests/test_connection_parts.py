@@ -38,10 +38,20 @@ def test_a_reply_that_cannot_be_sent_does_not_hold_back_the_rest():
     assert sent == ["good"] and order.waiting == 0
 
 
+class _Reading:
+    def __init__(self) -> None:
+        self.changes: list[bool] = []
+
+    def pause_reading(self) -> None:
+        self.changes.append(False)
+
+    def resume_reading(self) -> None:
+        self.changes.append(True)
+
+
 def _flow() -> tuple[Backpressure, list[bool], task.Clock]:
-    reading: list[bool] = []
-    clock = task.Clock()
-    return Backpressure(lambda: reading.append(False), lambda: reading.append(True), 1024, clock), reading, clock
+    transport, clock = _Reading(), task.Clock()
+    return Backpressure(transport, 1024, clock), transport.changes, clock
 
 
 def test_a_long_backlog_stops_reading_until_it_is_short_again():
@@ -108,14 +118,14 @@ def test_admission_sheds_when_more_sends_are_in_flight_than_complete_in_the_dela
     clock = task.Clock()
     admission = Admission(clock)
     _run(admission.tick())
-    # A steady 4,000 completions a second for a while: the limit follows the rate.
+    # A steady 20,000 completions a second for a while: the limit follows the rate.
     for _ in range(40):
-        for _ in range(int(4000 * TICK_SECONDS)):
+        for _ in range(int(20_000 * TICK_SECONDS)):
             admission.started()
             admission.finished()
         clock.advance(TICK_SECONDS)
         _run(admission.tick())
-    assert abs(admission.limit() - 4000 * MAX_DELAY_SECONDS) < 50
+    assert abs(admission.limit() - 20_000 * MAX_DELAY_SECONDS) < 50
     for _ in range(int(admission.limit()) + 10):
         admission.started()
     clock.advance(TICK_SECONDS)

@@ -611,7 +611,7 @@ def test_reply_after_the_websocket_began_closing_is_dropped(state):
     before onClose is dropped; it was an unhandled Disconnected out of the connection's backlog."""
     protocol = ConstructWebSocketProtocol()
     protocol.state = {"closing": WebSocketProtocol.STATE_CLOSING, "closed": WebSocketProtocol.STATE_CLOSED}[state]
-    protocol._write(codec.encode("pong", None, "1", codec.JSON), codec.JSON)
+    protocol.write_frame(codec.encode("pong", None, "1", codec.JSON), codec.JSON)
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,22 @@ class ScriptedMessaging:
         )
 
 
+class Recorder:
+    """A connection's Transport that hands each frame written to `write`."""
+
+    def __init__(self, write) -> None:
+        self.write_frame = write
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
 class ScriptedCore:
     def __init__(self) -> None:
         self.messaging = ScriptedMessaging()
@@ -91,8 +107,8 @@ def _alice_connected() -> tuple[ScriptedCore, ClientConnection, list]:
     core = ScriptedCore()
     written: list = []
     connection = ClientConnection(
-        core, "memory", lambda data, encoding: written.append(codec.decode(data, encoding)),
-        lambda: None, lambda: None, 1 << 16, "192.0.2.1", lambda: None, ConnectionLimits(), task.Clock(),
+        core, "memory", Recorder(lambda data, encoding: written.append(codec.decode(data, encoding))), 1 << 16,
+        "192.0.2.1", ConnectionLimits(), task.Clock(),
     )
     connection.identity = Identity(ALICE, "alice", "token-hash")
     return core, connection, written
@@ -148,10 +164,7 @@ def test_a_reply_that_cannot_be_written_does_not_hold_back_the_ones_after_it():
             raise OSError("the transport refused this one")
         written.append(frame)
 
-    connection = ClientConnection(
-        core, "memory", write, lambda: None, lambda: None, 1 << 16, "192.0.2.1", lambda: None,
-        ConnectionLimits(), task.Clock(),
-    )
+    connection = ClientConnection(core, "memory", Recorder(write), 1 << 16, "192.0.2.1", ConnectionLimits(), task.Clock())
     connection.identity = Identity(ALICE, "alice", "token-hash")
     for number in range(3):
         connection.frame_received(codec.encode("sendMessage", chat_message(ALICE, BOB), f"r{number}", codec.JSON), codec.JSON)

@@ -319,6 +319,8 @@ def test_message_tallies_render_as_prometheus_counters_and_histogram():
     metrics.delivered("live", 2)
     metrics.delivered("inbox")
     metrics.acknowledged([0.01, 0.2, 10**7])
+    for code in ("SERVER_BUSY", "SERVER_BUSY", "INBOX_FULL"):
+        metrics.error(code)
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(metrics.render().decode())
@@ -328,6 +330,8 @@ def test_message_tallies_render_as_prometheus_counters_and_histogram():
     assert samples[("construct_messages_delivered_total", (("path", "live"),))] == 2
     assert samples[("construct_messages_delivered_total", (("path", "inbox"),))] == 1
     assert samples[("construct_messages_acknowledged_total", ())] == 3
+    assert samples[("construct_errors_total", (("code", "SERVER_BUSY"),))] == 2
+    assert samples[("construct_errors_total", (("code", "INBOX_FULL"),))] == 1
     bucket = "construct_send_to_ack_seconds_bucket"
     assert samples[(bucket, (("le", "0.01"),))] == 1, "a bound is inclusive"
     assert samples[(bucket, (("le", "0.5"),))] == 2

@@ -93,7 +93,7 @@ class BrowserUser:
         expect(self.page.locator("#peer-name")).to_have_text(username)
 
     def select(self, username: str) -> None:
-        self.page.locator("#contacts li:not(.replaced)", has_text=username).click()
+        self.page.locator("#contacts li", has_text=username).click()
         expect(self.page.locator("#peer-name")).to_have_text(username)
 
     def send(self, text: str) -> None:
@@ -163,13 +163,25 @@ def test_two_browser_users_chat(browser, server):
     expect(bob.page.locator("#messages li.out")).to_have_attribute("data-status", "delivered")
     assert alice.safety_number() == bob.safety_number()
     alice.screenshot("2-conversation")
+
+    # Bob deletes his account elsewhere: his page says the account is gone (not "log in again"),
+    # and can remove it from the browser.
+    _delete_account(server, "bob")
+    expect(bob.page.locator("#gone")).to_be_visible()
+    expect(bob.page.locator("#gone")).to_contain_text("deleted")
+    expect(bob.page.locator("#relogin")).to_be_hidden()
+    bob.page.click("#gone-remove")
+    bob.page.wait_for_selector("body[data-ready=true]")
+    expect(bob.page.locator("#unlock-account option")).to_have_count(0)
     alice.check_clean()
     bob.check_clean()
 
 
 def test_a_browser_user_and_a_construct_chat_user_chat_both_ways(browser, server, tmp_path):
     """Carol in the browser and Dave on construct-chat: each reads the other, the safety numbers
-    agree, and Carol's exported key file is a state file construct-chat reads."""
+    agree, Carol's exported key file is a state file construct-chat reads with its history, and
+    the key file `construct-chat export` writes opens in a browser with Dave's history (his bare
+    state file too, without it, saying so)."""
     carol, dave = _first_contact(browser, server, tmp_path, "carol", "dave", "Hello Dave, from the browser")
     assert dave.ok("send", "carol", "Hello Carol, from the terminal ✓")[0]["status"] == "delivered"
     assert carol.wait_for_incoming(1) == ["Hello Carol, from the terminal ✓"]
@@ -193,14 +205,26 @@ def test_a_browser_user_and_a_construct_chat_user_chat_both_ways(browser, server
         ("out", "Hello Dave, from the browser"), ("in", "Hello Carol, from the terminal ✓"), ("out", "Got it")]
     carol.check_clean()
 
-    # And the other way: Dave's construct-chat state file opens in a browser, with its history.
-    dave_web = BrowserUser(browser, server, "dave")
-    dave_web.page.set_input_files("#import-file", str(dave.state))
-    dave_web.page.fill("#import-passphrase", dave.env["CONSTRUCT_CHAT_PASSPHRASE"])
-    dave_web.page.click("#import-form button")
-    dave_web.wait_online()
-    dave_web.select("carol")
+    # And the other way: Dave's state file (version 2, its history in the file beside it) opens in a
+    # browser without the messages, saying where they are; the key file `export` writes has them.
+    def imported(path: Path) -> BrowserUser:
+        user = BrowserUser(browser, server, "dave")
+        user.page.set_input_files("#import-file", str(path))
+        user.page.fill("#import-passphrase", dave.env["CONSTRUCT_CHAT_PASSPHRASE"])
+        user.page.click("#import-form button")
+        user.wait_online()
+        user.select("carol")
+        return user
+
+    bare = imported(dave.state)
+    expect(bare.page.locator("#toast")).to_contain_text("construct-chat export")
+    expect(bare.page.locator("#messages li")).to_have_count(0)
+    bare.check_clean()
+    key_file = tmp_path / "dave-key-file.json"
+    assert dave.ok("export", str(key_file))[0]["messages"] == 3
+    dave_web = imported(key_file)
     assert dave_web.wait_for_incoming(2) == ["Hello Dave, from the browser", "Got it"]
+    expect(dave_web.page.locator("#messages li.out")).to_have_text(re.compile("Hello Carol, from the terminal"))
     dave_web.check_clean()
 
 
@@ -254,9 +278,12 @@ def _delete_account(server: ServerProcess, username: str) -> None:
 
 
 def test_an_identity_change_shows_the_warning(browser, server, tmp_path):
-    """Gina's name passes to a new account with new keys: Hank's browser shows her message under a
-    warning and refuses to send until he has compared the safety number and trusts the new keys."""
-    hank, _ = _first_contact(browser, server, tmp_path, "hank", "gina", "Hi Gina")
+    """Gina's name passes to a new account with new keys: as construct-chat does, Hank's browser
+    refuses the newcomer's message and sending to the name, and says why on the pinned contact,
+    with both safety numbers, until he has compared the new one and trusts the new account; the
+    earlier conversation stays under the name."""
+    hank, gina = _first_contact(browser, server, tmp_path, "hank", "gina", "Hi Gina")
+    pinned = gina.ok("fingerprint", "hank")[0]["safetyNumber"]
 
     _delete_account(server, "gina")
     (tmp_path / "new").mkdir()
@@ -264,20 +291,25 @@ def test_an_identity_change_shows_the_warning(browser, server, tmp_path):
     new_gina.ok("register", "gina")
     new_gina.ok("send", "hank", "It's Gina, I lost my phone")
 
-    hank.page.wait_for_selector("#contacts li.replaced >> text=gina")
+    hank.page.wait_for_selector("#contacts li:has(.alert) >> text=gina")
+    expect(hank.page.locator("#toast")).to_contain_text("dropped")
     hank.select("gina")
     warning = hank.page.locator("#identity-warning")
     expect(warning).to_be_visible()
     expect(warning).to_contain_text("different account")
-    assert hank.wait_for_incoming(1) == ["It's Gina, I lost my phone"]
     expect(hank.page.locator("#compose-text")).to_be_disabled()
+    assert hank.page.locator("#messages li .text").all_inner_texts() == ["Hi Gina"]
     assert hank.safety_number() == new_gina.ok("fingerprint", "hank")[0]["safetyNumber"]
+    assert hank.page.inner_text("#safety-pinned-number") == pinned
     hank.screenshot("4-identity-warning")
 
     hank.page.click("#trust-identity")
     expect(warning).to_be_hidden()
     hank.send("Welcome back")
     assert [m["text"] for m in new_gina.ok("listen", "--count", "1", "--timeout", "30")] == ["Welcome back"]
+    new_gina.ok("send", "hank", "Thanks, it's me")
+    assert hank.wait_for_incoming(1) == ["Thanks, it's me"]
+    assert hank.page.locator("#messages li .text").all_inner_texts() == ["Hi Gina", "Welcome back", "Thanks, it's me"]
     hank.check_clean()
 
 

@@ -88,6 +88,9 @@ def _server_options() -> argparse.ArgumentParser:
                        help="admin URL where production mode creates its scratch database")
     group.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis of production mode")
     group.add_argument("--run-dir", help="where server logs and the SQLite database go (default: temp dir)")
+    group.add_argument("--limits", choices=("off", "shipped"), default="off",
+                       help="abuse limits of servers started here: off (default), or as shipped but for the "
+                            "per-address ones (the load comes from one address)")
     group.add_argument("--json", action="store_true", help="print the report as JSON")
     return options
 
@@ -163,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def plan_from(arguments: argparse.Namespace) -> ServerPlan:
     plan = ServerPlan(
         mode=arguments.server, bcrypt_cost=arguments.bcrypt_cost, postgres_admin_url=arguments.postgres,
-        redis_url=arguments.redis, run_dir=arguments.run_dir,
+        redis_url=arguments.redis, run_dir=arguments.run_dir, limits=arguments.limits,
     )
     if arguments.server not in ("embedded", "production"):
         host, port = arguments.server.rsplit(":", 1)

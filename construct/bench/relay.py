@@ -23,7 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from construct.bench.wire import CODECS, TCP, WS_JSON, WS_MSGPACK, Codec
-from construct.protocol.writes import write_now
+from construct.protocol.writes import CoalescedWrites, TurnWriter
 from construct.protocol.ws import FastFrames
 
 CHAT_MESSAGE_FIELDS = ("id", "from", "to", "ephemeralPublicKey", "messageNumber", "content", "timestamp")
@@ -110,7 +110,7 @@ class RelayWebSocket(FastFrames, WebSocketServerProtocol):
         self.send_message(data, codec.binary)
 
 
-class RelayLines(Protocol):
+class RelayLines(CoalescedWrites, Protocol):
     _partial = b""
 
     def connectionMade(self) -> None:
@@ -127,13 +127,14 @@ class RelayLines(Protocol):
         self._session.disconnected()
 
     def _write(self, data: bytes, codec: Codec) -> None:
-        write_now(self.transport, data)
+        self.write_soon(data)
 
 
-def websocket_factory(routes: dict) -> WebSocketServerFactory:
+def websocket_factory(routes: dict, reactor: Any) -> WebSocketServerFactory:
     factory = WebSocketServerFactory(server="Construct bare relay")
     factory.protocol = RelayWebSocket
     factory.routes = routes
+    factory.writer = TurnWriter(reactor)
     factory.noisy = False
     factory.setProtocolOptions(
         autoPingInterval=30, autoPingTimeout=30, openHandshakeTimeout=10, webStatus=False, failByDrop=False,
@@ -142,9 +143,10 @@ def websocket_factory(routes: dict) -> WebSocketServerFactory:
     return factory
 
 
-def lines_factory(routes: dict) -> Factory:
+def lines_factory(routes: dict, reactor: Any) -> Factory:
     factory = Factory.forProtocol(RelayLines)
     factory.routes = routes
+    factory.writer = TurnWriter(reactor)
     factory.noisy = False
     return factory
 
@@ -170,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     routes: dict[str, RelaySession] = {}
-    _listen(reactor, "ws", arguments.ws, websocket_factory(routes))
-    _listen(reactor, "tcp", arguments.tcp, lines_factory(routes))
+    _listen(reactor, "ws", arguments.ws, websocket_factory(routes, reactor))
+    _listen(reactor, "tcp", arguments.tcp, lines_factory(routes, reactor))
     reactor.run()
 
 

@@ -182,7 +182,8 @@ def _servers_line(report: dict) -> str:
         start = server["rss_at_start_mb"]
         parts.append(f"{server['name']} pid {server['pid'] or 'unknown'}, RSS at start "
                      f"{'unknown' if start is None else f'{start} MB'}")
-    return f"server ({report['mode']}): " + "; ".join(parts)
+    limits = "" if report.get("limits", "off") == "off" else f", limits {report['limits']}"
+    return f"server ({report['mode']}{limits}): " + "; ".join(parts)
 
 
 def _ratio(value: float | None) -> str:

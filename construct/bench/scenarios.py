@@ -88,6 +88,7 @@ def _report(scenario: str, plan: ServerPlan, settings: dict, servers: list[dict]
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "mode": plan.mode,
+        "limits": plan.limits,
         "settings": settings,
         "servers": servers,
         "results": results,

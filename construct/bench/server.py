@@ -67,6 +67,7 @@ class ServerPlan:
     external: Target | None = None
     external_pid: int | None = None
     run_dir: str | None = None  # where logs and the SQLite database go (default: the system temp dir)
+    limits: str = "off"  # off, or shipped (the defaults, but for the per-address ones)
 
 
 @dataclass
@@ -188,11 +189,17 @@ LIMITS_OFF = [
 ]
 
 
-def construct_command(directory: Path, bcrypt_cost: int, extra: list[str]) -> list[str]:
+# `--limits shipped`: the defaults a production server ships with, except those that count per
+# client address (the whole load comes from one).
+PER_ADDRESS_LIMITS_OFF = ["--limit-registrations", "0", "--max-connections-per-address", "0", "--limit-login-failures", "0"]
+
+
+def construct_command(directory: Path, bcrypt_cost: int, extra: list[str], limits: str = "off") -> list[str]:
     return TWISTD + [
         "--nodaemon", "--pidfile=", "construct",
         "--listen", LOOPBACK, "--tcp", LOOPBACK, "--health", LOOPBACK,
-        "--data-dir", str(directory / "data"), "--bcrypt-cost", str(bcrypt_cost), *LIMITS_OFF, *extra,
+        "--data-dir", str(directory / "data"), "--bcrypt-cost", str(bcrypt_cost),
+        *(LIMITS_OFF if limits == "off" else PER_ADDRESS_LIMITS_OFF), *extra,
     ]
 
 
@@ -233,7 +240,7 @@ async def construct_servers(
                     arguments += ["--database", services.database_url, "--redis", services.redis_url,
                                   "--redis-prefix", services.redis_prefix, "--instance-id", f"bench-{index + 1}"]
                 processes.append(ManagedProcess(
-                    f"construct-{index + 1}", construct_command(directory, cost, arguments), directory,
+                    f"construct-{index + 1}", construct_command(directory, cost, arguments, plan.limits), directory,
                     ("http", "tcp", "health"),
                 ))
             running = [await process.start(reactor) for process in processes]

@@ -22,6 +22,10 @@ A contact also keeps what its bundle said of sealed sending to it: "accessKey" (
 "unrestrictedAccess" and "accessCheckedAt". An outbox entry sealed for sending keeps
 "sealed": {"content", "certificateExpires"}, sent again unchanged until the server has it.
 
+A key file (`key_file`: what `construct-chat export` writes and the web client exports and keeps)
+is this state with one more field, "history": [entry, …], the messages kept, oldest first, as
+the history file holds them. Opening one moves them into the history file (`upgrade`).
+
 A contact is pinned on first contact: its user id, under its username, and its master key. A
 name that comes to mean another account, or a master key that changes, is an IdentityChanged
 until the user runs `trust` (`trust_contact`).
@@ -171,33 +175,51 @@ def _sealing_fields() -> dict[str, Any]:
             "senderCertificate": None, "serverKeys": None}
 
 
-def upgrade(data: dict[str, Any], history: HistoryLog) -> None:
-    """Bring a state of an earlier version up to this one (nothing to do if it is current).
+# The statuses of messages shown in a history: received, and sent ("delivered": the web client's
+# "sent" to a connected device), or not sent. Others ("pending", refusals) are not messages to keep.
+SHOWN_STATUSES = ("received", "sent", "delivered", "failed")
 
-    Version 1 kept the history (and the text of unsent messages) in the state file; states
-    from before sealed sender have no access key yet (one is made, and published by
-    maintain_keys).
+
+def upgrade(data: dict[str, Any], history: HistoryLog) -> None:
+    """Bring a state of an earlier version up to this one, and move a key file's messages into
+    the history file (nothing to do for a current state file).
+
+    Version 1 kept the history (and the text of unsent messages) in the state file; a key file
+    (`key_file`) is a current state with its history inline. (The web client upgrades the same
+    way: tests/vectors/formats.json.)
     """
-    if "accessKey" not in data:
-        data.update(_sealing_fields())
-    if data.get("version") != 1:
-        return
-    data["historyKey"] = b64encode(os.urandom(32))
-    data["keepMessages"] = DEFAULT_KEEP
-    history.begin(b64decode(data["historyKey"]), DEFAULT_KEEP)
-    old = data.pop("history", [])
-    texts = {entry["id"]: entry.get("text", "") for entry in old if entry["direction"] == "out"}
-    for entry in old:
+    if data.get("version") == 1:
+        data["historyKey"] = b64encode(os.urandom(32))
+        data["keepMessages"] = DEFAULT_KEEP
+        history.begin(b64decode(data["historyKey"]), DEFAULT_KEEP)
+        old = data.get("history", [])
+        texts = {entry["id"]: entry.get("text", "") for entry in old if entry["direction"] == "out"}
+        data["outbox"] = [
+            {"id": message["id"], "peerName": _contact_name(data, message["to"]), "peer": message["to"],
+             "text": texts.get(message["id"], ""), "createdAt": message["timestamp"], "message": message}
+            for message in data["outbox"]
+        ]
+        data["version"] = STATE_VERSION
+    for entry in data.pop("history", []):
+        if not (isinstance(entry, dict) and isinstance(entry.get("id"), str) and "peer" in entry
+                and entry.get("direction") in ("in", "out")):
+            continue
         if entry["direction"] == "in":
             history.mark_seen(entry["id"])
-        if "text" in entry and entry.get("status") in ("received", "sent", "failed"):
+        if "text" in entry and entry.get("status") in SHOWN_STATUSES:
             history.add_message({key: value for key, value in entry.items() if key != "verified"})
-    data["outbox"] = [
-        {"id": message["id"], "peerName": _contact_name(data, message["to"]), "peer": message["to"],
-         "text": texts.get(message["id"], ""), "createdAt": message["timestamp"], "message": message}
-        for message in data["outbox"]
-    ]
-    data["version"] = STATE_VERSION
+
+
+def prepare_sealing(data: dict[str, Any]) -> None:
+    """A state from before sealed sender (or from the web client) gets an access key, which
+    maintain_keys then publishes."""
+    if "accessKey" not in data:
+        data.update(_sealing_fields())
+
+
+def key_file(data: dict[str, Any], history: HistoryLog) -> dict[str, Any]:
+    """The state with its messages inline: the one file another client (the web client) imports."""
+    return dict(data, history=history.messages())
 
 
 def set_keep(data: dict[str, Any], keep: int) -> None:

@@ -3,7 +3,8 @@
     construct-chat [--server URL] [--state PATH] [--json] COMMAND ...
 
 Commands: register USERNAME, login USERNAME, whoami, send USERNAME TEXT (TEXT "-" reads stdin),
-listen [--count N] [--timeout S], fingerprint USERNAME, trust USERNAME, history USERNAME.
+listen [--count N] [--timeout S], fingerprint USERNAME, trust USERNAME, history USERNAME,
+export FILE.
 
 Secrets never come from the command line: the state file's passphrase from
 CONSTRUCT_CHAT_PASSPHRASE or a prompt, the account password from CONSTRUCT_CHAT_PASSWORD or a
@@ -46,7 +47,7 @@ from construct.client.account import (
     account as stored_account,
 )
 from construct.client.crypto import MAX_PLAINTEXT, InvalidBundle, MessageTooLarge
-from construct.client.messenger import AccountDeleted, Messenger, UnusableUsername, normalize_username
+from construct.client.messenger import NOT_NOW_CODES, AccountDeleted, Messenger, UnusableUsername, normalize_username
 from construct.client.state import KdfParams, WrongPassphrase, load_state_with_key
 from construct.client.store import StateBusy, StateExists, StateStore
 from construct.client.transport import (
@@ -87,7 +88,6 @@ EXIT_CODES = {
 }
 AUTH_CODES = frozenset({"INVALID_CREDENTIALS", "INVALID_TOKEN", "SESSION_EXPIRED", "AUTH_REQUIRED"})
 NETWORK_CODES = frozenset({"SERVICE_UNAVAILABLE", "SERVER_ERROR"})
-NOT_NOW_CODES = frozenset({"RATE_LIMITED", "INBOX_FULL"})
 
 # libsodium's Argon2id presets for the state file's key, chosen when the file is created.
 KDF_COSTS = {
@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("username")
     trust.add_argument("--yes", action="store_true", help="accept without asking (after comparing out of band)")
     command("history", "show the messages exchanged with a contact").add_argument("username")
+    command(
+        "export", "write the account and its history to one key file (same passphrase), for the web client's "
+        "\"Use a key file\"; use the account in one place at a time",
+    ).add_argument("file", help="the key file to write (must not exist yet)")
     return parser
 
 
@@ -270,6 +274,8 @@ def _inputs(args: argparse.Namespace) -> dict[str, Any]:
         return inputs
     if not os.path.exists(state):
         raise FileNotFoundError(2, "no state file", state)
+    if args.command == "export" and os.path.exists(os.path.expanduser(args.file)):
+        raise StateExists(f"{args.file} already exists; choose another file")
     inputs["passphrase"] = _secret("CONSTRUCT_CHAT_PASSPHRASE", f"Passphrase for {state}: ")
     # Argon2id now, so a wrong passphrase is said at once (the store reuses the key).
     data, inputs["known_key"] = load_state_with_key(state, inputs["passphrase"])
@@ -510,6 +516,15 @@ async def _command(
     elif args.command == "history":
         for entry in await messenger.history(inputs["username"]):
             output.message(entry)
+    elif args.command == "export":
+        path = os.path.abspath(os.path.expanduser(args.file))
+        count = await messenger.export(path)
+        output.result(
+            f"Wrote {path}: the account with its keys, contacts and {count} message(s), under this state file's "
+            "passphrase.\nUse the account in one place at a time: once the key file is in use elsewhere, stop "
+            f"using {inputs['state']} (two copies that both send break the conversations).",
+            {"event": "exported", "path": path, "messages": count},
+        )
 
 
 def _grouped(number: str) -> str:

@@ -51,9 +51,10 @@ SEND_ATTEMPTS = 5
 RETRY_DELAY_SECONDS = 0.5
 # Worth resending the very same message: the server may not have stored it.
 RETRYABLE_CODES = frozenset({"SERVICE_UNAVAILABLE", "SERVER_ERROR"})
-# Refused for now, not for good: the message stays in the outbox for a later run.
+# Refused for now, not for good: the message stays in the outbox for a later run. SERVER_BUSY: the
+# server is past its capacity and sheds new sends (with a retryAfter, like RATE_LIMITED).
 RATE_LIMITED = "RATE_LIMITED"
-NOT_NOW_CODES = frozenset({RATE_LIMITED, "INBOX_FULL"})
+NOT_NOW_CODES = frozenset({RATE_LIMITED, "INBOX_FULL", "SERVER_BUSY"})
 TRANSIENT_ERRORS = (RequestTimeout, ConnectionClosed)
 # What a long-running listener waits out instead of giving up.
 NETWORK_ERRORS = (RequestTimeout, ConnectionClosed, ConnectFailed)
@@ -130,7 +131,7 @@ class Messenger:
 
     async def open(self, keep_messages: int | None = None) -> None:
         """Bring an older state file up to date; set how many messages the history keeps."""
-        await self._store.transact(account.upgrade)
+        await self._store.transact(_opened)
         if keep_messages is not None:
             await self._store.update(partial(account.set_keep, keep=keep_messages))
         self._username = await self._store.read(lambda data: (data.get("account") or {}).get("username"))
@@ -329,6 +330,13 @@ class Messenger:
             )
             info["trusted"] = True
         return info
+
+    async def export(self, path: str) -> int:
+        """Write the key file (the state with its messages inline) to `path`, under the same
+        passphrase; returns how many messages it holds."""
+        data = await self._store.transact(account.key_file, save=False)
+        await self._store.write_copy(path, data)
+        return len(data["history"])
 
     async def history(self, username: str) -> list[dict]:
         return await self._store.transact(partial(account.history_of, username=normalize_username(username)), save=False)
@@ -612,6 +620,11 @@ class Messenger:
             await channel.acknowledge([message_id])
         except TRANSIENT_ERRORS:
             pass
+
+
+def _opened(data: dict, history: Any) -> None:
+    account.upgrade(data, history)
+    account.prepare_sealing(data)
 
 
 def _safety_number(data: dict, user_id: str, master_key: str) -> str:

@@ -3,7 +3,7 @@
 File format (JSON)::
 
     {"version": 1, "kdf": "argon2id", "opslimit": int, "memlimit": int,
-     "salt": b64(16), "box": b64(SecretBox nonce ‖ ciphertext)}
+     "salt": b64(16), "box": b64(nonce(24) ‖ tag(16) ‖ ciphertext)}
 
 The key is Argon2id(passphrase, salt, opslimit, memlimit). The cost
 parameters live in the file so that they can change between saves. The box

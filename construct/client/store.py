@@ -83,6 +83,11 @@ class StateStore:
         it is written before the state is saved, and nothing of it if `fn` raises."""
         return await self._run(self._transaction_blocking, fn, save)
 
+    async def write_copy(self, path: str, data: dict[str, Any]) -> None:
+        """Write `data` as a new state file at `path`, sealed under this file's key (so the same
+        passphrase opens it); StateExists if a file, or a history file, is already there."""
+        await self._run(self._write_copy_blocking, os.path.abspath(path), data)
+
     async def close(self) -> None:
         await self._run(self._history.close)
 
@@ -104,6 +109,14 @@ class StateStore:
             key = derive_state_key(self._passphrase, self._kdf)
             save_state_with_key(self.path, key, data)
             self._key, self._data, self._signature = key, copy.deepcopy(data), self._stat()
+
+    def _write_copy_blocking(self, path: str, data: dict[str, Any]) -> None:
+        for taken in (path, path + ".history"):
+            if os.path.exists(taken):
+                raise StateExists(f"{taken} already exists; choose another file")
+        if self._key is None:
+            raise RuntimeError("the state file was not read yet")
+        save_state_with_key(path, self._key, data)
 
     def _transaction_blocking(self, fn: Callable[[dict[str, Any], HistoryLog], T], save: bool) -> T:
         if not os.path.exists(self.path):

@@ -25,8 +25,9 @@ from twisted.internet.interfaces import IReactorTime
 TICK_SECONDS = 0.05
 MAX_LAG_SECONDS = 0.1
 MAX_DELAY_SECONDS = 0.25
-# Never shed below this many sends in flight: a burst at startup has no rate to go by yet.
-MIN_IN_FLIGHT = 256
+# Never shed below this many sends in flight: a burst at startup has no rate to go by yet, and
+# clients that pipeline (32 sends per connection) keep many in flight without being behind.
+MIN_IN_FLIGHT = 2048
 # Weight of the latest tick in the completion rate.
 RATE_WEIGHT = 0.3
 

@@ -10,7 +10,7 @@ connection is dropped; its unacknowledged messages wait in its inbox.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -21,18 +21,19 @@ RESUME_BACKLOG = 8
 MIN_STALLED_BYTES = 1024 * 1024
 
 
-class Backpressure:
-    __slots__ = (
-        "_pause_reading", "_resume_reading", "_clock", "_reading", "backlogged", "stalled_since",
-        "_stalled_bytes", "_max_stalled_bytes",
-    )
+class Reading(Protocol):
+    """The transport side: whether it reads its socket."""
 
-    def __init__(
-        self, pause_reading: Callable[[], None], resume_reading: Callable[[], None], max_frame_bytes: int,
-        clock: IReactorTime,
-    ) -> None:
-        self._pause_reading = pause_reading
-        self._resume_reading = resume_reading
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class Backpressure:
+    __slots__ = ("_transport", "_clock", "_reading", "backlogged", "stalled_since", "_stalled_bytes", "_max_stalled_bytes")
+
+    def __init__(self, transport: Reading, max_frame_bytes: int, clock: IReactorTime) -> None:
+        self._transport = transport
         self._clock = clock
         self._reading = True
         self.backlogged = False
@@ -81,6 +82,6 @@ class Backpressure:
         if reading != self._reading:
             self._reading = reading
             if reading:
-                self._resume_reading()
+                self._transport.resume_reading()
             else:
-                self._pause_reading()
+                self._transport.pause_reading()

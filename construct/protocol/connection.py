@@ -14,7 +14,7 @@ which can be read (and tested) on its own:
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Callable
+from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -25,9 +25,9 @@ from zope.interface import implementer
 from construct.core.accounts import Identity
 from construct.core.app import Core
 from construct.core.limits import Allowance
-from construct.errors import ConstructError, rate_limited
+from construct.errors import ConstructError, rate_limited, server_busy
 from construct.protocol import codec, operations
-from construct.protocol.backpressure import Backpressure
+from construct.protocol.backpressure import PAUSE_BACKLOG, Backpressure
 from construct.protocol.replies import NO_REPLY, Place, ReplyOrder
 from construct.protocol.timeouts import STOPPED_READING, ConnectionLimits, overdue
 
@@ -36,7 +36,10 @@ from construct.protocol.timeouts import STOPPED_READING, ConnectionLimits, overd
 # session, so they are pipelined on any connection.
 PIPELINED = frozenset({"sendMessage", "ackMessage", "sendSealed"})
 SEALED_SEND = "sendSealed"
+# Sends shed while the process is behind (construct.core.admission).
+SENDS = frozenset({"sendMessage", SEALED_SEND})
 MAX_IN_FLIGHT = 32
+SERVER_BUSY = server_busy()
 # A client told to wait for a free connection slot is told to retry after this long.
 CONNECTION_RETRY_SECONDS = 10
 
@@ -78,40 +81,48 @@ class AddressCounts:
             self._open.pop(address, None)
 
 
+class Transport(TypingProtocol):
+    """What a connection needs of the framing adapter that owns its socket (ws.py, tcp.py)."""
+
+    def write_frame(self, data: bytes, encoding: str) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def abort(self) -> None:
+        """Drop the connection at once."""
+
+
 @implementer(IPushProducer)
 class ClientConnection:
     log = Logger()
-    # Thousands are open at once, most of them idle: no per-instance __dict__.
+    # Thousands are open at once, most of them idle: no per-instance __dict__, and the parts an
+    # idle connection does not use (reply order, backpressure, drain waiters) made when first needed.
     __slots__ = (
-        "identity", "address", "sealed_allowance", "opened_at", "last_heard", "_core", "_transport_name", "_write",
-        "_close",
-        "_limits", "_clock", "_max_frame_bytes", "_push_encoding", "_backlog", "_running", "_alone", "_in_flight",
-        "_open", "_draining", "_idle_waiters", "_replies", "_flow",
+        "identity", "address", "opened_at", "last_heard", "_core", "_transport_name", "_transport", "_limits",
+        "_clock", "_max_frame_bytes", "_push_encoding", "_backlog", "_running", "_alone", "_in_flight", "_open",
+        "_draining", "_idle_waiters", "_reply_order", "_backpressure", "_sealed_allowance",
     )
 
     def __init__(
         self,
         core: Core,
         transport_name: str,
-        write: Callable[[bytes, str], None],
-        pause_reading: Callable[[], None],
-        resume_reading: Callable[[], None],
+        transport: Transport,
         max_frame_bytes: int,
         address: str,
-        close: Callable[[], None],
         limits: ConnectionLimits,
         clock: IReactorTime,
     ) -> None:
-        """`close` drops the connection at once; the client's address is for limits, and reaches
-        the log only with --log-client-addresses (construct.logs withholds it otherwise)."""
+        """The client's address is for limits, and reaches the log only with
+        --log-client-addresses (construct.logs withholds it otherwise)."""
         self.identity: Identity | None = None
         self.address = address
-        self.sealed_allowance = Allowance()
         self.opened_at = self.last_heard = clock.seconds()
         self._core = core
         self._transport_name = transport_name
-        self._write = write
-        self._close = close
+        self._transport = transport
         self._limits = limits
         self._clock = clock
         self._max_frame_bytes = max_frame_bytes
@@ -124,10 +135,30 @@ class ClientConnection:
         self._in_flight = 0
         self._open = True
         self._draining = False
-        self._idle_waiters: list[Deferred] = []
-        self._replies = ReplyOrder(self._send)
-        self._flow = Backpressure(pause_reading, resume_reading, max_frame_bytes, clock)
+        self._idle_waiters: list[Deferred] | None = None
+        self._reply_order: ReplyOrder | None = None
+        self._backpressure: Backpressure | None = None
+        self._sealed_allowance: Allowance | None = None
         core.metrics.connection_opened(transport_name)
+
+    @property
+    def sealed_allowance(self) -> Allowance:
+        """The count of this connection's sealed sends (construct.core.abuse)."""
+        if self._sealed_allowance is None:
+            self._sealed_allowance = Allowance()
+        return self._sealed_allowance
+
+    @property
+    def _replies(self) -> ReplyOrder:
+        if self._reply_order is None:
+            self._reply_order = ReplyOrder(self._send)
+        return self._reply_order
+
+    @property
+    def _flow(self) -> Backpressure:
+        if self._backpressure is None:
+            self._backpressure = Backpressure(self._transport, self._max_frame_bytes, self._clock)
+        return self._backpressure
 
     # Transport side
 
@@ -165,6 +196,8 @@ class ClientConnection:
         if not self._busy():
             return succeed(None)
         waiter: Deferred = Deferred()
+        if self._idle_waiters is None:
+            self._idle_waiters = []
         self._idle_waiters.append(waiter)
         return waiter
 
@@ -177,10 +210,8 @@ class ClientConnection:
 
     def overdue(self, now: float, pings: bool) -> str | None:
         """Why this connection must go now, if it must: the sweep of its tracker asks."""
-        return overdue(
-            self._limits, now, self.opened_at, self.last_heard, self.identity is not None, self._flow.stalled_since,
-            pings,
-        )
+        stalled_since = None if self._backpressure is None else self._backpressure.stalled_since
+        return overdue(self._limits, now, self.opened_at, self.last_heard, self.identity is not None, stalled_since, pings)
 
     def send_error(self, error: ConstructError) -> None:
         """An error that answers no request (the connection is about to close)."""
@@ -193,7 +224,7 @@ class ClientConnection:
         self._flow.stalled()
 
     def resumeProducing(self) -> None:
-        if self._flow.unstalled() and self.identity is not None:
+        if self._backpressure is not None and self._backpressure.unstalled() and self.identity is not None:
             self._core.hub.resume(self)
 
     def stopProducing(self) -> None:
@@ -202,7 +233,7 @@ class ClientConnection:
     @property
     def writable(self) -> bool:
         """For the hub: False while the client leaves what it was sent unread."""
-        return self._flow.writable
+        return self._backpressure is None or self._backpressure.writable
 
     # Binding, and the LiveConnection protocol of the delivery hub
 
@@ -262,14 +293,24 @@ class ClientConnection:
                 else:
                     backlog.pop(0)
                     self._alone = True
-                    self._replies.all_answered().addCallback(self._run_alone, frame, encoding)
+                    if self._reply_order is None or not self._reply_order.waiting:
+                        self._run_alone(None, frame, encoding)
+                    else:
+                        self._reply_order.all_answered().addCallback(self._run_alone, frame, encoding)
         finally:
             self._running = False
-            self._flow.backlog(len(backlog))
+            if self._backpressure is not None or len(backlog) >= PAUSE_BACKLOG:
+                self._flow.backlog(len(backlog))
         self._notify_if_idle()
 
     def _start(self, frame: codec.Frame, encoding: str) -> None:
         place = self._replies.take(frame.request_id, encoding)
+        if frame.type in SENDS and self._core.admission.busy:
+            # Shedding must cost a small fraction of taking a send (construct.core.admission):
+            # the refusal goes in its place at once, with no operation, Deferred or Failure.
+            self._core.metrics.error(SERVER_BUSY.code)
+            self._replies.answer(place, ("error", SERVER_BUSY.payload(), frame.request_id, encoding))
+            return
         self._in_flight += 1
         operations.start(self._core, self, frame.type, frame.payload).addBoth(self._pipelined_answered, place)
 
@@ -310,7 +351,7 @@ class ClientConnection:
 
     def _notify_if_idle(self) -> None:
         if self._idle_waiters and not self._busy():
-            waiters, self._idle_waiters = self._idle_waiters, []
+            waiters, self._idle_waiters = self._idle_waiters, None
             for waiter in waiters:
                 waiter.callback(None)
 
@@ -337,12 +378,12 @@ class ClientConnection:
         data = codec.encode(message_type, payload, request_id, encoding)
         # The hub holds pushes back while the client is not reading; replies to requests read
         # before that (and a client that stops reading for good) are bounded here.
-        if self._flow.over_allowance(len(data)):
+        if self._backpressure is not None and self._backpressure.over_allowance(len(data)):
             self.log.info("dropping a {transport} connection whose client stopped reading", transport=self._transport_name)
             self.connection_lost()
-            self._close()
+            self._transport.abort()
             return
-        self._write(data, encoding)
+        self._transport.write_frame(data, encoding)
 
 
 class ConnectionTracker:

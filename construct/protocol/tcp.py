@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from construct.core.app import Core
 from construct.errors import rate_limited
 from construct.protocol import codec
-from construct.protocol.writes import write_now
+from construct.protocol.writes import CoalescedWrites, TurnWriter, share_log_prefix
 from construct.protocol.connection import (
     CONNECTION_RETRY_SECONDS,
     AddressCounts,
@@ -22,7 +22,7 @@ from construct.protocol.connection import (
 from construct.protocol.timeouts import AUTH_TIMEOUT, ConnectionLimits, closing_error
 
 
-class JsonLinesProtocol(Protocol):
+class JsonLinesProtocol(CoalescedWrites, Protocol):
     """Splits lines itself so an oversize line is skipped with an error, not a disconnect."""
 
     log = Logger()
@@ -32,12 +32,15 @@ class JsonLinesProtocol(Protocol):
         self._buffer = b""
         self._discarding = False
         self.connection: ClientConnection | None = None
-        self._closed: Deferred = Deferred()
+        # Made only when a shutdown waits for the close (a Deferred on every connection is 280 bytes).
+        self._closed: Deferred | None = None
+        self._lost = False
         self._opened_at = 0.0
         self._refused = False
 
     def connectionMade(self) -> None:
         try:
+            share_log_prefix(self.transport, "construct-tcp")
             self.factory.tracker.add(self)
             self._opened_at = self.factory.clock.seconds()
             if not self.factory.proxied:
@@ -59,16 +62,7 @@ class JsonLinesProtocol(Protocol):
             self._refused = True
             return False
         self.connection = ClientConnection(
-            factory.core,
-            "tcp",
-            self._write,
-            self.transport.pauseProducing,
-            self.transport.resumeProducing,
-            factory.max_line_bytes,
-            address,
-            self.abort,
-            factory.limits,
-            factory.clock,
+            factory.core, "tcp", self, factory.max_line_bytes, address, factory.limits, factory.clock
         )
         self.transport.registerProducer(self.connection, True)
         return True
@@ -92,6 +86,7 @@ class JsonLinesProtocol(Protocol):
         self._close_politely()
 
     def _close_politely(self) -> None:
+        self.flush_writes()
         # A TLS transport closes only once no producer is registered.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -127,7 +122,8 @@ class JsonLinesProtocol(Protocol):
             if self.connection is not None:
                 self.factory.addresses.release(self.connection.address)
                 self.connection.connection_lost()
-            if not self._closed.called:
+            self._lost = True
+            if self._closed is not None and not self._closed.called:
                 self._closed.callback(None)
         except Exception:
             self.log.failure("unexpected error closing a TCP connection")
@@ -136,14 +132,25 @@ class JsonLinesProtocol(Protocol):
         """Answer what was received, flush, close."""
         if self.connection is not None:
             await self.connection.drain()
+        if self._lost:
+            return
+        self._closed = Deferred()
         self._close_politely()
         await self._closed
+
+    # The connection's Transport (construct.protocol.connection)
 
     def abort(self) -> None:
         self.transport.abortConnection()
 
-    def _write(self, data: bytes, encoding: str) -> None:
-        write_now(self.transport, data + b"\n")
+    def pause_reading(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()
+
+    def write_frame(self, data: bytes, encoding: str) -> None:
+        self.write_soon(data + b"\n")
 
 
 class JsonLinesFactory(Factory):
@@ -166,6 +173,7 @@ class JsonLinesFactory(Factory):
         self.addresses = addresses
         self.limits = limits
         self.clock = clock
+        self.writer = TurnWriter(clock)
         self.proxied = proxied
 
     def buildProtocol(self, addr: Any) -> JsonLinesProtocol:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from construct.core.app import Core
 from construct.protocol import codec
-from construct.protocol.writes import write_now
+from construct.protocol.writes import CoalescedWrites, TurnWriter, share_log_prefix
 from construct.protocol.connection import AddressCounts, ClientConnection, ConnectionTracker, client_address
 from construct.protocol.timeouts import ConnectionLimits, closing_error
 from construct.protocol.padding import pad
@@ -49,7 +49,27 @@ def server_frame(payload: bytes, binary: bool) -> bytes:
     return bytes((opcode, 127)) + size.to_bytes(8, "big") + payload
 
 
-class FastFrames:
+class SendQueue(list):
+    """Autobahn's send queue (for synchronous and chopped sends) as a list: an empty deque costs
+    over 600 bytes on every connection, and the queue is almost never used."""
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+class _NobodyWaits:
+    """A future that Autobahn resolves and nothing here waits on."""
+
+    def callback(self, result: Any) -> None:
+        pass
+
+
+NOBODY_WAITS = _NobodyWaits()
+# Autobahn counts traffic on every connection; nothing reads the counts, so all share one.
+UNREAD_STATISTICS = TrafficStats()
+
+
+class FastFrames(CoalescedWrites):
     """The common frames of an open connection without Autobahn's per-frame machinery.
 
     Autobahn runs a state machine per frame (a frame header object, a new C XOR masker, a
@@ -60,7 +80,7 @@ class FastFrames:
     a fragment, reserved bits, a length over the limit or not minimally encoded, text that is
     not UTF-8, or a frame not yet complete) the rest of the bytes go to Autobahn, which handles
     them as it always does, from a frame boundary. Replies go out as one unfragmented frame,
-    written straight to the socket when it can take them (construct.protocol.writes).
+    written with the turn's others, straight to the socket (construct.protocol.writes).
     """
 
     def dataReceived(self, data: bytes) -> None:
@@ -103,14 +123,17 @@ class FastFrames:
             self._dataReceived(data[start:] if start else data)
 
     def send_message(self, payload: bytes, binary: bool) -> None:
-        """`sendMessage` for an open connection: one frame, straight to the socket if it can."""
+        """`sendMessage` for an open connection: one frame, out with the turn's others."""
         if self.send_queue:
+            self.flush_writes()
             self.sendMessage(payload, isBinary=binary)
             return
-        write_now(self.transport, server_frame(payload, binary))
+        self.write_soon(server_frame(payload, binary))
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        """Autobahn's own writes (handshake, control frames), without its debug line."""
+        """Autobahn's own writes (handshake, control frames, close), after what this turn wrote
+        before them, and without Autobahn's debug line."""
+        self.flush_writes()
         if sync or chopsize or self.send_queue or self.state != WebSocketProtocol.STATE_OPEN:
             super().sendData(data, sync, chopsize)
             return
@@ -134,32 +157,28 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         try:
-            self._forget_handshake()
-            self._closed = Deferred()
+            self._slim_down()
             factory = self.factory
             factory.tracker.add(self)
             self.connection = ClientConnection(
-                factory.core,
-                "websocket",
-                self._write,
-                self.transport.pauseProducing,
-                self.transport.resumeProducing,
-                factory.max_frame_bytes,
-                self._address,
-                self.abort,
-                factory.limits,
-                factory.clock,
+                factory.core, "websocket", self, factory.max_frame_bytes, self._address, factory.limits, factory.clock
             )
             self.transport.registerProducer(self.connection, True)
         except Exception:
             self._log.failure("could not set up a WebSocket connection")
             self.dropConnection(abort=True)
 
-    def _forget_handshake(self) -> None:
-        """Autobahn keeps the opening handshake's text for the connection's life: over 1 KB an
-        idle connection does not need (nothing reads these after onConnect)."""
+    def _slim_down(self) -> None:
+        """Let go of what Autobahn keeps per connection that an open one of ours does not use:
+        the opening handshake's text (over 1 KB), traffic statistics nobody reads, a send queue
+        only synchronous sends use (a deque is over 600 bytes empty), and the futures of the
+        open and the close, which nobody waits on here (Autobahn still resolves them)."""
         for name in HANDSHAKE_LEFTOVERS:
             setattr(self, name, None)
+        share_log_prefix(self.transport, "construct-websocket")
+        self.trafficStats = UNREAD_STATISTICS
+        self.send_queue = SendQueue()
+        self.is_open = self.is_closed = NOBODY_WAITS
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
@@ -185,12 +204,23 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
         """Answer what was received, then close with 1001 (going away)."""
         if self.connection is not None:
             await self.connection.drain()
+        if self.state == WebSocketProtocol.STATE_CLOSED:
+            return
+        self._closed = Deferred()
         # sendClose only takes 1000 or application codes; 1001 is the one that says "going away".
         self.sendCloseFrame(code=GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
         await self._closed
 
+    # The connection's Transport (construct.protocol.connection)
+
     def abort(self) -> None:
         self.dropConnection(abort=True)
+
+    def pause_reading(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()
 
     def overdue(self, now: float) -> str | None:
         """Why the tracker's sweep must close this connection now, if it must."""
@@ -203,7 +233,7 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
             self.connection.send_error(closing_error(reason))
         self.sendCloseFrame(code=POLICY_VIOLATION, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
-    def _write(self, data: bytes, encoding: str) -> None:
+    def write_frame(self, data: bytes, encoding: str) -> None:
         # A reply can be ready after Autobahn began failing the connection (invalid UTF-8, a
         # protocol error) and before onClose: there is no one left to read it.
         if self.state == WebSocketProtocol.STATE_OPEN:
@@ -234,6 +264,7 @@ class ConstructWebSocketFactory(WebSocketServerFactory):
         self.addresses = addresses
         self.limits = limits
         self.clock = clock
+        self.writer = TurnWriter(clock)
         self.max_frame_bytes = max_frame_bytes
         # One call: setProtocolOptions resets allowNullOrigin unless it is passed again.
         # Compression stays off (Autobahn's default): it costs memory per connection and

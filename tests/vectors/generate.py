@@ -5,7 +5,10 @@
 Every private key and every random byte comes from SHA-256 of a label, and the vectors list the
 random bytes each step drew (`senderRandom`, `recipientRandom`: 32-byte chunks for new X25519
 keys, 24-byte chunks for nonces, in the order drawn), so another implementation can replay the
-conversation byte for byte: tests/test_client_vectors.py does, and so does the web client.
+conversation byte for byte: tests/test_client_vectors.py does, and so does the web client. Each
+event also holds the session it leaves behind (`session`: `Session.to_dict()` of the sender after a
+send, of the recipient after a delivery, at the delivery's `now`), so both implementations store
+sessions in the same form (version 2: skipped message keys stamped with when they were skipped).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ PATH = Path(__file__).with_name("ratchet.json")
 ALICE_ID = "3f2b8c1e-7a4d-4e2b-9c61-0d5e8f7a1b2c"
 BOB_ID = "9a7c4e12-5b3f-4d8e-a1c6-2f0b9d8e7c65"
 BUNDLE_TIME = datetime(2026, 3, 1, 9, 0, 0, tzinfo=timezone.utc)
+# The conversation's clock: the timeline's event i happens at START + 60 i (unix seconds).
+START = int(BUNDLE_TIME.timestamp()) + 600
 # The conversation, as a timeline: ("send", sender, text) or ("deliver", index of the message).
 # Alice's first two messages start the session (X3DH header, one-time prekey); Bob's last two
 # reach Alice in reverse order.
@@ -106,13 +111,16 @@ def build() -> dict:
     sessions: dict[str, Session] = {}
     messages: list[dict] = []
     timeline: list[dict] = []
-    for event in TIMELINE:
+    for index, event in enumerate(TIMELINE):
+        now = START + 60 * index
         if event[0] == "send":
             timeline.append({"send": len(messages)})
-            messages.append(_send(parties, sessions, randoms, event[1], event[2], len(messages)))
+            messages.append(_send(parties, sessions, randoms, event[1], event[2], len(messages), now))
+            timeline[-1]["session"] = sessions[event[1]].to_dict()
         else:
-            timeline.append({"deliver": event[1]})
-            _deliver(parties, sessions, randoms, messages[event[1]])
+            timeline.append({"deliver": event[1], "now": now})
+            _deliver(parties, sessions, randoms, messages[event[1]], now)
+            timeline[-1]["session"] = sessions[messages[event[1]]["to"]].to_dict()
     return {
         "description": (
             "Construct message encryption (docs/crypto.md): ENCRYPT vectors, then one X3DH + Double "
@@ -137,7 +145,7 @@ def build() -> dict:
     }
 
 
-def _send(parties: dict, sessions: dict, randoms: dict, sender: str, text: str, index: int) -> dict:
+def _send(parties: dict, sessions: dict, randoms: dict, sender: str, text: str, index: int, now: int) -> dict:
     recipient = "bob" if sender == "alice" else "alice"
     if sender not in sessions:
         bundle = verify_key_bundle(parties[recipient]["bundle"], parties[recipient]["userId"])
@@ -150,11 +158,11 @@ def _send(parties: dict, sessions: dict, randoms: dict, sender: str, text: str, 
     return {
         "from": sender, "to": recipient, "id": message_id, "plaintext": text,
         "ephemeralPublicKey": b64encode(ratchet_public), "messageNumber": number, "content": content,
-        "senderRandom": randoms[sender].take(),
+        "timestamp": now, "senderRandom": randoms[sender].take(),
     }
 
 
-def _deliver(parties: dict, sessions: dict, randoms: dict, message: dict) -> None:
+def _deliver(parties: dict, sessions: dict, randoms: dict, message: dict, now: int) -> None:
     recipient, sender = parties[message["to"]], parties[message["from"]]
     context = envelope_context(sender["userId"], recipient["userId"], message["id"])
     ratchet_public = base64.b64decode(message["ephemeralPublicKey"])
@@ -162,11 +170,11 @@ def _deliver(parties: dict, sessions: dict, randoms: dict, message: dict) -> Non
         sessions[message["to"]], plaintext, _ = Session.from_initial(
             recipient["identity"], {recipient["spk"].key_id: recipient["spk"]},
             {recipient["opk"].key_id: recipient["opk"]}, ratchet_public,
-            message["messageNumber"], message["content"], context, randoms[message["to"]], now=0,
+            message["messageNumber"], message["content"], context, randoms[message["to"]], now=now,
         )
     else:
         plaintext = sessions[message["to"]].decrypt(
-            ratchet_public, message["messageNumber"], message["content"], context, now=0
+            ratchet_public, message["messageNumber"], message["content"], context, now=now
         )
     assert plaintext == message["plaintext"].encode()
     message["recipientRandom"] = randoms[message["to"]].take()

@@ -3,15 +3,19 @@
     python -m tests.vectors.generate_formats
 
 Padding, envelope binding, safety numbers, key bundles (good and bad), the passphrase-encrypted
-state file and MessagePack frames as the server's codec writes them. Everything is computed by
-the Python client (and `msgpack`); the web client's node tests and tests/test_web_vectors.py
-read the same file. The parties' keys are those of ratchet.json.
+state file, a key file (an account's state with its history inline, as `construct-chat export`
+writes it and the web client keeps it) with a version 1 state and what it upgrades to, and
+MessagePack frames as the server's codec writes them. Everything is computed by the Python
+client (and `msgpack`); the web client's node tests and tests/test_web_vectors.py read the same
+file. The parties' keys, sessions and messages are those of ratchet.json.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import json
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,9 +23,11 @@ import msgpack
 from nacl import pwhash
 from nacl.secret import SecretBox
 
+from construct.client import account
 from construct.client.crypto import (
     PAD_BUCKETS,
     IdentityKeys,
+    OneTimePrekey,
     SignedPrekey,
     b64encode,
     envelope_context,
@@ -29,6 +35,8 @@ from construct.client.crypto import (
     pad,
     safety_number,
 )
+from construct.client.history import HistoryLog
+from tests.vectors import generate
 from tests.vectors.generate import ALICE_ID, BOB_ID, BUNDLE_TIME, derived
 
 PATH = Path(__file__).with_name("formats.json")
@@ -120,6 +128,82 @@ def _state_file() -> dict:
             "data": data, "document": document}
 
 
+def _sealed(data: dict, passphrase: str, label: str) -> dict:
+    """A state file holding `data`, with its salt and nonce derived from `label`."""
+    salt, nonce = derived(f"{label} salt", 16), derived(f"{label} nonce", 24)
+    key = pwhash.argon2id.kdf(SecretBox.KEY_SIZE, passphrase.encode(), salt, **STATE_KDF)
+    plaintext = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    box = SecretBox(key).encrypt(plaintext, nonce)
+    return {"version": 1, "kdf": "argon2id", **STATE_KDF, "salt": b64encode(salt), "box": b64encode(bytes(box))}
+
+
+def _key_file() -> dict:
+    """Alice's key file in the middle of ratchet.json's conversation: after message 5 arrived and
+    before message 4 (so her session holds one skipped key, stamped), with one message still
+    waiting in the outbox unencrypted, and one version 1 state (as the web client used to keep)
+    with `upgraded`, what it becomes (but `historyKey`, which upgrading draws at random)."""
+    conversation = generate.build()
+    alice, bob = conversation["parties"]["alice"], conversation["parties"]["bob"]
+    messages = conversation["messages"]
+    at = {event["deliver"]: event["now"] for event in conversation["timeline"] if "deliver" in event}
+    session = next(event["session"] for event in conversation["timeline"] if event.get("deliver") == 5)
+    bob_keys = json.loads(base64.b64decode(bob["bundle"]["bundleData"]))["supportedSuites"][0]
+
+    def sent(index: int, status: str = "sent") -> dict:
+        m = messages[index]
+        return {"id": m["id"], "peer": BOB_ID, "peerName": "bob", "direction": "out", "text": m["plaintext"],
+                "timestamp": m["timestamp"], "status": status}
+
+    def received(index: int) -> dict:
+        m = messages[index]
+        return {"id": m["id"], "peer": BOB_ID, "peerName": "bob", "direction": "in", "timestamp": m["timestamp"],
+                "receivedAt": at[index], "status": "received", "text": m["plaintext"]}
+
+    created = int(BUNDLE_TIME.timestamp())
+    data = {
+        "version": account.STATE_VERSION, "server": "ws://127.0.0.1:8080/ws",
+        "identity": IdentityKeys(bytes.fromhex(alice["masterSeed"]), bytes.fromhex(alice["identityPrivate"])).to_dict(),
+        "account": {"userId": ALICE_ID, "username": "alice", "sessionToken": b64encode(derived("alice token"))[:43],
+                    "expires": created + 30 * 24 * 3600},
+        "signedPrekeys": [dict(SignedPrekey(bytes.fromhex(alice["signedPrekeyPrivate"])).to_dict(), createdAt=created,
+                               published=True, retiredAt=None)],
+        "oneTimePrekeys": [OneTimePrekey(1, bytes.fromhex(alice["oneTimePrekey"]["privateKey"])).to_dict()],
+        "nextPrekeyId": 2,
+        "contacts": {BOB_ID: {"username": "bob", "masterKey": bob["bundle"]["masterIdentityKey"], "pinnedAt": created,
+                              "formerIds": [], "identityKey": bob_keys["identityKey"], "bundleTime": created}},
+        "sessions": {BOB_ID: [session]},
+        "outbox": [{"id": "0b5f6c1e-2d3a-4e5f-8a9b-0c1d2e3f4a5b", "peerName": "bob", "peer": None,
+                    "text": "written while offline ✓", "createdAt": at[5] + 30, "message": None}],
+        "historyKey": b64encode(derived("alice history key")), "keepMessages": 10000,
+        "history": [sent(0), sent(1), received(2), sent(3), received(5)],
+    }
+    passphrase = "alice's passphrase ✓"
+
+    # The web client's version 1: history (with unsent and refused messages) and outbox in the state.
+    old = copy.deepcopy(data)
+    del old["historyKey"], old["keepMessages"]
+    old["version"] = 1
+    old["contacts"] = {BOB_ID: {key: value for key, value in data["contacts"][BOB_ID].items()
+                                if key not in ("formerIds", "bundleTime")}}
+    old["sessions"] = {BOB_ID: [dict(session, version=1, skipped=[item[:3] for item in session["skipped"]])]}
+    unsent = messages[3]
+    old["outbox"] = [{"id": unsent["id"], "from": ALICE_ID, "to": BOB_ID, "ephemeralPublicKey": unsent["ephemeralPublicKey"],
+                      "messageNumber": unsent["messageNumber"], "content": unsent["content"], "timestamp": unsent["timestamp"]}]
+    old["history"] = [sent(0), sent(1, "delivered"), dict(received(2), verified=True), sent(3, "pending"),
+                      {"id": "6f1c2d3e-4b5a-4c7d-8e9f-0a1b2c3d4e5f", "peer": BOB_ID, "peerName": "bob", "direction": "in",
+                       "timestamp": None, "receivedAt": at[5], "status": "undecryptable", "reason": "no session or prekey of ours opens it"}]
+    with tempfile.TemporaryDirectory() as directory:
+        history = HistoryLog(str(Path(directory) / "upgrade.history"))
+        upgraded = copy.deepcopy(old)
+        account.upgrade(upgraded, history)
+        upgraded = account.key_file(upgraded, history)
+        history.commit()
+        history.close()
+    del upgraded["historyKey"]
+    return {"passphrase": passphrase, "data": data, "document": _sealed(data, passphrase, "key file"),
+            "version1": old, "upgraded": upgraded}
+
+
 def _msgpack() -> list[dict]:
     """Frames as the seed's clients and the server's codec (use_bin_type) encode them."""
     frames = [
@@ -149,14 +233,17 @@ def build() -> dict:
     return {
         "description": (
             "Construct formats shared by construct-chat and the web client: padding buckets, envelope "
-            "context, safety numbers, key bundles (one good, then rejected ones), the state file, "
-            "MessagePack frames ({\"$bin\": hex} stands for a bin value). Hex for raw bytes."
+            "context, safety numbers, key bundles (one good, then rejected ones), the state file, a key "
+            "file (an account with its history inline; a version 1 state and what it upgrades to, but "
+            "its random historyKey), MessagePack frames ({\"$bin\": hex} stands for a bin value). Hex "
+            "for raw bytes."
         ),
         "padding": _padding(),
         "envelopeContext": _envelopes(),
         "safetyNumbers": _safety_numbers(),
         "bundles": _bundles(),
         "stateFile": _state_file(),
+        "keyFile": _key_file(),
         "msgpack": _msgpack(),
     }
 

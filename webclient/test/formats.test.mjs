@@ -3,15 +3,18 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import { InvalidBundle, MessageTooLarge, WrongPassphrase } from "../../construct/web/static/js/bytes.mjs";
+import { InvalidBundle, MessageTooLarge, WrongPassphrase, b64decode } from "../../construct/web/static/js/bytes.mjs";
 import {
   IdentityKeys, MAX_PLAINTEXT, envelopeContext, makeKeyBundle, pad, safetyNumber, unpad, verifyKeyBundle, x25519Public,
 } from "../../construct/web/static/js/crypto.mjs";
+import * as account from "../../construct/web/static/js/account.mjs";
 import * as msgpack from "../../construct/web/static/js/msgpack.mjs";
+import { Session } from "../../construct/web/static/js/ratchet.mjs";
 import * as statefile from "../../construct/web/static/js/statefile.mjs";
 import { hex, replaying, toHex, vectors } from "./helpers.mjs";
 
 const V = vectors("formats.json");
+const R = vectors("ratchet.json");
 
 test("padding buckets", () => {
   for (const { length, bucket } of V.padding) {
@@ -66,6 +69,40 @@ test("the state file opens, and seals to the same bytes with the same nonce", ()
   for (const bad of ["not json", "[]", JSON.stringify({ ...s.document, memlimit: 2 ** 40 }), JSON.stringify({ ...s.document, version: 2 })]) {
     assert.throws(() => statefile.open(bad, s.passphrase), WrongPassphrase);
   }
+});
+
+test("a key file as construct-chat exports it opens here as it is, and the account reads on", () => {
+  const k = V.keyFile;
+  const { data } = statefile.open(JSON.stringify(k.document), k.passphrase);
+  assert.deepEqual(data, k.data);
+  account.upgrade(data);
+  assert.deepEqual(data, k.data, "a current key file needs no upgrade");
+  for (const stored of Object.values(data.sessions).flat()) assert.deepEqual(Session.fromDict(stored).toDict(), stored);
+  // Message 4 of ratchet.json's conversation arrives after 5: from the key skipped then.
+  const [alice, bob] = [R.parties.alice, R.parties.bob];
+  const wire = (m) => ({ id: m.id, from: bob.userId, to: alice.userId, ephemeralPublicKey: b64decode(m.ephemeralPublicKey),
+    messageNumber: m.messageNumber, content: m.content, timestamp: m.timestamp });
+  const now = R.timeline.at(-1).now;
+  assert.equal(account.acceptIncoming(data, wire(R.messages[5]), null, now).status, "duplicate");
+  const outcome = account.acceptIncoming(data, wire(R.messages[4]), null, now);
+  assert.deepEqual([outcome.status, outcome.entry.text], ["received", "Two messages,"]);
+  assert.deepEqual(data.sessions[bob.userId][0].skipped, []);
+  // The message construct-chat left in the outbox goes out on the session it holds.
+  const [queued] = data.outbox;
+  account.resolveOutgoing(data, queued.id, bob.userId);
+  const message = account.encryptOutgoing(data, queued.id, null, now);
+  assert.deepEqual([message.from, message.to, message.id], [alice.userId, bob.userId, queued.id]);
+  assert.deepEqual(account.conversation(data, bob.userId).map((e) => [e.direction, e.status]), [
+    ["out", "sent"], ["out", "sent"], ["in", "received"], ["out", "sent"], ["in", "received"], ["in", "received"], ["out", "pending"]]);
+});
+
+test("a version 1 state upgrades to what construct-chat makes of it, its messages kept inline", () => {
+  const k = V.keyFile;
+  const data = structuredClone(k.version1);
+  account.upgrade(data);
+  assert.equal(b64decode(data.historyKey).length, 32);
+  delete data.historyKey;
+  assert.deepEqual(data, k.upgraded);
 });
 
 function native(value) {

@@ -1,51 +1,70 @@
 // The account state and what sending and receiving do to it, without I/O: a port of
-// construct/client/account.py. The state is construct-chat's own document, field for field, so
-// that a key file exported from the browser is a construct-chat state file and the reverse:
+// construct/client/account.py. The state is construct-chat's own document (version 2), field for
+// field, plus the messages inline, which makes it a key file (`construct-chat export` writes one,
+// construct-chat opens one and moves the messages into its history file):
 //
-//   {version: 1, server, identity: {masterSeed, identityPrivate},
+//   {version: 2, server, identity: {masterSeed, identityPrivate},
 //    account: {userId, username, sessionToken, expires} | null,
 //    signedPrekeys: [{keyId, privateKey, createdAt, published, retiredAt}]  newest first,
 //    oneTimePrekeys: [{keyId, privateKey}], nextPrekeyId,
-//    contacts: {userId: {username, masterKey, identityKey, pinnedAt, identityWarning?, replacedBy?}},
+//    contacts: {userId: {username, masterKey, identityKey, pinnedAt, bundleTime, formerIds,
+//                        identityWarning?, offeredUserId?, offeredMasterKey?}},
 //    sessions: {userId: [Session.toDict()]}  the one to send on first,
-//    history: [entry], outbox: [ChatMessage]}
+//    outbox: [{id, peerName, peer, text, createdAt, message}]  in the order written; `peer` is null
+//      until the name is looked up, `message` (the ChatMessage) null until encrypted,
+//    historyKey, keepMessages, history: [entry]  the messages shown, oldest first, at most keepMessages}
 //
-// `identityWarning` and `replacedBy` are the web client's (construct-chat ignores them). Every
-// function changes `data` in place; the store runs it on a copy and saves the copy, so one that
-// throws changes nothing. Times are unix seconds passed in by the caller.
-import { CryptoError, DecryptionError, ReplayError, b64decode, b64encode, fromUtf8, utf8 } from "./bytes.mjs";
+// A contact is pinned on first contact: its user id under its username, and its master key. A name
+// that comes to mean another account, or another master key, is an IdentityChanged until the user
+// trusts it (`trustContact`); meanwhile the pinned contact carries the web client's own fields
+// (construct-chat ignores them): `identityWarning` (the text shown), `offeredUserId` and
+// `offeredMasterKey` (the account and key the server now gives). Every function changes `data` in
+// place; the store runs it on a copy and saves the copy, so one that throws changes nothing.
+// Times are unix seconds passed in by the caller.
+import { CryptoError, DecryptionError, InvalidBundle, MessageTooLarge, ReplayError, b64decode, b64encode, fromUtf8, utf8 } from "./bytes.mjs";
 import {
-  IdentityKeys, envelopeContext, generateX25519, makeKeyBundle, random, signedPrekeyId, x25519Public,
+  IdentityKeys, MAX_PLAINTEXT, envelopeContext, generateX25519, makeKeyBundle, random, signedPrekeyId, x25519Public,
 } from "./crypto.mjs";
 import { Session, VERSION_INITIAL, isRatchetContent } from "./ratchet.mjs";
+import * as x3dh from "./x3dh.mjs";
 
-export const STATE_VERSION = 1;
+export const STATE_VERSION = 2;
+export const DEFAULT_KEEP = 10_000;
 export const PREKEY_BATCH = 100;
 export const PREKEY_LOW_WATER = 25;
 export const SIGNED_PREKEY_ROTATION_SECONDS = 7 * 24 * 3600;
 export const SIGNED_PREKEY_RETENTION_SECONDS = 30 * 24 * 3600;
 export const MAX_SESSIONS_PER_CONTACT = 2;
 export const SENDER_GONE = "sender-gone";
+// Messages kept in a history; others ("pending", refusals) are not messages to show.
+const SHOWN_STATUSES = new Set(["received", "sent", "delivered", "failed"]);
 
 export class NotRegistered extends Error {}
 
+// `pinnedId`: the contact whose pin this breaks; `offeredUserId`/`offeredMasterKey`: what the
+// server gives now, when known.
 export class IdentityChanged extends Error {
-  constructor(username, message = null, offeredMasterKey = null) {
-    super(message ?? `${username}'s identity key has changed since you first talked. The server may be ` +
-      "impersonating them: compare safety numbers with them before you trust this account.");
+  constructor(username, message, { pinnedId = null, offeredUserId = null, offeredMasterKey = null } = {}) {
+    super(message);
     this.username = username;
+    this.pinnedId = pinnedId;
+    this.offeredUserId = offeredUserId;
     this.offeredMasterKey = offeredMasterKey;
   }
 }
 
 export class SenderUnverified extends Error {}
+export class StaleBundle extends InvalidBundle {}
+export class SelfMessage extends Error {}
 
 const warningFor = {
   keyChanged: (name) => `${name}'s identity key is not the one you first saw. If ${name} did not tell you they ` +
-    "reinstalled, the server may be impersonating them: compare safety numbers with them before you trust it.",
-  newAccount: (name) => `The name ${name} now belongs to a different account (new keys) than the one you talked ` +
-    `to before. If ${name} did not tell you they made a new account, someone may be impersonating them: ` +
-    "compare safety numbers with them before you trust it.",
+    "reinstalled, the server may be impersonating them. Their messages made with the new key are refused and " +
+    "nothing can be sent until you have compared the safety number with them and trust the new key.",
+  newAccount: (name) => `The name ${name} now belongs to a different account than the one you talked to before: ` +
+    `${name} may have deleted their account and someone else registered the name, or the server may be ` +
+    "impersonating them. Messages from that account are refused and nothing can be sent to it until you have " +
+    `compared the safety number with ${name} and trust it (ask them to write again then).`,
 };
 
 function newSignedPrekey(now) {
@@ -64,9 +83,61 @@ export function newState(server, now) {
     nextPrekeyId: 1,
     contacts: {},
     sessions: {},
-    history: [],
     outbox: [],
+    historyKey: b64encode(random.bytes(32)),
+    keepMessages: DEFAULT_KEEP,
+    history: [],
   };
+}
+
+function isHistoryEntry(entry) {
+  return entry !== null && typeof entry === "object" && typeof entry.id === "string" && "peer" in entry &&
+    (entry.direction === "in" || entry.direction === "out");
+}
+
+// Brings an older state up to this version, as construct-chat's `upgrade` does, but the messages
+// stay inline: version 1 (the web client's earlier records and exports, construct-chat's earlier
+// state files) kept unsent messages as ChatMessages and their text in the history. A
+// construct-chat state file (no history: that is in its history file) gets an empty one.
+export function upgrade(data) {
+  if (data.version === 1) {
+    data.historyKey = b64encode(random.bytes(32));
+    data.keepMessages = DEFAULT_KEEP;
+    const old = Array.isArray(data.history) ? data.history : [];
+    const texts = new Map(old.filter((e) => e.direction === "out").map((e) => [e.id, e.text ?? ""]));
+    data.outbox = data.outbox.map((message) => ({
+      id: message.id, peerName: contactName(data, message.to), peer: message.to, text: texts.get(message.id) ?? "",
+      createdAt: message.timestamp, message,
+    }));
+    upgradeReplacedContacts(data);
+    data.version = STATE_VERSION;
+  }
+  const kept = (Array.isArray(data.history) ? data.history : [])
+    .filter((e) => isHistoryEntry(e) && "text" in e && SHOWN_STATUSES.has(e.status))
+    .map(({ verified, ...entry }) => entry);
+  data.history = kept.slice(Math.max(0, kept.length - data.keepMessages));
+}
+
+// The web client's version 1 pinned a newcomer under a reused name at once, with a warning, and
+// marked the earlier contact `replacedBy` it. Now the name stays pinned until trusted: a trusted
+// newcomer takes the earlier account's place (its id in `formerIds`), an untrusted one becomes an
+// offer on the earlier contact.
+function upgradeReplacedContacts(data) {
+  for (const [oldId, old] of Object.entries(data.contacts)) {
+    const newId = old.replacedBy;
+    delete old.replacedBy;
+    const newcomer = newId && data.contacts[newId];
+    if (!newcomer) continue;
+    if (newcomer.identityWarning) {
+      delete data.contacts[newId];
+      delete data.sessions[newId];
+      Object.assign(old, { identityWarning: warningFor.newAccount(old.username), offeredUserId: newId, offeredMasterKey: newcomer.masterKey });
+    } else {
+      newcomer.formerIds = [...new Set([...(newcomer.formerIds ?? []), ...(old.formerIds ?? []), oldId])];
+      delete data.contacts[oldId];
+      delete data.sessions[oldId];
+    }
+  }
 }
 
 export function account(data) {
@@ -129,52 +200,114 @@ export function newOneTimePrekeys(data, count) {
 
 // Contacts
 
-export function contactByName(data, username, exceptUserId = null) {
+export function contactByName(data, username) {
   for (const [userId, contact] of Object.entries(data.contacts)) {
-    if (contact.username === username && userId !== exceptUserId && !contact.replacedBy) return [userId, contact];
+    if (contact.username === username) return [userId, contact];
   }
   return null;
 }
 
-// Trust on first use: pin the master key; a different one later is refused (IdentityChanged).
-// A first contact whose name an earlier contact had is pinned with a warning: the name now
-// belongs to another account, which the user should check before trusting it.
-// `bundle` is {username, keys (verifyKeyBundle's result), oneTimePrekey}.
-export function pinContact(data, userId, bundle, now) {
+function contactName(data, userId) {
+  return data.contacts[userId]?.username ?? null;
+}
+
+// The server says `username` is `userId`: refuse it if a pinned contact says otherwise.
+export function checkName(data, username, userId, offeredMasterKey = null) {
+  const found = contactByName(data, username);
+  if (found !== null && found[0] !== userId) {
+    throw new IdentityChanged(username,
+      `The server now gives another account for ${username} than the one you pinned: ${username} may have deleted ` +
+      "their account and someone else registered the name. Compare the safety number with them before you trust it.",
+      { pinnedId: found[0], offeredUserId: userId, offeredMasterKey });
+  }
+  const known = contactName(data, userId);
+  if (known !== null && known !== username) {
+    throw new IdentityChanged(username, `The server says ${username} is the account you pinned as ${known}.`);
+  }
+}
+
+export function bundleTime(keys) {
+  return Math.floor(Date.parse(keys.timestamp) / 1000);
+}
+
+// Trust on first use: remember the peer's id under its name and its master key, and refuse either
+// changing later (IdentityChanged). A session (`forSession`) starts only on a bundle at least as
+// new as the newest seen: an old bundle stays validly signed forever. `bundle` is {username, keys
+// (verifyKeyBundle's result), oneTimePrekey}.
+export function pinContact(data, userId, bundle, now, forSession = false) {
   const master = b64encode(bundle.keys.masterKey);
+  checkName(data, bundle.username, userId, master);
+  const signedAt = bundleTime(bundle.keys);
   let contact = data.contacts[userId];
   if (contact === undefined) {
-    contact = { username: bundle.username, masterKey: master, pinnedAt: Math.floor(now) };
-    const earlier = contactByName(data, bundle.username, userId);
-    if (earlier) {
-      earlier[1].replacedBy = userId;
-      contact.identityWarning = warningFor.newAccount(bundle.username);
-    }
+    contact = { username: bundle.username, masterKey: master, pinnedAt: Math.floor(now), formerIds: [] };
     data.contacts[userId] = contact;
   } else if (contact.masterKey !== master) {
-    throw new IdentityChanged(contact.username, null, master);
+    throw new IdentityChanged(contact.username, `${contact.username}'s identity key has changed since you first talked.`,
+      { pinnedId: userId, offeredUserId: userId, offeredMasterKey: master });
+  } else if (forSession && signedAt < (contact.bundleTime ?? 0)) {
+    throw new StaleBundle(`the server sent ${contact.username}'s key bundle of ${bundle.keys.timestamp}, older than one seen before (a replayed old bundle)`);
   }
   contact.identityKey = b64encode(bundle.keys.identityKey);
+  contact.bundleTime = Math.max(contact.bundleTime ?? 0, signedAt);
   return contact;
 }
 
-// Remembers that the server offered another master key for a pinned contact, and warns.
-export function markKeyChanged(data, userId, offeredMasterKey) {
-  const contact = data.contacts[userId];
-  contact.identityWarning = warningFor.keyChanged(contact.username);
-  if (offeredMasterKey) contact.offeredMasterKey = offeredMasterKey;
+// Shows an IdentityChanged on the contact it concerns, until the user trusts or it goes away.
+export function markIdentityChanged(data, error) {
+  const contact = error.pinnedId && data.contacts[error.pinnedId];
+  if (!contact || error.offeredUserId === null) return;
+  const newAccount = error.offeredUserId !== error.pinnedId;
+  contact.identityWarning = newAccount ? warningFor.newAccount(contact.username) : warningFor.keyChanged(contact.username);
+  if (newAccount) contact.offeredUserId = error.offeredUserId;
+  else delete contact.offeredUserId;
+  if (error.offeredMasterKey) contact.offeredMasterKey = error.offeredMasterKey;
+  else if (newAccount) delete contact.offeredMasterKey;
 }
 
-// The user compared safety numbers and trusts the contact's current keys: pin them (dropping the
-// sessions made with the old ones) and clear the warning.
-export function trustIdentity(data, userId) {
+// The account and key to compare and trust for a contact: the offered ones while there is a warning.
+export function offered(data, userId) {
   const contact = data.contacts[userId];
-  if (contact.offeredMasterKey && contact.offeredMasterKey !== contact.masterKey) {
-    contact.masterKey = contact.offeredMasterKey;
-    delete data.sessions[userId];
+  return { userId: contact.offeredUserId ?? userId, masterKey: contact.offeredMasterKey ?? contact.masterKey };
+}
+
+// Accepts, on the user's word, `userId` with this bundle as `username`: what was pinned under that
+// name (or for that id) before is replaced and its sessions dropped; the former account's id is
+// kept in `formerIds`, so its history still shows under the name (as construct-chat's trust).
+export function trustContact(data, username, userId, bundle, now) {
+  const replaced = new Set([userId]);
+  const found = contactByName(data, username);
+  if (found) replaced.add(found[0]);
+  const former = [];
+  for (const oldId of replaced) {
+    const old = data.contacts[oldId];
+    delete data.contacts[oldId];
+    delete data.sessions[oldId];
+    if (old) former.push(...(old.formerIds ?? []), ...(oldId !== userId ? [oldId] : []));
   }
-  delete contact.offeredMasterKey;
-  delete contact.identityWarning;
+  const contact = pinContact(data, userId, { username, keys: bundle.keys, oneTimePrekey: null }, now);
+  contact.formerIds = [...new Set(former)].filter((id) => id !== userId).sort();
+}
+
+// The messages with a contact, oldest first: kept ones, then those still in the outbox ("pending").
+// Messages written to the name but not looked up yet count as the contact's too.
+export function conversation(data, userId) {
+  const contact = data.contacts[userId];
+  const ids = new Set([userId, ...(contact?.formerIds ?? [])]);
+  const mine = (entry) => ids.has(entry.peer) || (entry.peer === null && entry.peerName === contact?.username);
+  const queued = data.outbox.filter(mine).map((entry) => ({
+    id: entry.id, peer: entry.peer, peerName: entry.peerName, direction: "out", text: entry.text, timestamp: entry.createdAt, status: "pending",
+  }));
+  return [...data.history.filter(mine), ...queued];
+}
+
+// The contact a history or outbox entry belongs to (following a former id to its successor).
+export function contactOf(data, entry) {
+  if (data.contacts[entry.peer]) return entry.peer;
+  for (const [userId, contact] of Object.entries(data.contacts)) {
+    if (contact.formerIds?.includes(entry.peer) || (entry.peer === null && contact.username === entry.peerName)) return userId;
+  }
+  return null;
 }
 
 // Sending
@@ -187,10 +320,41 @@ function uuid4() {
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
 
-export function prepareOutgoing(data, peerId, text, bundle, now) {
+// Puts a message for `peerName` in the outbox, before anything goes over the network; it is looked
+// up, encrypted and sent from there, in order. A contact under a warning takes nothing.
+export function queueOutgoing(data, peerName, text, now) {
+  if (peerName === account(data).username) throw new SelfMessage("Messages to yourself are not supported");
+  const size = utf8(text).length;
+  if (size > MAX_PLAINTEXT) throw new MessageTooLarge(`The message is ${size} bytes; at most ${MAX_PLAINTEXT} fit in one`);
+  const pinned = contactByName(data, peerName);
+  if (pinned?.[1].identityWarning) throw new IdentityChanged(peerName, pinned[1].identityWarning, { pinnedId: pinned[0] });
+  const entry = { id: uuid4(), peerName, peer: null, text, createdAt: Math.floor(now), message: null };
+  data.outbox.push(entry);
+  return entry;
+}
+
+export function outboxEntry(data, entryId) {
+  const entry = data.outbox.find((e) => e.id === entryId);
+  if (!entry) throw new Error(`no outbox entry ${entryId}`);
+  return entry;
+}
+
+// The server says the entry's name is `userId`; IdentityChanged if pinning disagrees.
+export function resolveOutgoing(data, entryId, userId) {
+  const entry = outboxEntry(data, entryId);
+  checkName(data, entry.peerName, userId);
+  if (userId === account(data).userId) throw new SelfMessage("Messages to yourself are not supported");
+  entry.peer = userId;
+}
+
+// Encrypts an outbox entry for its peer; returns the ChatMessage, also kept in the entry. Null
+// when there is no session yet and no bundle was given: fetch the peer's bundle (which hands out
+// one of their one-time prekeys) and call again with it.
+export function encryptOutgoing(data, entryId, bundle, now) {
+  const entry = outboxEntry(data, entryId);
+  if (entry.message !== null) return entry.message;
   const me = account(data).userId;
-  const contact = data.contacts[peerId];
-  if (contact?.identityWarning) throw new IdentityChanged(contact.username, contact.identityWarning);
+  const peerId = entry.peer;
   const stored = data.sessions[peerId] ?? [];
   let session;
   let rest = [];
@@ -200,33 +364,31 @@ export function prepareOutgoing(data, peerId, text, bundle, now) {
   } else if (!bundle) {
     return null;
   } else {
-    pinContact(data, peerId, bundle, now);
-    if (data.contacts[peerId].identityWarning) throw new IdentityChanged(bundle.username, data.contacts[peerId].identityWarning);
+    pinContact(data, peerId, bundle, now, true);
     session = Session.initiate(identity(data), bundle.keys, bundle.oneTimePrekey ?? null);
   }
-  const messageId = uuid4();
-  const out = session.encrypt(utf8(text), envelopeContext(me, peerId, messageId));
+  const out = session.encrypt(utf8(entry.text), envelopeContext(me, peerId, entry.id));
   data.sessions[peerId] = [session.toDict(), ...rest];
-  const message = {
-    id: messageId, from: me, to: peerId, ephemeralPublicKey: b64encode(out.ratchetPublic),
+  entry.message = {
+    id: entry.id, from: me, to: peerId, ephemeralPublicKey: b64encode(out.ratchetPublic),
     messageNumber: out.messageNumber, content: out.content, timestamp: Math.floor(now),
   };
-  data.outbox.push(message);
-  data.history.push({ id: messageId, peer: peerId, direction: "out", text, timestamp: Math.floor(now), status: "pending" });
-  return message;
+  return entry.message;
 }
 
-// The server acknowledged the message ("sent" when queued, "delivered" when pushed to a
-// connected device of the recipient), or refused it for good ("failed").
-export function outgoingSettled(data, messageId, status) {
-  data.outbox = data.outbox.filter((m) => m.id !== messageId);
-  for (let i = data.history.length - 1; i >= 0; i--) {
-    const entry = data.history[i];
-    if (entry.id === messageId && entry.direction === "out") {
-      entry.status = status;
-      break;
-    }
-  }
+// The server has the message ("sent" when queued, "delivered" when pushed to a connected device of
+// the recipient), or it cannot go ("failed", saying why): it leaves the outbox for the history.
+export function outgoingSettled(data, entryId, status, reason = "") {
+  const entry = outboxEntry(data, entryId);
+  data.outbox = data.outbox.filter((e) => e !== entry);
+  const record = { id: entry.id, peer: entry.peer, peerName: entry.peerName, direction: "out", text: entry.text, timestamp: entry.createdAt, status };
+  if (reason) record.reason = reason;
+  keep(data, record);
+}
+
+function keep(data, entry) {
+  data.history.push(entry);
+  if (data.history.length > data.keepMessages) data.history.splice(0, data.history.length - data.keepMessages);
 }
 
 export function wireMessage(stored) {
@@ -240,13 +402,14 @@ function bytesField(value) {
   return b64decode(value, DecryptionError);
 }
 
-// Decrypts a pushed ChatMessage with the Double Ratchet and stores it in the history.
-// `sender` is {username, keys} of the sender's fetched bundle, SENDER_GONE, or null when not
-// fetched yet. Returns {status, entry, reason, usedOneTimePrekey}; status is "received",
-// "duplicate", "rejected", "undecryptable" (acknowledge all of these) or "need-bundle".
+// Decrypts a pushed ChatMessage with the Double Ratchet and keeps it in the history. Anything
+// else, such as the seed's unauthenticated scheme ("v1"), is refused. `sender` is {username, keys}
+// of the sender's fetched bundle, SENDER_GONE, or null when not fetched yet. Returns {status,
+// entry, reason, usedOneTimePrekey}; status is "received", "duplicate", "rejected" (the sender's
+// keys or name did not check out), "undecryptable" (acknowledge all of these) or "need-bundle"
+// (call again with the sender's bundle). Refused messages are not kept.
 export function acceptIncoming(data, message, sender, now) {
   const messageId = String(message.id);
-  const peerId = String(message.from);
   if (data.history.some((e) => e.id === messageId && e.direction === "in")) return { status: "duplicate" };
   let ratchetKey, number, content, context;
   try {
@@ -254,37 +417,48 @@ export function acceptIncoming(data, message, sender, now) {
     number = message.messageNumber;
     content = message.content;
     if (typeof content !== "string") throw new DecryptionError("content must be a string");
-    context = envelopeContext(peerId, account(data).userId, messageId);
+    context = envelopeContext(String(message.from), account(data).userId, messageId);
   } catch {
-    return refused(data, message, "undecryptable", "malformed message", now);
+    return refused(data, message, "undecryptable", "malformed message");
   }
   if (!isRatchetContent(content)) {
-    return refused(data, message, "undecryptable", "not a Double Ratchet message (the seed's unauthenticated scheme is not accepted)", now);
+    return refused(data, message, "undecryptable", "not a Double Ratchet message (the seed's unauthenticated scheme is not accepted)");
   }
-  let outcome = null;
   try {
-    outcome = acceptRatchet(data, message, ratchetKey, number, content, context, sender, now);
+    const outcome = acceptRatchet(data, message, ratchetKey, number, content, context, sender, now);
+    if (outcome !== null) return outcome;
   } catch (error) {
-    if (error instanceof ReplayError) return { status: "duplicate" };
-    if (error instanceof IdentityChanged || error instanceof SenderUnverified) return refused(data, message, "rejected", error.message, now);
+    if (error instanceof ReplayError) return refused(data, message, "undecryptable", error.message);
+    if (error instanceof IdentityChanged) {
+      markIdentityChanged(data, error);
+      return refused(data, message, "rejected", error.message);
+    }
+    if (error instanceof SenderUnverified) return refused(data, message, "rejected", error.message);
     if (!(error instanceof CryptoError)) throw error;
   }
-  return outcome ?? refused(data, message, "undecryptable", "no session or prekey of ours opens it", now);
+  return refused(data, message, "undecryptable", "no session or prekey of ours opens it");
 }
 
 function acceptRatchet(data, message, ratchetKey, number, content, context, sender, now) {
   const peerId = String(message.from);
   const stored = (data.sessions[peerId] ?? []).map((item) => Session.fromDict(item));
   const initial = b64decode(content)[0] === VERSION_INITIAL;
+  // An initial message belongs to the session it started, if we have it; otherwise it starts one.
   const candidates = initial ? stored.filter((s) => s.knowsInitial(content)) : stored;
   for (const session of candidates) {
     let plaintext;
     try {
-      plaintext = session.decrypt(ratchetKey, number, content, context);
+      plaintext = session.decrypt(ratchetKey, number, content, context, now);
     } catch (error) {
+      if (error instanceof ReplayError) {
+        // Its id is new (duplicates are caught before), its message number is not.
+        throw new ReplayError(`its message number (${number}) was used already: a replay, or the sender restored an old ` +
+          "copy of their state, or it came so late that its key expired (30 days)");
+      }
       if (error instanceof DecryptionError) continue;
       throw error;
     }
+    // Send on the session that last decrypted a message.
     data.sessions[peerId] = [session.toDict(), ...stored.filter((s) => s !== session).map((s) => s.toDict())];
     return received(data, message, plaintext, now);
   }
@@ -294,22 +468,33 @@ function acceptRatchet(data, message, ratchetKey, number, content, context, send
     return [signedPrekeyId(x25519Public(privateKey)), privateKey];
   }));
   const opks = new Map(data.oneTimePrekeys.map((item) => [item.keyId, b64decode(item.privateKey)]));
-  const { session, plaintext, oneTimePrekeyId } = Session.fromInitial(identity(data), spks, opks, ratchetKey, number, content, context);
+  let started;
+  try {
+    started = Session.fromInitial(identity(data), spks, opks, ratchetKey, number, content, context, now);
+  } catch (error) {
+    if (!(error instanceof ReplayError)) throw error;
+    const header = x3dh.decodeHeader(b64decode(content).slice(5, 5 + x3dh.HEADER_SIZE));
+    throw new ReplayError(`it starts a session with one-time prekey ${header.oneTimePrekeyId}, which was already used: ` +
+      "the server handed it out twice, or this is a replay. Ask the sender to write again");
+  }
+  const { session, plaintext, oneTimePrekeyId } = started;
   const checked = checkSenderKeys(data, peerId, session, sender, now);
   if (checked !== null) return checked;
+  // Only now that the first message decrypted and its sender checked out.
   if (oneTimePrekeyId !== null) data.oneTimePrekeys = data.oneTimePrekeys.filter((item) => item.keyId !== oneTimePrekeyId);
   data.sessions[peerId] = [session.toDict(), ...(data.sessions[peerId] ?? [])].slice(0, MAX_SESSIONS_PER_CONTACT);
   return { ...received(data, message, plaintext, now), usedOneTimePrekey: oneTimePrekeyId !== null };
 }
 
 // The X3DH header's keys are claims: they must be the pinned ones or the sender's signed ones.
+// Null when they check out (the contact is pinned on first contact).
 function checkSenderKeys(data, peerId, session, sender, now) {
   const master = b64encode(session.remoteMasterKey);
   const identityKey = b64encode(session.remoteIdentityKey);
   const contact = data.contacts[peerId];
   if (contact !== undefined && contact.masterKey !== master) {
-    markKeyChanged(data, peerId, master);
-    throw new IdentityChanged(contact.username);
+    throw new IdentityChanged(contact.username, `${contact.username}'s identity key has changed.`,
+      { pinnedId: peerId, offeredUserId: peerId, offeredMasterKey: master });
   }
   if (contact !== undefined && contact.identityKey === identityKey) return null;
   if (sender === null) return { status: "need-bundle" };
@@ -324,23 +509,21 @@ function checkSenderKeys(data, peerId, session, sender, now) {
 function received(data, message, plaintext, now) {
   const entry = historyEntry(data, message, now, "received");
   entry.text = fromUtf8(plaintext, { lenient: true });
-  data.history.push(entry);
+  keep(data, entry);
   return { status: "received", entry };
 }
 
-function refused(data, message, status, reason, now) {
-  const entry = historyEntry(data, message, now, status);
+function refused(data, message, status, reason) {
+  const entry = historyEntry(data, message, 0, status);
   entry.reason = reason;
-  data.history.push(entry);
   return { status, entry, reason };
 }
 
 function historyEntry(data, message, now, status) {
   const peerId = String(message.from);
-  const contact = data.contacts[peerId];
   const timestamp = message.timestamp;
   return {
-    id: String(message.id), peer: peerId, peerName: contact ? contact.username : null, direction: "in",
+    id: String(message.id), peer: peerId, peerName: contactName(data, peerId), direction: "in",
     timestamp: Number.isInteger(timestamp) ? timestamp : null, receivedAt: Math.floor(now), status,
   };
 }

@@ -1,7 +1,8 @@
-// The page: welcome (create, unlock, import), the chat screen, and logging in again. Text from
-// other people only ever goes into the page as textContent.
+// The page: welcome (create, unlock, import), the chat screen, logging in again, and an account
+// that is gone. Text from other people only ever goes into the page as textContent.
+import { conversation, contactOf } from "./account.mjs";
 import { Messenger } from "./client.mjs";
-import { listAccounts } from "./store.mjs";
+import { listAccounts, removeAccount } from "./store.mjs";
 
 const $ = (id) => document.getElementById(id);
 const STATUS_TEXT = { online: "online", connecting: "connecting…", waiting: "offline, retrying", offline: "offline", failed: "not logged in" };
@@ -13,7 +14,7 @@ let selected = null;
 const unread = new Map();
 
 function show(screen) {
-  for (const id of ["welcome", "relogin", "chat"]) $(id).hidden = id !== screen;
+  for (const id of ["welcome", "relogin", "gone", "chat"]) $(id).hidden = id !== screen;
 }
 
 function element(tag, { text, className, attrs } = {}, children = []) {
@@ -86,11 +87,17 @@ function enter(m) {
     if (detail.state === "failed" && detail.error && !$("chat").hidden) toast(`Not connected: ${detail.error.message}`);
   });
   messenger.addEventListener("change", ({ detail }) => {
-    if (detail.received && detail.received.peer !== selected) unread.set(detail.received.peer, (unread.get(detail.received.peer) ?? 0) + 1);
+    const from = detail.received && contactOf(messenger.store.data, detail.received);
+    if (from && from !== selected) unread.set(from, (unread.get(from) ?? 0) + 1);
+    if (selected && !messenger.store.data.contacts[selected]) selected = null;
     render();
   });
   messenger.addEventListener("warning", ({ detail }) => toast(detail.text));
   messenger.addEventListener("session-expired", () => show("relogin"));
+  messenger.addEventListener("account-deleted", () => {
+    $("gone-username").textContent = messenger.me.username;
+    show("gone");
+  });
   $("status").dataset.state = messenger.connection.state;
   $("status").textContent = STATUS_TEXT[messenger.connection.state];
   $("me").textContent = messenger.me.username;
@@ -100,9 +107,8 @@ function enter(m) {
 }
 
 function lastActivity(userId) {
-  const history = messenger.store.data.history;
-  for (let i = history.length - 1; i >= 0; i--) if (history[i].peer === userId) return history[i].timestamp ?? history[i].receivedAt ?? 0;
-  return messenger.store.data.contacts[userId].pinnedAt ?? 0;
+  const last = conversation(messenger.store.data, userId).at(-1);
+  return last ? last.timestamp ?? last.receivedAt ?? 0 : messenger.store.data.contacts[userId].pinnedAt ?? 0;
 }
 
 function renderContacts() {
@@ -114,8 +120,7 @@ function renderContacts() {
     if (contact.identityWarning) extras.push(element("span", { text: "⚠", className: "alert", attrs: { title: "identity changed" } }));
     if (unread.get(userId)) extras.push(element("span", { text: String(unread.get(userId)), className: "badge" }));
     const item = element("li", {
-      className: contact.replacedBy ? "replaced" : "",
-      attrs: { "data-user-id": userId, "aria-current": String(userId === selected), title: contact.replacedBy ? "an earlier account of this name" : "" },
+      attrs: { "data-user-id": userId, "aria-current": String(userId === selected) },
     }, [element("span", { text: contact.username }), element("span", {}, extras)]);
     item.addEventListener("click", () => select(userId));
     return item;
@@ -134,20 +139,23 @@ function renderConversation() {
   $("peer-name").textContent = contact.username;
   $("identity-warning").hidden = !contact.identityWarning;
   $("identity-warning-text").textContent = contact.identityWarning ?? "";
-  $("compose-text").disabled = Boolean(contact.identityWarning || contact.replacedBy);
+  $("compose-text").disabled = Boolean(contact.identityWarning);
   $("safety-peer").textContent = contact.username;
-  if (!$("safety").hidden) $("safety-number").textContent = messenger.safetyNumber(selected);
-  const entries = messenger.store.data.history.filter((entry) => entry.peer === selected);
+  if (!$("safety").hidden) {
+    const numbers = messenger.safetyNumbers(selected);
+    $("safety-number").textContent = numbers.current ?? "(fetching the new keys…)";
+    $("safety-pinned").hidden = !numbers.pinned;
+    $("safety-pinned-number").textContent = numbers.pinned ?? "";
+  }
+  const entries = conversation(messenger.store.data, selected);
   const list = $("messages");
   const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
   list.replaceChildren(...entries.map((entry) => {
-    const readable = entry.text !== undefined;
     const status = entry.direction === "out" ? DELIVERY_TEXT[entry.status] ?? entry.status : "";
-    const text = readable ? entry.text : `A message could not be read (${entry.reason ?? entry.status}).`;
     return element("li", {
-      className: readable ? entry.direction : "refused",
-      attrs: { "data-id": entry.id, "data-status": entry.status },
-    }, [element("span", { text, className: "text" }), element("span", { text: [time(entry.timestamp ?? entry.receivedAt), status].filter(Boolean).join(" · "), className: "meta" })]);
+      className: entry.direction,
+      attrs: { "data-id": entry.id, "data-status": entry.status, title: entry.reason ?? "" },
+    }, [element("span", { text: entry.text, className: "text" }), element("span", { text: [time(entry.timestamp ?? entry.receivedAt), status].filter(Boolean).join(" · "), className: "meta" })]);
   }));
   if (atBottom) list.scrollTop = list.scrollHeight;
 }
@@ -208,6 +216,10 @@ function wire() {
     }
     enter(imported);
     $("import-form").reset();
+    if (!imported.importedWithHistory) {
+      toast("Imported the keys and contacts without the messages: a construct-chat state file keeps them in the " +
+        "file beside it. To bring them too, import the key file that construct-chat export FILE writes.");
+    }
   });
   onSubmit("relogin-form", "relogin-error", async () => {
     await messenger.logIn("login", $("relogin-password").value);
@@ -236,7 +248,13 @@ function wire() {
     $("safety").hidden = !$("safety").hidden;
     renderConversation();
   });
-  $("trust-identity").addEventListener("click", () => messenger.trust(selected).catch((error) => toast(error.message)));
+  $("trust-identity").addEventListener("click", () => messenger.trust(selected).then(select, (error) => toast(error.message)));
+  $("gone-remove").addEventListener("click", async () => {
+    messenger.stop();
+    await removeAccount(messenger.me.username);
+    releaseLock();
+    location.reload();
+  });
   $("export").addEventListener("click", () => download(`construct-${messenger.me.username}.json`, messenger.exportFile()));
   $("lock").addEventListener("click", () => {
     messenger.stop();

@@ -152,7 +152,9 @@ export class Connection {
   }
 
   whenOnline() {
-    if (this.online) return Promise.resolve();
+    // A socket that is closing is not online: its close event comes later, and what waits for it
+    // must not be woken again and again meanwhile.
+    if (this.online && this.online.readyState === WebSocket.OPEN) return Promise.resolve();
     return new Promise((resolve) => this.waiters.push(resolve));
   }
 

@@ -16,9 +16,12 @@ export const VERSION_INITIAL = 0x20;
 export const VERSION_NORMAL = 0x21;
 export const MAX_SKIP = 1000;
 export const MAX_SKIPPED_TOTAL = 2000;
+// A skipped message key is kept for a message that may still come; past this age it is dropped.
+export const MAX_SKIPPED_AGE_SECONDS = 30 * 24 * 3600;
 const RK_INFO = utf8("construct/ratchet/root");
 const MESSAGE_INFO = utf8("construct/ratchet/message");
-const STATE_VERSION = 1;
+// Version 2 stamps each skipped message key with the time it was skipped; version 1 has none.
+const STATE_VERSION = 2;
 const ONE = new Uint8Array([1]);
 const TWO = new Uint8Array([2]);
 
@@ -76,15 +79,24 @@ function copyState(state) {
   return { ...state, skipped: new Map(state.skipped) };
 }
 
-function skipMessageKeys(state, until) {
+// `skipped` maps a position to [message key, when it was skipped (null: unknown, from a version 1
+// state; stamped at the next decrypt)], oldest first.
+function skipMessageKeys(state, until, now) {
   if (state.ckr === null || state.dhr === null) return;
   if (until > state.nr + MAX_SKIP) throw new TooManySkipped(`message ${until} is more than ${MAX_SKIP} ahead of ${state.nr}`);
   while (state.nr < until) {
     const [next, mk] = kdfCk(state.ckr);
     state.ckr = next;
-    state.skipped.set(skippedKey(state.dhr, state.nr), mk);
+    state.skipped.set(skippedKey(state.dhr, state.nr), [mk, now]);
     state.nr += 1;
     if (state.skipped.size > MAX_SKIPPED_TOTAL) state.skipped.delete(state.skipped.keys().next().value);
+  }
+}
+
+function expireSkipped(state, now) {
+  for (const [slot, [mk, skippedAt]] of [...state.skipped]) {
+    if (skippedAt === null) state.skipped.set(slot, [mk, now]);
+    else if (now - skippedAt > MAX_SKIPPED_AGE_SECONDS) state.skipped.delete(slot);
   }
 }
 
@@ -127,7 +139,7 @@ export class Session {
 
   // X3DH responder for a 0x20 message. Returns {session, plaintext, oneTimePrekeyId}; the caller
   // checks the remote keys against the sender's bundle or pin before keeping anything.
-  static fromInitial(identity, signedPrekeys, oneTimePrekeys, ratchetPublic, messageNumber, content, context) {
+  static fromInitial(identity, signedPrekeys, oneTimePrekeys, ratchetPublic, messageNumber, content, context, now) {
     const parsed = parseContent(content);
     if (parsed.initialHeader === null) throw new DecryptionError("not an initial message");
     const header = x3dh.decodeHeader(parsed.initialHeader);
@@ -135,7 +147,7 @@ export class Session {
     const dhsPrivate = signedPrekeys.get(header.signedPrekeyId);
     const state = { dhsPrivate, dhr: null, rk: secret, cks: null, ckr: null, ns: 0, nr: 0, pn: 0, skipped: new Map() };
     const session = new Session(state, ad, parsed.initialHeader, false, header.identityKey, header.masterKey);
-    const plaintext = session.decrypt(ratchetPublic, messageNumber, content, context);
+    const plaintext = session.decrypt(ratchetPublic, messageNumber, content, context, now);
     return { session, plaintext, oneTimePrekeyId };
   }
 
@@ -168,8 +180,10 @@ export class Session {
     return { ratchetPublic, messageNumber: number, content: b64encode(concat(header, nonce, ciphertext)) };
   }
 
-  // Transactional: when it throws, the session is exactly as before.
-  decrypt(ratchetPublic, messageNumber, content, context) {
+  // Transactional: when it throws, the session is exactly as before. `now` (unix seconds) stamps
+  // the message keys skipped here; keys skipped more than MAX_SKIPPED_AGE_SECONDS before it go.
+  decrypt(ratchetPublic, messageNumber, content, context, now) {
+    if (typeof now !== "number") throw new TypeError("decrypt needs the time");
     const parsed = parseContent(content);
     if (parsed.initialHeader !== null && !equal(parsed.initialHeader, this.initialHeader)) {
       throw new DecryptionError("initial message of another session");
@@ -178,18 +192,19 @@ export class Session {
     if (!isU32(messageNumber)) throw new DecryptionError("message number must be a u32");
 
     const state = copyState(this.state);
+    expireSkipped(state, now);
     const slot = skippedKey(ratchetPublic, messageNumber);
-    let mk = state.skipped.get(slot);
+    let mk = state.skipped.get(slot)?.[0];
     if (mk !== undefined) {
       state.skipped.delete(slot);
     } else {
       const sameChain = state.dhr !== null && equal(ratchetPublic, state.dhr);
       if (sameChain && messageNumber < state.nr) throw new ReplayError(`message ${messageNumber} was already received`);
       if (!sameChain) {
-        skipMessageKeys(state, parsed.previousChainLength);
+        skipMessageKeys(state, parsed.previousChainLength, now);
         dhRatchet(state, ratchetPublic);
       }
-      skipMessageKeys(state, messageNumber);
+      skipMessageKeys(state, messageNumber, now);
       if (state.ckr === null) throw new DecryptionError("no receiving chain for this ratchet key");
       [state.ckr, mk] = kdfCk(state.ckr);
       state.nr += 1;
@@ -223,20 +238,23 @@ export class Session {
       ns: s.ns,
       nr: s.nr,
       pn: s.pn,
-      skipped: [...s.skipped].map(([slot, key]) => {
+      skipped: [...s.skipped].map(([slot, [key, skippedAt]]) => {
         const [dh, number] = slot.split(":");
-        return [dh, Number(number), b64encode(key)];
+        return [dh, Number(number), b64encode(key), skippedAt];
       }),
     };
   }
 
   static fromDict(data) {
     try {
-      if (data.version !== STATE_VERSION) throw new CryptoError("unsupported session state version");
+      if (data.version !== 1 && data.version !== STATE_VERSION) throw new CryptoError("unsupported session state version");
       if (typeof data.sendInitial !== "boolean") throw new CryptoError("malformed sendInitial");
       const skipped = new Map();
-      for (const [dh, number, key] of data.skipped) {
-        skipped.set(skippedKey(b64decode(dh, CryptoError, KEY_SIZE), counter(number)), b64decode(key, CryptoError, KEY_SIZE));
+      for (const item of data.skipped) {
+        const [dh, number, key] = item;
+        const skippedAt = data.version === STATE_VERSION ? item[3] : null;
+        if (skippedAt !== null && typeof skippedAt !== "number") throw new CryptoError("malformed skipped key time");
+        skipped.set(skippedKey(b64decode(dh, CryptoError, KEY_SIZE), counter(number)), [b64decode(key, CryptoError, KEY_SIZE), skippedAt]);
       }
       const state = {
         dhsPrivate: b64decode(data.dhsPrivate, CryptoError, KEY_SIZE),

@@ -1,6 +1,7 @@
 // construct-chat's passphrase-encrypted state file (construct/client/state.py, docs/crypto.md):
-// {"version":1,"kdf":"argon2id","opslimit","memlimit","salt":b64(16),"box":b64(nonce(24) ‖ secretbox)}.
-// The key is Argon2id(passphrase, salt); the box is XSalsa20-Poly1305 of the state as JSON.
+// {"version":1,"kdf":"argon2id","opslimit","memlimit","salt":b64(16),"box":b64(nonce(24) ‖ tag(16) ‖ ciphertext)}.
+// The key is Argon2id(passphrase, salt); the box is libsodium's secretbox (XSalsa20-Poly1305, the
+// tag before the ciphertext) of the state as JSON.
 import sodium from "./sodium.mjs";
 import { WrongPassphrase, b64decode, b64encode, concat, fromUtf8, utf8 } from "./bytes.mjs";
 import { random } from "./crypto.mjs";

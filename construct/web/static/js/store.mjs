@@ -1,5 +1,5 @@
-// The account's state in IndexedDB, always encrypted: each record holds the construct-chat state
-// file text (statefile.mjs), so exporting is handing out the record as it is. The passphrase's
+// The account's state in IndexedDB, always encrypted: each record holds the text of a key file
+// (statefile.mjs, account.mjs), so exporting is handing out the record as it is. The passphrase's
 // Argon2id runs once per unlock; every save seals under the same key with a fresh nonce.
 import * as statefile from "./statefile.mjs";
 
@@ -72,16 +72,17 @@ export class AccountStore {
     return store;
   }
 
-  // A construct-chat state file (or a file exported from here), kept as it is.
-  static async import(text, passphrase) {
+  // A key file (exported from here or by `construct-chat export`) or a construct-chat state file,
+  // sealed again under the same key once `prepare` has checked and upgraded it (so the same
+  // passphrase opens it). Returns {store, prepared: what `prepare` returned}.
+  static async import(text, passphrase, prepare) {
     const { data, stateKey } = statefile.open(text, passphrase);
-    const username = data.account?.username;
-    if (!username || !data.identity || !Array.isArray(data.history)) throw new Error("this key file holds no registered account");
+    const prepared = prepare(data);
+    const username = data.account.username;
     if (await transaction("readonly", (store) => store.get(username))) throw new Error(`this browser already holds the account ${username}`);
-    await transaction("readwrite", (store) => store.put({ username, file: text, savedAt: Date.now() }));
     const store = new AccountStore(username, stateKey, data);
-    store.file = text;
-    return store;
+    await store.save(data);
+    return { store, prepared };
   }
 
   async save(data) {
