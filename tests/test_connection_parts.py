@@ -6,6 +6,7 @@ from twisted.internet import defer, task
 
 from construct.core.admission import MAX_DELAY_SECONDS, MAX_LAG_SECONDS, MIN_IN_FLIGHT, TICK_SECONDS, Admission
 from construct.protocol.backpressure import MIN_STALLED_BYTES, PAUSE_BACKLOG, RESUME_BACKLOG, Backpressure
+from construct.protocol.connection import ConnectionTracker
 from construct.protocol.replies import NO_REPLY, ReplyOrder
 from construct.protocol.timeouts import AUTH_TIMEOUT, IDLE, STOPPED_READING, ConnectionLimits, overdue
 
@@ -141,3 +142,32 @@ def test_admission_sheds_when_more_sends_are_in_flight_than_complete_in_the_dela
     clock.advance(TICK_SECONDS)
     _run(admission.tick())
     assert not admission.busy
+
+
+class _Lingering:
+    """A connection past its auth timeout whose client never reads the goodbye."""
+
+    def __init__(self, tracker: ConnectionTracker) -> None:
+        self.tracker, self.events = tracker, []
+
+    def overdue(self, now: float) -> str | None:
+        return AUTH_TIMEOUT
+
+    def expire(self, reason: str) -> None:
+        self.events.append("expire")
+
+    def abort(self) -> None:
+        self.events.append("abort")
+
+
+def test_a_connection_told_to_go_that_is_still_there_a_sweep_later_is_aborted():
+    tracker = ConnectionTracker(task.Clock())
+    lingering, gone = _Lingering(tracker), _Lingering(tracker)
+    tracker.add(lingering)
+    tracker.add(gone)
+    defer.ensureDeferred(tracker.sweep())
+    assert lingering.events == gone.events == ["expire"], "told why first, politely"
+    tracker.discard(gone)  # its client read the goodbye and the connection closed
+    defer.ensureDeferred(tracker.sweep())
+    assert lingering.events == ["expire", "abort"], "a polite close must not wait forever on a client that never reads"
+    assert gone.events == ["expire"]

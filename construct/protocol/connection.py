@@ -394,12 +394,15 @@ class ConnectionTracker:
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._protocols: set[Any] = set()
+        # Told to go by the last sweep: a polite close waits for its goodbye to be read.
+        self._expired: set[Any] = set()
 
     def add(self, protocol: Any) -> None:
         self._protocols.add(protocol)
 
     def discard(self, protocol: Any) -> None:
         self._protocols.discard(protocol)
+        self._expired.discard(protocol)
 
     def __len__(self) -> int:
         return len(self._protocols)
@@ -423,7 +426,12 @@ class ConnectionTracker:
     async def sweep(self) -> None:
         """Close the connections that outstayed a limit (see ClientConnection.overdue)."""
         now = self._clock.seconds()
-        for protocol in list(self._protocols):
+        # A client that has not read its goodbye in a whole sweep interval never will.
+        unread, self._expired = self._expired, set()
+        for protocol in unread:
+            self.log.info("closing a connection: {reason}", reason=STOPPED_READING)
+            protocol.abort()
+        for protocol in list(self._protocols - unread):
             reason = protocol.overdue(now)
             if reason is None:
                 continue
@@ -432,6 +440,7 @@ class ConnectionTracker:
                 protocol.abort()  # a goodbye would wait behind what it does not read
             else:
                 protocol.expire(reason)
+                self._expired.add(protocol)
 
     def _shutdown_failed(self, failure: Any) -> None:
         if not failure.check(CancelledError):
