@@ -120,3 +120,38 @@ async def test_concurrent_puts_keep_commit_order_and_dedup(database):
     entries = await inbox.fetch(recipient, 0, 100, NOW_MS)
     assert sorted(e.message_id for e in entries) == sorted(ids)
     assert [e.seq for e in entries] == sorted(e.seq for e in entries)
+
+
+def test_a_failing_migration_leaves_nothing_and_the_next_start_succeeds(engine, monkeypatch):
+    """Each migration runs in one transaction: the tables of a migration that fails are not kept,
+    so the start after the fix does not stop at 'table already exists'."""
+    from construct.storage import database as database_module
+
+    real_scripts = database_module._schema_scripts
+    broken = (SCHEMA_VERSION + 1, "CREATE TABLE migration_probe (id INTEGER); CREATE TABLE broken (")
+    fixed = (SCHEMA_VERSION + 1, "CREATE TABLE migration_probe (id INTEGER)")
+    monkeypatch.setattr(database_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(database_module, "_schema_scripts", lambda e: real_scripts(e) + [broken])
+    with pytest.raises(engine.driver.Error):
+        prepare_database(engine)
+    # Nothing of the failed start stays, not even the earlier migrations of the same start.
+    assert database_module.schema_version(engine) == 0
+    monkeypatch.setattr(database_module, "_schema_scripts", lambda e: real_scripts(e) + [fixed])
+    assert prepare_database(engine) == SCHEMA_VERSION + 1
+
+
+def test_sqlite_files_are_private_to_the_server(tmp_path):
+    """The data directory is made 0700 and the database files 0600, also when they existed wider."""
+    import os
+    import stat
+
+    from construct.storage.database import SqliteEngine
+
+    data_dir = tmp_path / "data"
+    prepare_database(SqliteEngine(str(data_dir / "construct.sqlite3")))
+    assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+    files = [path for path in data_dir.iterdir() if path.name.startswith("construct.sqlite3")]
+    assert files and {stat.S_IMODE(os.stat(path).st_mode) for path in files} == {0o600}
+    os.chmod(data_dir / "construct.sqlite3", 0o644)
+    prepare_database(SqliteEngine(str(data_dir / "construct.sqlite3")))
+    assert stat.S_IMODE(os.stat(data_dir / "construct.sqlite3").st_mode) == 0o600
