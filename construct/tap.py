@@ -354,7 +354,7 @@ def build_production(
     as for build_embedded.
     """
     address, prefix, instance_id = options["redis"], options["redis-prefix"], options["instance-id"]
-    redis = RedisClient(address, reactor)
+    redis = RedisClient(address, reactor, name=f"{prefix}server:{instance_id}")
     known_users = KnownUsers(AccountStore(db).user_exists, clock)
     inbox = RedisInbox(redis, prefix, clock, instance_id, reactor)
     hub = DeliveryHub(inbox, clock, metrics)
@@ -371,7 +371,9 @@ def build_production(
         wakeups.subscribed()
         presence.refresh()
 
-    subscriber = RedisSubscriber(address, reactor, [wakeups.channel], wakeups.event_received, subscribed)
+    subscriber = RedisSubscriber(
+        address, reactor, [wakeups.channel], wakeups.event_received, subscribed, name=f"{prefix}subscriber:{instance_id}"
+    )
     return core, presence, redis, subscriber
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 import pytest_twisted
@@ -16,7 +15,7 @@ from construct.redis.inbox import RedisInbox
 from construct.redis.presence import RedisPresence
 from construct.redis.wakeups import RedisWakeUps
 from construct.tap import build_production
-from tests.conftest import REDIS_URL, _delete_keys, make_options
+from tests.conftest import REDIS_URL, _delete_keys, kill_redis_connections, make_options
 from tests.helpers import PASSWORD, MemoryClient, chat_message, register
 
 
@@ -103,7 +102,7 @@ async def test_subscriber_recovers_after_client_kill(core_factory, redis_prefix)
     second = await core_factory("instance-b")
     alice, a = await register(first, "alice")
     bob, b = await register(second, "bob")
-    subprocess.run(["redis-cli", "-h", "127.0.0.1", "CLIENT", "KILL", "TYPE", "pubsub"], check=True, capture_output=True)
+    assert kill_redis_connections(redis_prefix, "subscriber") == 2
     messages = [chat_message(a["userId"], b["userId"], content=f"bTk{i}") for i in range(5)]
     for message in messages:
         reply = await alice.request("sendMessage", message)
