@@ -162,7 +162,7 @@ async def test_stores_of_one_turn_are_one_script_call_decided_message_by_message
         now_ms, ttl_ms, quota = 1_000_000, 60_000, 3
 
         def put(sender: str, message_id: str, recipient: str = bob) -> defer.Deferred:
-            return inbox.put(Submission(sender, recipient, message_id, f"envelope {message_id}", False, now_ms, ttl_ms, quota))
+            return inbox.put(Submission(sender, recipient, message_id, f"envelope {message_id}", False, now_ms, ttl_ms, quota, sender))
 
         one_turn = [put(alice, m1), put(alice, m1), put(carol, m1), put(alice, m2), put(carol, m3), put(alice, m4)]
         outcomes = await defer.DeferredList(one_turn, consumeErrors=True)
@@ -213,7 +213,7 @@ async def test_more_stores_in_one_turn_than_one_script_call_takes_stay_in_order(
         recipient = "00000000-0000-4000-8000-000000000001"
         stores = [
             inbox.put(Submission("00000000-0000-4000-8000-000000000002", recipient, message_id, "e", False,
-                                 1_000_000, 60_000, 10_000))
+                                 1_000_000, 60_000, 10_000, "00000000-0000-4000-8000-000000000002"))
             for message_id in ids
         ]
         accepted = [await store for store in stores]

@@ -455,7 +455,7 @@ def test_a_store_batch_that_redis_answers_wrongly_or_not_at_all_fails_every_send
     inbox = RedisInbox(redis, "test:", clock)
 
     def two_sends() -> list:
-        sends = [inbox.put(Submission("a", "b", f"m{n}", "e", False, 0, 1000, 10)) for n in range(2)]
+        sends = [inbox.put(Submission("a", "b", f"m{n}", "e", False, 0, 1000, 10, "a")) for n in range(2)]
         clock.advance(0)
         return [_outcome(send) for send in sends]
 

@@ -19,7 +19,9 @@ from twisted.python.failure import Failure
 
 from construct.errors import ConstructError, service_unavailable
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+# The server_secrets row that keys the digests of metadata (limit keys, duplicate-send records).
+METADATA_SALT = "metadata-salt"
 
 
 class Engine:
@@ -308,6 +310,24 @@ def _connect(engine: Engine) -> Any:
     conn = engine.driver.connect(*args, **kwargs)
     engine.on_connect(conn)
     return conn
+
+
+def server_secret(engine: Engine, name: str) -> bytes:
+    """The secret of this name the server made on its first start (32 random bytes), made now if
+    there is none; synchronously, at startup, like `prepare_database`. Every instance on one
+    database reads the same."""
+    conn = _connect(engine)
+    try:
+        txn = Txn(conn.cursor(), engine)
+        txn.execute(
+            "INSERT INTO server_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            (name, os.urandom(32).hex()),
+        )
+        value = txn.execute("SELECT value FROM server_secrets WHERE name = ?", (name,)).fetchone()[0]
+        conn.commit()
+        return bytes.fromhex(value)
+    finally:
+        conn.close()
 
 
 def schema_version(engine: Engine) -> int:
