@@ -24,7 +24,7 @@ from tests.helpers import PASSWORD, MemoryClient, chat_message, error_reply, mak
 from tests.privacy_scan import redis_client, redis_dump, redis_entries_mentioning, sql_rows_mentioning
 from tests.processes import ServerProcess, process_env
 
-# Rate-limit counters (<prefix>limit:…) are keyed by user id and expire on their own.
+# Rate-limit counters (<prefix>limit:…) are keyed by salted hashes and expire on their own.
 LIMIT_KEYS = "limit:"
 
 
