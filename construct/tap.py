@@ -208,7 +208,7 @@ class Options(SettingsOptions):
             "slow-client-timeout", int(ConnectionLimits.slow_client_timeout),
             "seconds a client may leave the server's output unread (0: no limit)", int_between(0, 86400),
         ),
-        Setting("allowed-origins", ["*"], "comma-separated Origin patterns browsers may open a WebSocket from", origins),
+        Setting("allowed-origins", ["*"], "comma-separated Origin patterns browsers may open a WebSocket or call /v1 from", origins),
         Setting("sender-key-path", None,
                 "file of the keys that sign sender certificates, made on first start (default: in --data-dir)",
                 non_empty),
