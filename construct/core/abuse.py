@@ -39,8 +39,9 @@ class AbuseSettings:
     prekeys_taken_per_requester: Limit = Limit(100, 3600)
     prekeys_taken_per_pair: Limit = Limit(3, 3600)
     # Name lookups: per user, and per address so that many accounts of one client add no more.
-    lookups_per_user: Limit = Limit(300, 3600)
-    lookups_per_address: Limit = Limit(1000, 3600)
+    # Room for clients that look a name up before each message to a contact they cannot seal to.
+    lookups_per_user: Limit = Limit(1000, 3600)
+    lookups_per_address: Limit = Limit(3000, 3600)
     login_failures_per_address: Limit = Limit(20, 900)
     login_failures_per_account_address: Limit = Limit(5, 900)
     # Past this, each address gets one attempt per window on the account, not a lockout.
