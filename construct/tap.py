@@ -16,7 +16,7 @@ from typing import Any, Callable
 from construct import pt
 from construct.config import Setting, SettingsOptions, boolean, int_between, non_empty
 from construct.core.abuse import AbuseLimits, AbuseSettings
-from construct.core.accounts import AccountService, KnownUsers, PasswordHasher
+from construct.core.accounts import MAX_SESSIONS_PER_USER, AccountService, KnownUsers, PasswordHasher
 from construct.core.admission import TICK_SECONDS, Admission
 from construct.core.app import Core
 from construct.core.certificates import DEFAULT_LIFETIME_SECONDS, CertificateService, ServerKeys
@@ -28,7 +28,7 @@ from construct.core.messaging import MessageService
 from construct.core.sealed import UnidentifiedAccess
 from construct.core.worker import DEFAULT_REDELIVERY_SECONDS, DeliveryWorker, MemoryLeases
 from construct.delivery.ports import Inbox, WakeUps
-from construct.http.api import HttpApi
+from construct.http.api import DEFAULT_PORTS, HttpApi
 from construct.http.camouflage import SiteError, StaticSite, build_camouflaged_site
 from construct.http.health import build_health_site
 from construct.http.site import build_site
@@ -98,9 +98,6 @@ def per_period(text: str) -> Limit:
     return limit
 
 
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
 def origins(text: str) -> list[str]:
     """Patterns (* wildcards) for Autobahn, which matches them against scheme://host:port: a
     pattern written without a port, as browsers send it, gets its scheme's default port."""
@@ -144,10 +141,22 @@ ABUSE_OPTIONS = {
         "bundle_checks_per_requester", "key bundles one user may read without a one-time prekey (sender checks)",
     ),
     "limit-prekeys-served": ("prekeys_served_per_user", "one-time prekeys handed out per user (then bundles come without)"),
+    "limit-prekeys-taken": (
+        "prekeys_taken_per_requester", "one-time prekeys one user may take, of anyone (then bundles come without)",
+    ),
+    "limit-prekeys-taken-per-user": (
+        "prekeys_taken_per_pair", "one-time prekeys one user may take of one user (then bundles come without)",
+    ),
+    "limit-lookups": ("lookups_per_user", "username lookups one user may make"),
+    "limit-lookups-per-address": ("lookups_per_address", "username lookups from one client address"),
     "limit-login-failures": ("login_failures_per_address", "failed logins from one client address"),
     "limit-login-failures-per-account": ("login_failures_per_account_address", "failed logins on one account from one address"),
     "limit-login-failures-account-wide": (
         "login_failures_per_account", "failed logins on one account, after which each address gets one try per window",
+    ),
+    "limit-password-checks": ("password_checks_per_address", "password checks (logins, right or wrong) from one client address"),
+    "limit-password-checks-per-account": (
+        "password_checks_per_account_address", "password checks (logins, right or wrong) on one account from one address",
     ),
     "limit-sealed-per-recipient": ("sealed_per_recipient", "sealed messages one user may be sent"),
     "limit-sealed-per-connection": ("sealed_per_connection", "sealed messages one connection may send"),
@@ -174,6 +183,10 @@ class Options(SettingsOptions):
             "most passwords hashed at once (default: one less than the CPU count)",
             int_between(1, 64),
         ),
+        Setting(
+            "max-sessions-per-user", MAX_SESSIONS_PER_USER,
+            "live sessions per user; a login past it ends the oldest (0: no limit)", int_between(0, 10**6),
+        ),
         Setting("message-ttl", 7 * 24 * 3600, "seconds a message waits for its acknowledgement", int_between(60, 10**8)),
         Setting("inbox-quota", 10_000, "most pending messages per recipient", int_between(1, 10**7)),
         Setting("max-message-bytes", 64 * 1024, "largest message 'content' in bytes", int_between(1024, 2**24)),
@@ -195,7 +208,7 @@ class Options(SettingsOptions):
             "slow-client-timeout", int(ConnectionLimits.slow_client_timeout),
             "seconds a client may leave the server's output unread (0: no limit)", int_between(0, 86400),
         ),
-        Setting("allowed-origins", ["*"], "comma-separated Origin patterns browsers may open a WebSocket from", origins),
+        Setting("allowed-origins", ["*"], "comma-separated Origin patterns browsers may open a WebSocket or call /v1 from", origins),
         Setting("sender-key-path", None,
                 "file of the keys that sign sender certificates, made on first start (default: in --data-dir)",
                 non_empty),
@@ -288,8 +301,8 @@ def assemble_core(
     keys = KeyStore(db)
     return Core(
         accounts=AccountService(
-            AccountStore(db), PasswordHasher(options["bcrypt-cost"], run_blocking), clock, wakeups.sessions_revoked,
-            limits,
+            AccountStore(db), PasswordHasher(options["bcrypt-cost"], run_blocking, options["hash-threads"]), clock,
+            wakeups.sessions_revoked, limits, max_sessions=options["max-sessions-per-user"],
         ),
         keys=KeyService(keys, clock, limits),
         messaging=MessageService(
@@ -448,11 +461,12 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     ws_factory = ConstructWebSocketFactory(
         core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"], options["ws-padding"]
     )
+    api = HttpApi(core, options["allowed-origins"])
     if camouflage is None:
-        site = build_site(ws_factory, HttpApi(core), max_frame, options["ws-path"])
+        site = build_site(ws_factory, api, max_frame, options["ws-path"])
     else:
         site = build_camouflaged_site(
-            camouflage, ws_factory, HttpApi(core), max_frame, options["ws-path"], options["camouflage-web-client"]
+            camouflage, ws_factory, api, max_frame, options["ws-path"], options["camouflage-web-client"]
         )
     tcp_factory = JsonLinesFactory(
         core, max_frame, tcp_connections, addresses, limits, reactor, proxied=options["tcp"].startswith("haproxy:")

@@ -125,6 +125,8 @@ class HttpClient:
         if token:
             headers["Authorization"] = [f"Bearer {token}"]
         data = raw if raw is not None else (codec.json_bytes(body) if body is not None else None)
+        if data is not None:
+            headers["Content-Type"] = ["application/json"]
         response = await treq.request(method, self.base + path, data=data, headers=headers).addTimeout(TIMEOUT, reactor)
         content = await treq.content(response)
         return response.code, (json.loads(content) if content else None)

@@ -146,6 +146,71 @@ async def test_one_time_prekeys_cannot_be_drained_past_the_budget(core_factory):
     assert (await bob.request("getPrekeyCount", {}))["payload"]["count"] == 3
 
 
+@pytest_twisted.ensureDeferred
+async def test_one_time_prekeys_are_budgeted_per_requester_and_pair_so_sybils_leave_some_for_an_honest_contact(
+    core_factory,
+):
+    """A few accounts cannot take an owner's whole budget: each gets its share per pair (then
+    bundles without a one-time prekey, never a refusal), and a first contact still gets one."""
+    core = await core_factory(limit_prekeys_served=Limit(10, 3600), limit_prekeys_taken_per_user=Limit(2, 3600))
+    bob, b = await register(core, "bob")
+    prekeys = [{"keyId": i, "publicKey": b64(os.urandom(32))} for i in range(20)]
+    assert (await bob.request("uploadPrekeys", {"prekeys": prekeys}))["payload"]["count"] == 20
+    for name in ("sybil1", "sybil2", "sybil3"):
+        sybil, _ = await register(core, name)
+        served = []
+        for _ in range(5):
+            reply = await sybil.request("getPublicKey", {"userId": b["userId"]})
+            assert reply["type"] == "publicKeyBundle", reply
+            served.append("oneTimePrekey" in reply["payload"])
+        assert served == [True, True, False, False, False]
+    honest, _ = await register(core, "honest")
+    assert "oneTimePrekey" in (await honest.request("getPublicKey", {"userId": b["userId"]}))["payload"]
+    assert (await bob.request("getPrekeyCount", {}))["payload"]["count"] == 13
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_time_prekeys_one_user_takes_of_anyone_are_budgeted(core_factory):
+    core = await core_factory(limit_prekeys_taken=Limit(2, 3600))
+    mallory, _ = await register(core, "mallory")
+    targets = []
+    for name in ("bob", "carol", "dave"):
+        owner, payload = await register(core, name)
+        await owner.request("uploadPrekeys", {"prekeys": [{"keyId": 1, "publicKey": b64(os.urandom(32))}]})
+        targets.append(payload["userId"])
+    served = [
+        "oneTimePrekey" in (await mallory.request("getPublicKey", {"userId": target}))["payload"] for target in targets
+    ]
+    assert served == [True, True, False]
+    # What Mallory was refused is still there for others.
+    other, _ = await register(core, "erin")
+    assert "oneTimePrekey" in (await other.request("getPublicKey", {"userId": targets[2]}))["payload"]
+
+
+# Username lookups
+
+
+@pytest_twisted.ensureDeferred
+async def test_lookups_are_limited_per_user_and_per_address(core_factory):
+    """Many probes of names are refused with RATE_LIMITED: per user, and per address across accounts."""
+    core = await core_factory(limit_lookups=Limit(3, 3600), limit_lookups_per_address=Limit(5, 3600))
+    alice, _ = await register(core, "alice")
+    bob, _ = await register(core, "bob")
+    names = iter(f"probe{i}" for i in range(100))
+    for _ in range(3):
+        assert (await error_reply(alice, "lookupUser", {"username": next(names)}))["code"] == "USER_NOT_FOUND"
+    _rate_limited(await error_reply(alice, "lookupUser", {"username": "bob"}), 3600)
+    # Bob, from the same address (every MemoryClient's), has what the address has left: two.
+    assert (await bob.request("lookupUser", {"username": "alice"}))["type"] == "userFound"
+    assert (await error_reply(bob, "lookupUser", {"username": next(names)}))["code"] == "USER_NOT_FOUND"
+    _rate_limited(await error_reply(bob, "lookupUser", {"username": "alice"}), 3600)
+    # Bob from another address still has his own limit's room: the refusals counted nothing.
+    elsewhere = MemoryClient(core, address="198.51.100.20")
+    assert (await elsewhere.request("login", {"username": "bob", "password": PASSWORD}))["type"] == "loginSuccess"
+    assert (await elsewhere.request("lookupUser", {"username": "alice"}))["type"] == "userFound"
+    _rate_limited(await error_reply(elsewhere, "lookupUser", {"username": "alice"}), 3600)
+
+
 # Logins
 
 
@@ -222,6 +287,56 @@ async def test_a_successful_login_forgets_that_address_s_failures_on_the_account
     assert (await _login(core, "alice", PASSWORD, "203.0.113.9"))["type"] == "loginSuccess"
     for _ in range(2):
         assert (await _login(core, "alice", WRONG, "203.0.113.9"))["payload"]["code"] == "INVALID_CREDENTIALS"
+
+
+@pytest_twisted.ensureDeferred
+async def test_successful_logins_are_limited_per_account_and_address_too(core_factory):
+    """Every password check costs a hash: right ones count as well as wrong ones."""
+    core = await core_factory(limit_password_checks_per_account=Limit(3, 900))
+    await register(core, "alice")
+    for _ in range(3):
+        assert (await _login(core, "alice", PASSWORD, "203.0.113.9"))["type"] == "loginSuccess"
+    _rate_limited((await _login(core, "alice", PASSWORD, "203.0.113.9"))["payload"], 900)
+    assert (await _login(core, "alice", PASSWORD, "198.51.100.7"))["type"] == "loginSuccess"
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_checks_per_address_cover_every_account_right_or_wrong(core_factory):
+    """A client logging in to its own accounts, again and again, is held to its address's limit."""
+    core = await core_factory(limit_password_checks=Limit(4, 900))
+    for name in ("sybil1", "sybil2"):
+        await register(core, name)
+    for name in ("sybil1", "sybil2", "sybil1", "sybil2"):
+        assert (await _login(core, name, PASSWORD, "203.0.113.9"))["type"] == "loginSuccess"
+    _rate_limited((await _login(core, "sybil1", PASSWORD, "203.0.113.9"))["payload"], 900)
+    _rate_limited((await _login(core, "nobody", WRONG, "203.0.113.9"))["payload"], 900)
+    assert (await _login(core, "sybil1", PASSWORD, "203.0.113.10"))["type"] == "loginSuccess"
+
+
+@pytest_twisted.ensureDeferred
+async def test_change_password_and_delete_account_password_checks_count_as_logins(core_factory):
+    core = await core_factory(limit_password_checks_per_account=Limit(2, 900))
+    alice, _ = await register(core, "alice")
+    address = "192.0.2.1"  # the registering MemoryClient's
+    assert (await _login(core, "alice", PASSWORD, address))["type"] == "loginSuccess"
+    change = {"oldPassword": PASSWORD, "newPassword": "Another-password-7", "newPasswordConfirm": "Another-password-7"}
+    assert (await alice.request("changePassword", change))["type"] == "changePasswordSuccess"
+    _rate_limited(await error_reply(alice, "deleteAccount", {"password": "Another-password-7"}), 900)
+    assert (await _login(core, "alice", "Another-password-7", "198.51.100.7"))["type"] == "loginSuccess"
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_sessions_per_user_are_capped_and_a_login_past_the_cap_ends_the_oldest(core_factory, clock):
+    core = await core_factory(max_sessions_per_user=2)
+    first, a = await register(core, "alice")
+    tokens = [a["sessionToken"]]
+    for _ in range(2):
+        clock.advance(1)
+        tokens.append((await _login(core, "alice", PASSWORD, "198.51.100.7"))["payload"]["sessionToken"])
+    # The registering connection's session was the oldest: it is told, and its token is gone.
+    assert (await first.next_of("sessionExpired"))["type"] == "sessionExpired"
+    replies = [await MemoryClient(core).request("connect", {"sessionToken": token}) for token in tokens]
+    assert [reply["type"] for reply in replies] == ["sessionExpired", "connectSuccess", "connectSuccess"]
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])

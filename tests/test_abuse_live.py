@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 
@@ -207,3 +208,49 @@ async def test_a_large_backlog_reaches_a_client_that_reads_it(tmp_path):
     finally:
         server.stop()
     assert "stopped reading" not in server.log_text()
+
+
+def _line(kind: str, payload: dict) -> bytes:
+    return json.dumps({"type": kind, "requestId": "1", "payload": payload}).encode() + b"\n"
+
+
+def test_a_client_logging_in_from_many_threads_does_not_make_another_s_login_wait_behind_its_hashes(tmp_path):
+    """One hashing thread; one address logs in to its own accounts on many connections at
+    once. A login from another address is served in the next free turn, not after them all."""
+    server = ServerProcess(
+        tmp_path, "--bcrypt-cost", "11", "--hash-threads", "1", "--tcp", "haproxy:tcp:0:interface=127.0.0.1",
+    ).start()
+    port = server.ports["tcp"]
+    attacker, honest = "203.0.113.5", "198.51.100.9"
+    names = [f"sybil{uuid.uuid4().hex[:10]}" for _ in range(12)]
+    honest_name = f"honest{uuid.uuid4().hex[:10]}"
+    try:
+        for name, address in [(name, attacker) for name in names] + [(honest_name, honest)]:
+            reply = _proxied(port, address, _line("register", {"username": name, "password": PASSWORD,
+                                                               "publicKey": make_bundle()}))
+            assert json.loads(reply[0])["type"] == "registerSuccess", reply
+        finished: list[str] = []
+        lock = threading.Lock()
+
+        def log_in(name: str, address: str) -> None:
+            reply = json.loads(_proxied(port, address, _line("login", {"username": name, "password": PASSWORD}))[0])
+            assert reply["type"] == "loginSuccess", reply
+            with lock:
+                finished.append(name)
+
+        flood = [threading.Thread(target=log_in, args=(name, attacker)) for name in names]
+        for thread in flood:
+            thread.start()
+        # Once one of them is answered, the others wait for the hashing thread.
+        deadline = time.monotonic() + 30
+        while not finished:
+            assert time.monotonic() < deadline, "no login was answered"
+            time.sleep(0.01)
+        log_in(honest_name, honest)
+        for thread in flood:
+            thread.join(30)
+        assert len(finished) == len(names) + 1
+        # First come, first served would answer the honest login after all the flood's.
+        assert finished.index(honest_name) <= 3, finished
+    finally:
+        server.stop()

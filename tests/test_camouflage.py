@@ -143,7 +143,8 @@ async def test_only_the_secret_path_is_construct(camouflaged):
                                                   "publicKey": make_bundle()})
         assert reply["type"] == "registerSuccess"
         response, body = await _get(base + SECRET + "/v1/sessions", method="POST",
-                                    data=json.dumps({"username": "gardener", "password": PASSWORD}).encode())
+                                    data=json.dumps({"username": "gardener", "password": PASSWORD}).encode(),
+                                    headers={"Content-Type": "application/json"})
         assert response.code == 200 and json.loads(body)["username"] == "gardener"
     finally:
         await client.close()

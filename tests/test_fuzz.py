@@ -538,6 +538,7 @@ async def test_fuzz_live_server(server):
     response = await treq.post(
         f"http://127.0.0.1:{ports['http']}/v1/accounts",
         data=codec.json_bytes({"username": f"h{uuid.uuid4().hex[:10]}", "password": PASSWORD, "publicKey": make_bundle()}),
+        headers={"Content-Type": "application/json"},
     )
     assert response.code == 201, await treq.content(response)
     ctx.http_token = json.loads(await treq.content(response))["sessionToken"]

@@ -111,6 +111,7 @@ async def test_tls_on_websocket_tcp_http_and_health(tmp_path):
         response = await http.post(
             f"https://localhost:{server.ports['http']}/v1/sessions",
             data=json.dumps({"username": "alice", "password": PASSWORD}).encode(),
+            headers={"Content-Type": "application/json"},
         )
         assert response.code == 200 and (await response.json())["username"] == "alice"
         health = await http.get(f"https://localhost:{server.ports['health']}/health")

@@ -267,7 +267,10 @@ def test_offline_messages_arrive_on_next_open(browser, server):
 
 def _delete_account(server: ServerProcess, username: str) -> None:
     def call(method: str, path: str, body: dict, token: str | None = None) -> bytes:
-        request = urllib.request.Request(f"http://127.0.0.1:{server.ports['http']}{path}", json.dumps(body).encode(), method=method)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.ports['http']}{path}", json.dumps(body).encode(), method=method,
+            headers={"Content-Type": "application/json"},
+        )
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         with urllib.request.urlopen(request, timeout=10) as response:

@@ -186,12 +186,18 @@ LIMITS_OFF = [
     "--max-connections-per-address", "0", "--max-connections-per-user", "0",
     # The login storm's logins all come from one address at once, each counted as failed until it succeeds.
     "--limit-login-failures", "0", "--limit-login-failures-per-account", "0", "--limit-login-failures-account-wide", "0",
+    "--limit-password-checks", "0", "--limit-password-checks-per-account", "0", "--limit-lookups-per-address", "0",
+    # Each simulated device of a user logs in on its own.
+    "--max-sessions-per-user", "0",
 ]
 
 
 # `--limits shipped`: the defaults a production server ships with, except those that count per
 # client address (the whole load comes from one).
-PER_ADDRESS_LIMITS_OFF = ["--limit-registrations", "0", "--max-connections-per-address", "0", "--limit-login-failures", "0"]
+PER_ADDRESS_LIMITS_OFF = [
+    "--limit-registrations", "0", "--max-connections-per-address", "0", "--limit-login-failures", "0",
+    "--limit-password-checks", "0", "--limit-lookups-per-address", "0",
+]
 
 
 def construct_command(directory: Path, bcrypt_cost: int, extra: list[str], limits: str = "off") -> list[str]:

@@ -32,12 +32,24 @@ class AbuseSettings:
     # the fetches above, so that a stranger whose messages make a client check them many
     # times cannot use up that client's fetches of the stranger (or of anyone).
     bundle_checks_per_requester: Limit = Limit(600, 3600)
-    # Past this, a user's bundle is still served, without a one-time prekey (X3DH does not need one).
+    # Past any of these, a user's bundle is still served, without a one-time prekey (X3DH does
+    # not need one). Per requester and per pair as well as per owner, so that a few accounts
+    # cannot take an owner's whole budget and leave an honest first contact none.
     prekeys_served_per_user: Limit = Limit(100, 3600)
+    prekeys_taken_per_requester: Limit = Limit(100, 3600)
+    prekeys_taken_per_pair: Limit = Limit(3, 3600)
+    # Name lookups: per user, and per address so that many accounts of one client add no more.
+    # Room for clients that look a name up before each message to a contact they cannot seal to.
+    lookups_per_user: Limit = Limit(1000, 3600)
+    lookups_per_address: Limit = Limit(3000, 3600)
     login_failures_per_address: Limit = Limit(20, 900)
     login_failures_per_account_address: Limit = Limit(5, 900)
     # Past this, each address gets one attempt per window on the account, not a lockout.
     login_failures_per_account: Limit = Limit(50, 3600)
+    # Every password check, right or wrong (each costs a hash): per address, and per account
+    # from one address (per account alone would let anyone lock its owner out).
+    password_checks_per_address: Limit = Limit(100, 900)
+    password_checks_per_account_address: Limit = Limit(20, 900)
     # Sealed sends have no sender to count: they are counted by recipient (only once allowed
     # by the recipient's access key), by connection and by client address.
     sealed_per_recipient: Limit = Limit(600, 60)
@@ -136,10 +148,32 @@ class AbuseLimits:
             Charge(f"{{{self._private(requester_id)}}}:bundle-checks", self.settings.bundle_checks_per_requester),
         )
 
-    async def may_serve_prekey(self, target_id: str) -> bool:
-        """Count a one-time prekey handed out; False once the user's budget for the window is spent."""
-        charge = Charge(f"{{{self._private(target_id)}}}:prekeys", self.settings.prekeys_served_per_user)
-        return await self._counters.take([charge]) is None
+    async def may_serve_prekey(self, requester_id: str, target_id: str) -> bool:
+        """Count a one-time prekey handed out; False once the requester's, the pair's or the
+        owner's budget for the window is spent (then nothing is counted)."""
+        # The requester's hash tag on both of its keys: one atomic call, then the owner's.
+        requester, target = self._private(requester_id), self._private(target_id)
+        by_requester = (
+            Charge(f"{{{requester}}}:prekeys-taken", self.settings.prekeys_taken_per_requester),
+            Charge(f"{{{requester}}}:prekeys-taken:{target}", self.settings.prekeys_taken_per_pair),
+        )
+        if await self._counters.take(by_requester) is not None:
+            return False
+        if await self._counters.take([Charge(f"{{{target}}}:prekeys", self.settings.prekeys_served_per_user)]) is None:
+            return True
+        await self._counters.give_back(by_requester)
+        return False
+
+    async def check_lookup(self, requester_id: str, address: str) -> None:
+        """Count a username lookup, per user and per client address (two hash tags: two calls,
+        the first given back when the second refuses)."""
+        by_address = Charge(f"{{{self._private(address)}}}:lookups", self.settings.lookups_per_address)
+        await self._take(self._counters, "Too many user lookups from this address", by_address)
+        by_user = Charge(f"{{{self._private(requester_id)}}}:lookups", self.settings.lookups_per_user)
+        retry_after = await self._counters.take([by_user])
+        if retry_after is not None:
+            await self._counters.give_back([by_address])
+            raise rate_limited(retry_after, "Too many user lookups")
 
     # Logins: failures slow an address and an account down, and never lock the owner out.
 
@@ -151,26 +185,36 @@ class AbuseLimits:
             Charge(f"{{{account}}}:login-failures", self.settings.login_failures_per_account),
         )
 
+    def _check_keys(self, username: str, address: str) -> tuple[Charge, Charge]:
+        """Every password check, never given back: each one cost a hash. Same hash tags as
+        the failures' keys, so that each is counted with them in one call."""
+        account = self._private(username.lower())
+        return (
+            Charge(f"{{{self._private(address)}}}:password-checks", self.settings.password_checks_per_address),
+            Charge(f"{{{account}}}:password-checks:{self._private(address)}", self.settings.password_checks_per_account_address),
+        )
+
     async def begin_login(self, username: str, address: str) -> None:
-        """Count a password check as failed before it runs, or refuse it (RATE_LIMITED).
+        """Count a password check, and count it as failed before it runs, or refuse it (RATE_LIMITED).
 
         Counted first, atomically, so that concurrent attempts cannot all pass a check made
-        before any of them failed; `login_succeeded` gives the count back. An account under
+        before any of them failed; `login_succeeded` gives the failure back. An account under
         attack from many addresses leaves each address one attempt per window: the owner, who
         gets it right the first time, still gets in from anywhere.
         """
         by_address, by_pair, by_account = self._login_keys(username, address)
-        await self._take(self._login_counters, "Too many failed logins from this address", by_address)
+        checks_by_address, checks_by_pair = self._check_keys(username, address)
+        await self._take(self._login_counters, "Too many logins from this address", by_address, checks_by_address)
         pair = by_pair
         if by_account.limit.enabled:
             failures, _ = await self._login_counters.window(by_account.key)
             if failures >= by_account.limit.count:
                 period = by_pair.limit.period if by_pair.limit.enabled else by_account.limit.period
                 pair = Charge(by_pair.key, Limit(1, period))
-        retry_after = await self._login_counters.take([pair])
+        retry_after = await self._login_counters.take([pair, checks_by_pair])
         if retry_after is not None:
-            await self._login_counters.give_back([by_address])
-            raise rate_limited(retry_after, "Too many failed logins for this account")
+            await self._login_counters.give_back([by_address, checks_by_address])
+            raise rate_limited(retry_after, "Too many logins for this account")
         await self._login_counters.add([by_account])
 
     async def login_succeeded(self, username: str, address: str) -> None:

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 
 from construct.core.abuse import AbuseLimits
+from construct.core.fairness import FairShare
 from construct.core.keys import validate_bundle
 from construct.core.sealed import parse_access_update
 from construct.core.validation import USERNAME_PATTERN, check_password_strength, normalize_username
@@ -21,6 +22,8 @@ from construct.errors import ConstructError, user_not_found_error
 from construct.storage.accounts import AccountStore, User
 
 SESSION_TTL_SECONDS = 30 * 24 * 3600
+# Live sessions one user may have; a login past it ends the oldest.
+MAX_SESSIONS_PER_USER = 10
 # secrets.token_urlsafe(32): 43 characters of the URL-safe base64 alphabet.
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
 
@@ -105,26 +108,28 @@ def dummy_hash(cost: int) -> bytes:
 
 
 class PasswordHasher:
-    """bcrypt, always on a thread: `run_blocking(fn, *args)` returns a Deferred."""
+    """bcrypt, always on a thread: `run_blocking(fn, *args)` returns a Deferred and runs at most
+    `slots` at once. Each hash has an owner (the client address it is for), and owners take
+    turns, so that one client's many hashes leave others their share."""
 
-    def __init__(self, cost: int, run_blocking: Callable[..., Deferred]) -> None:
+    def __init__(self, cost: int, run_blocking: Callable[..., Deferred], slots: int = 1) -> None:
         self._cost = cost
-        self._run_blocking = run_blocking
+        self._share = FairShare(run_blocking, slots)
         # Ready from the start, so even the first unknown user costs one check and nothing more.
         self._dummy_hash = dummy_hash(cost)
 
-    async def hash(self, password: str) -> str:
-        hashed = await self._run_blocking(bcrypt.hashpw, password.encode("utf-8"), bcrypt.gensalt(self._cost))
+    async def hash(self, password: str, owner: str) -> str:
+        hashed = await self._share.run(owner, bcrypt.hashpw, password.encode("utf-8"), bcrypt.gensalt(self._cost))
         return hashed.decode("ascii")
 
-    async def verify(self, password: str, hashed: str | None) -> bool:
+    async def verify(self, password: str, hashed: str | None, owner: str) -> bool:
         """Check a password; with no hash, burn the same time so unknown users look like wrong passwords."""
         encoded = password.encode("utf-8")
         # bcrypt refuses more than 72 bytes, and no stored password is longer.
         if hashed is None or len(encoded) > 72:
-            await self._run_blocking(bcrypt.checkpw, encoded[:72], self._dummy_hash)
+            await self._share.run(owner, bcrypt.checkpw, encoded[:72], self._dummy_hash)
             return False
-        return await self._run_blocking(bcrypt.checkpw, encoded, hashed.encode("ascii"))
+        return await self._share.run(owner, bcrypt.checkpw, encoded, hashed.encode("ascii"))
 
 
 class AccountService:
@@ -136,8 +141,10 @@ class AccountService:
         on_sessions_revoked: Callable[[str, list[str]], None],
         limits: AbuseLimits,
         session_ttl: float = SESSION_TTL_SECONDS,
+        max_sessions: int = MAX_SESSIONS_PER_USER,
     ) -> None:
         self._store = store
+        self._max_sessions = max_sessions
         self._limits = limits
         self._hasher = hasher
         self._clock = clock
@@ -163,7 +170,7 @@ class AccountService:
         access = parse_access_update(access_fields)
         # Counted once the request is well formed: each one costs a hash, taken or not.
         await self._limits.check_registration(address)
-        user = User(str(uuid.uuid4()), username, await self._hasher.hash(password))
+        user = User(str(uuid.uuid4()), username, await self._hasher.hash(password, address))
         token, expires_ms = self._new_token()
         await self._store.create_account(user, bundle, token_hash(token), self._now_ms(), expires_ms, access)
         return IssuedSession(Identity(user.id, user.username, token_hash(token)), token, expires_ms // 1000)
@@ -176,12 +183,14 @@ class AccountService:
         # A name no account can have is not looked up (PostgreSQL refuses NUL characters, for one).
         user = await self._store.get_user_by_name(username) if USERNAME_PATTERN.fullmatch(username) else None
         # Verify even for unknown users, against a dummy hash, so timing does not reveal them.
-        password_ok = await self._hasher.verify(password, user.password_hash if user else None)
+        password_ok = await self._hasher.verify(password, user.password_hash if user else None, address)
         if user is None or not password_ok:
             raise invalid_credentials()
         await self._limits.login_succeeded(username, address)
         token, expires_ms = self._new_token()
-        await self._store.create_session(token_hash(token), user.id, self._now_ms(), expires_ms)
+        revoked = await self._store.create_session(token_hash(token), user.id, self._now_ms(), expires_ms, self._max_sessions)
+        if revoked:
+            self._on_sessions_revoked(user.id, revoked)
         return IssuedSession(Identity(user.id, user.username, token_hash(token)), token, expires_ms // 1000)
 
     async def authenticate(self, token: Any) -> Identity:
@@ -199,9 +208,13 @@ class AccountService:
             raise session_expired()
         return Identity(record.user_id, record.username, hashed)
 
-    async def lookup(self, username: Any) -> User:
-        """The account with this username (any letter case); USER_NOT_FOUND otherwise."""
-        user = await self._store.get_user_by_name(normalize_username(username))
+    async def lookup(self, username: Any, requester: Identity, address: str) -> User:
+        """The account with this username (any letter case); USER_NOT_FOUND otherwise.
+
+        Limited per requester and address: names are what an enumeration of users probes."""
+        username = normalize_username(username)
+        await self._limits.check_lookup(requester.user_id, address)
+        user = await self._store.get_user_by_name(username)
         if user is None:
             raise user_not_found_error()
         return user
@@ -225,7 +238,7 @@ class AccountService:
             raise invalid_token()
         if not await self._password_matches(user, old, address):
             raise ConstructError("INVALID_PASSWORD", "Old password is incorrect", 401)
-        revoked = await self._store.change_password(user.id, await self._hasher.hash(new), identity.token_hash)
+        revoked = await self._store.change_password(user.id, await self._hasher.hash(new, address), identity.token_hash)
         if revoked:
             self._on_sessions_revoked(user.id, revoked)
 
@@ -243,7 +256,7 @@ class AccountService:
         """A password check under the login limits: a stolen session token gives no more
         guesses at the password than the login form does."""
         await self._limits.begin_login(user.username, address)
-        if not await self._hasher.verify(password, user.password_hash):
+        if not await self._hasher.verify(password, user.password_hash, address):
             return False
         await self._limits.login_succeeded(user.username, address)
         return True

@@ -140,12 +140,12 @@ class KeyService:
         one-time prekeys, deleted as it is handed out; fetching your own bundle burns none.
 
         Fetches with a prekey are limited per requester and target, and so are the prekeys
-        handed out per owner: past that budget the bundle comes without one, so nobody can
-        drain a pool. Fetches without one (`wants_prekey` False) have a limit of their own."""
+        handed out, per owner, requester and pair: past a budget the bundle comes without one,
+        so nobody can drain a pool. Fetches without one (`wants_prekey` False) have a limit of their own."""
         claim = False
         if requester_id != user_id and wants_prekey:
             await self._limits.check_key_fetch(requester_id, user_id)
-            claim = await self._limits.may_serve_prekey(user_id)
+            claim = await self._limits.may_serve_prekey(requester_id, user_id)
         elif requester_id != user_id:
             await self._limits.check_bundle_check(requester_id)
         published = await self._store.get_bundle(user_id, claim_one_time_prekey=claim)

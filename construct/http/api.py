@@ -7,9 +7,11 @@ Request and response bodies are the payloads of the matching protocol messages w
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 import orjson
+from autobahn.util import wildcards2patterns
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -25,6 +27,35 @@ from construct.protocol.connection import client_address
 
 MAX_WAIT_SECONDS = 60
 MAX_PENDING_BATCH = 100
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_allowed(origin: str, patterns: Sequence[Any]) -> bool:
+    """As the WebSocket handshake decides (Autobahn with allowNullOrigin): `null` passes, as do
+    origins whose scheme://host:port matches one of the patterns (construct.tap.origins)."""
+    origin = origin.strip()
+    if origin.lower() == "null":
+        # Sandboxed frames and local files. No risk here: a browser sends nothing but a simple
+        # GET without a CORS preflight, and every route needs a JSON body or a bearer token.
+        return True
+    try:
+        parts = urlsplit(origin)
+        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError:
+        return False
+    if not host:
+        return False
+    port = port or DEFAULT_PORTS.get(scheme)
+    normalized = f"{scheme}://{host}:{port}" if port else f"{scheme}://{host}"
+    return any(pattern.match(normalized) for pattern in patterns)
+
+
+def origin_not_allowed() -> ConstructError:
+    return ConstructError("ORIGIN_NOT_ALLOWED", "Requests from this Origin are not allowed (--allowed-origins)", 403)
+
+
+def unsupported_media_type() -> ConstructError:
+    return ConstructError("UNSUPPORTED_MEDIA_TYPE", "Send the request body with 'Content-Type: application/json'", 415)
 
 
 class HttpClient:
@@ -62,11 +93,21 @@ class HttpApi:
     app = Klein()
     log = Logger()
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, allowed_origins: Sequence[str] = ("*",)) -> None:
+        """`allowed_origins`: the patterns of --allowed-origins, which browsers' requests must match."""
         self._core = core
+        self._origins = wildcards2patterns(allowed_origins)
         self._openapi = (resources.files("construct.http") / "openapi.json").read_bytes()
 
     # Plumbing
+
+    def _check_origin(self, request: Any) -> None:
+        """Browsers say which page makes the request; others send no Origin and pass."""
+        origins = request.requestHeaders.getRawHeaders(b"origin")
+        if origins is None:
+            return
+        if len(origins) != 1 or not origin_allowed(origins[0].decode("latin-1"), self._origins):
+            raise origin_not_allowed()
 
     async def _identity(self, request: Any) -> Identity:
         header = (request.getHeader("authorization") or "").strip()
@@ -77,6 +118,11 @@ class HttpApi:
 
     @staticmethod
     def _body(request: Any) -> dict:
+        # A page of another site can make a browser send text/plain (or a form) with no CORS
+        # preflight; application/json needs one, which this server never grants.
+        media_type = (request.getHeader("content-type") or "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise unsupported_media_type()
         try:
             body = orjson.loads(request.content.read())
         except Exception:
@@ -92,6 +138,7 @@ class HttpApi:
         return codec.json_bytes(payload)
 
     async def _run(self, request: Any, message_type: str, payload_of: Any, authenticated: bool, status: int) -> bytes:
+        self._check_origin(request)
         identity = await self._identity(request) if authenticated else None
         # The transport's peer: behind a PROXY-protocol endpoint (haproxy:…), the client's own.
         client = HttpClient(identity, client_address(request.getClientAddress()))
@@ -178,6 +225,7 @@ class HttpApi:
         return _shielded(self._pending(request))
 
     async def _pending(self, request: Any) -> bytes:
+        self._check_origin(request)
         identity = await self._identity(request)
         wait = self._wait_seconds(request)
         # Wait from before the first read, so a message stored in between still wakes us.

@@ -206,10 +206,7 @@ class CamouflageRoot(Resource):
 class CamouflagedRequest(LimitedRequest):
     """A request whose headers and failures look like nginx's."""
 
-    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
-        if (name.lower() if isinstance(name, bytes) else name.lower().encode()) == b"server":
-            value = SERVER_NAME
-        super().setHeader(name, value)
+    server_name = SERVER_NAME
 
     def process(self) -> None:
         if self._too_large:

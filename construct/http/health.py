@@ -11,6 +11,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from construct.errors import ConstructError
+from construct.http.request import NamelessRequest
 from construct.metrics import Metrics
 
 HEALTH_CHECK_TIMEOUT = 5.0
@@ -68,6 +69,7 @@ class MetricsResource(Resource):
 
 class QuietSite(Site):
     noisy = False
+    requestFactory = NamelessRequest
 
     def log(self, request: Any) -> None:
         """Scrapes every few seconds would drown the log."""

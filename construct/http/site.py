@@ -10,6 +10,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from construct.http.api import HttpApi
+from construct.http.request import NamelessRequest
 from construct.web.resource import PageOrWebSocket, WebFiles, load_assets
 
 
@@ -18,7 +19,7 @@ from construct.web.resource import PageOrWebSocket, WebFiles, load_assets
 HTTP_IDLE_TIMEOUT_SECONDS = 75
 
 
-class LimitedRequest(Request):
+class LimitedRequest(NamelessRequest):
     """Refuses bodies over the site's limit (twisted.web has none) with 413."""
 
     _received = 0

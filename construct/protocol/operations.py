@@ -134,8 +134,8 @@ async def get_prekey_count(core: Core, client: Client, payload: dict) -> Reply:
 
 
 async def lookup_user(core: Core, client: Client, payload: dict) -> Reply:
-    _authenticated(client)
-    user = await core.accounts.lookup(payload.get("username"))
+    identity = _authenticated(client)
+    user = await core.accounts.lookup(payload.get("username"), identity, client.address)
     return Reply("userFound", {"userId": user.id, "username": user.username})
 
 

@@ -74,8 +74,24 @@ class AccountStore:
     async def user_exists(self, user_id: str) -> bool:
         return await self.get_user(user_id) is not None
 
-    async def create_session(self, token_hash: str, user_id: str, now_ms: int, expires_ms: int) -> None:
-        await self._db.run("create_session", _insert_session_txn, token_hash, user_id, now_ms, expires_ms)
+    async def create_session(self, token_hash: str, user_id: str, now_ms: int, expires_ms: int, most: int = 0) -> list[str]:
+        """Add a session; past `most` sessions of the user (0: no cap) delete the oldest others.
+        Returns the deleted sessions' token hashes."""
+        return await self._db.run("create_session", self._create_session_txn, token_hash, user_id, now_ms, expires_ms, most)
+
+    def _create_session_txn(self, txn: Txn, token_hash: str, user_id: str, now_ms: int, expires_ms: int, most: int) -> list[str]:
+        _insert_session_txn(txn, token_hash, user_id, now_ms, expires_ms)
+        if most <= 0:
+            return []
+        # Few rows: the cap keeps every user at `most` sessions.
+        others = txn.execute(
+            "SELECT token_hash FROM sessions WHERE user_id = ? AND token_hash <> ? ORDER BY created_at DESC, token_hash",
+            (user_id, token_hash),
+        ).fetchall()
+        revoked = [row[0] for row in others[most - 1:]]
+        for hashed in revoked:
+            txn.execute("DELETE FROM sessions WHERE token_hash = ?", (hashed,))
+        return revoked
 
     async def get_session(self, token_hash: str) -> SessionRecord | None:
         return await self._db.run("get_session", self._get_session_txn, token_hash)
