@@ -195,6 +195,11 @@ class Options(SettingsOptions):
             "slow-client-timeout", int(ConnectionLimits.slow_client_timeout),
             "seconds a client may leave the server's output unread (0: no limit)", int_between(0, 86400),
         ),
+        Setting(
+            "header-timeout", int(ConnectionLimits.header_timeout),
+            "seconds an HTTP or WebSocket connection has to send a request's headers, from connecting (0: no limit)",
+            int_between(0, 3600),
+        ),
         Setting("allowed-origins", ["*"], "comma-separated Origin patterns browsers may open a WebSocket from", origins),
         Setting("sender-key-path", None,
                 "file of the keys that sign sender certificates, made on first start (default: in --data-dir)",
@@ -322,6 +327,7 @@ def connection_limits(options: Options) -> ConnectionLimits:
         auth_timeout=options["auth-timeout"],
         idle_timeout=options["idle-timeout"],
         slow_client_timeout=options["slow-client-timeout"],
+        header_timeout=options["header-timeout"],
     )
 
 
@@ -443,11 +449,13 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     ws_factory = ConstructWebSocketFactory(
         core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"], options["ws-padding"]
     )
+    proxied = options["listen"].startswith("haproxy:")
     if camouflage is None:
-        site = build_site(ws_factory, HttpApi(core), max_frame, options["ws-path"])
+        site = build_site(ws_factory, HttpApi(core), max_frame, options["ws-path"], proxied)
     else:
         site = build_camouflaged_site(
-            camouflage, ws_factory, HttpApi(core), max_frame, options["ws-path"], options["camouflage-web-client"]
+            camouflage, ws_factory, HttpApi(core), max_frame, options["ws-path"], options["camouflage-web-client"],
+            proxied,
         )
     tcp_factory = JsonLinesFactory(
         core, max_frame, tcp_connections, addresses, limits, reactor, proxied=options["tcp"].startswith("haproxy:")

@@ -207,3 +207,68 @@ async def test_a_large_backlog_reaches_a_client_that_reads_it(tmp_path):
     finally:
         server.stop()
     assert "stopped reading" not in server.log_text()
+
+
+def _half_sent_upgrades(port: int, count: int, seconds: float) -> tuple[dict[int, float], set[int]]:
+    """Open `count` sockets at once and trickle `GET /ws` into each, a byte every half second,
+    never finishing the headers. Returns when each socket was closed by the server (seconds
+    after it was opened), and which ones were refused with 429 first."""
+    request = b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" * 10
+    sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    start = time.monotonic()
+    closed: dict[int, float] = {}
+    refused: set[int] = set()
+    for sock in sockets:
+        sock.setblocking(False)
+    try:
+        for offset in range(len(request)):
+            if len(closed) == count or time.monotonic() - start > seconds:
+                break
+            for number, sock in enumerate(sockets):
+                if number in closed:
+                    continue
+                try:
+                    data = sock.recv(65536)
+                    if data.startswith(b"HTTP/1.1 429"):
+                        refused.add(number)
+                    elif not data:
+                        closed[number] = time.monotonic() - start
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed[number] = time.monotonic() - start
+                    continue
+                try:
+                    sock.send(request[offset:offset + 1])
+                except OSError:
+                    closed[number] = time.monotonic() - start
+            time.sleep(0.5)
+        return closed, refused
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_sent_websocket_upgrades_are_counted_per_address_and_cut_at_the_header_deadline(tmp_path):
+    """A slow-loris client trickling `GET /ws` holds at most its address's share of sockets, and
+    none of them past the header deadline however often it sends a byte."""
+    server = await ServerProcess(
+        tmp_path, "--bcrypt-cost", "4", "--max-connections-per-address", "5", "--header-timeout", "3",
+    ).start_async()
+    http = server.ports["http"]
+    try:
+        closed, refused = await threads.deferToThread(_half_sent_upgrades, http, 12, 40)
+        assert len(refused) == 7, "past 5 sockets per address, each is refused at once"
+        assert sorted(closed) == list(range(12)), "every socket was closed"
+        held = [closed[number] for number in range(12) if number not in refused]
+        # Bytes kept coming every half second; twisted.web's idle timeout alone (75 s) never fires.
+        assert max(held) < 20
+        # Their slots are free again.
+        client = await WsClient.connect(http)
+        assert (await client.request("ping"))["type"] == "pong"
+        await client.close()
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log_text()

@@ -24,6 +24,9 @@ class ConnectionLimits:
     idle_timeout: float = 300
     # Seconds the client may leave the server's output unread.
     slow_client_timeout: float = 30
+    # Seconds from accepting an HTTP connection (or from the first byte of a later request on it)
+    # to that request's complete headers: the WebSocket handshake is such a request.
+    header_timeout: float = 10
 
 
 def overdue(

@@ -6,7 +6,6 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
-from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -145,15 +144,15 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
     _log = Logger()
     connection: ClientConnection | None = None
     _closed: Deferred | None = None
-    # The client address counted against its limit, once the handshake admitted it.
+    # The client address counted against its limit.
     _address: str | None = None
 
-    def onConnect(self, request: Any) -> None:
-        # The transport's peer: behind a PROXY-protocol endpoint (haproxy:…), the client's own.
-        address = client_address(self.transport.getPeer())
-        if not self.factory.addresses.admit(address):
-            raise ConnectionDeny(429, f"At most {self.factory.limits.per_address} connections per address")
-        self._address = address
+    def connectionMade(self) -> None:
+        # The site's channel counted this socket against its address as it accepted it
+        # (construct.http.site); the count is released as the socket closes, here now. The
+        # transport's peer: behind a PROXY-protocol endpoint (haproxy:…), the client's own.
+        self._address = client_address(self.transport.getPeer())
+        super().connectionMade()
 
     def onOpen(self) -> None:
         try:
