@@ -21,7 +21,7 @@ from construct.core.admission import TICK_SECONDS, Admission
 from construct.core.app import Core
 from construct.core.certificates import DEFAULT_LIFETIME_SECONDS, CertificateService, ServerKeys
 from construct.core.deletion import AccountDeletion
-from construct.core.delivery import DeliveryHub, LocalWakeUps
+from construct.core.delivery import DEFAULT_LONG_POLLS_PER_USER, DeliveryHub, LocalWakeUps
 from construct.core.keys import KeyService
 from construct.core.limits import Limit, MemoryCounters
 from construct.core.messaging import MessageService
@@ -189,6 +189,11 @@ class Options(SettingsOptions):
         ),
         Setting("max-connections-per-address", ConnectionLimits.per_address, "open connections per client address (0: no limit)", int_between(0, 10**6)),
         Setting("max-connections-per-user", ConnectionLimits.per_user, "open connections per user (0: no limit)", int_between(0, 10**6)),
+        Setting(
+            "max-long-polls-per-user", DEFAULT_LONG_POLLS_PER_USER,
+            "HTTP long-polls one user may have waiting at once; a newer one ends the oldest (0: no limit)",
+            int_between(0, 10**6),
+        ),
         Setting("auth-timeout", int(ConnectionLimits.auth_timeout), "seconds a connection has to authenticate (0: no limit)", int_between(0, 86400)),
         Setting("idle-timeout", int(ConnectionLimits.idle_timeout), "seconds a TCP connection may send nothing (0: no limit)", int_between(0, 86400)),
         Setting(
@@ -339,7 +344,7 @@ def build_embedded(
 
     `server_keys` sign sender certificates (default: a new key, kept in memory only)."""
     inbox = SqlInbox(db)
-    hub = DeliveryHub(inbox, clock, metrics)
+    hub = DeliveryHub(inbox, clock, metrics, options["max-long-polls-per-user"])
     wakeups = LocalWakeUps(hub)
     core = assemble_core(
         db, inbox, hub, wakeups, clock, options, metrics, run_blocking,
@@ -363,7 +368,7 @@ def build_production(
     redis = RedisClient(address, reactor)
     known_users = KnownUsers(AccountStore(db).user_exists, clock)
     inbox = RedisInbox(redis, prefix, clock, instance_id, reactor)
-    hub = DeliveryHub(inbox, clock, metrics)
+    hub = DeliveryHub(inbox, clock, metrics, options["max-long-polls-per-user"])
     presence = InstancePresence(redis, prefix, clock, instance_id, hub)
     hub.listener = presence
     wakeups = RedisWakeUps(redis, prefix, presence, instance_id, hub)
