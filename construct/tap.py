@@ -36,7 +36,7 @@ from construct.logs import log_format, use_log_format, user_id_hasher
 from construct.metrics import Metrics
 from construct.obfs4 import STATE_DIRECTORY, BindAddress, Obfs4Service
 from construct.protocol.tcp import JsonLinesFactory
-from construct.protocol.ws import ConstructWebSocketFactory
+from construct.protocol.ws import DEFAULT_UNFINISHED_BUDGET_BYTES, ConstructWebSocketFactory
 from construct.redis.client import RedisAddress, RedisClient, RedisSubscriber, check_reachable
 from construct.redis.inbox import RedisInbox
 from construct.redis import limits as redis_limits
@@ -205,6 +205,15 @@ class Options(SettingsOptions):
             "seconds an HTTP or WebSocket connection has to send a request's headers, from connecting (0: no limit)",
             int_between(0, 3600),
         ),
+        Setting(
+            "ws-message-timeout", int(ConnectionLimits.message_timeout),
+            "seconds a WebSocket client has to finish a message it began (0: no limit)", int_between(0, 3600),
+        ),
+        Setting(
+            "ws-unfinished-budget", DEFAULT_UNFINISHED_BUDGET_BYTES,
+            "bytes all WebSocket messages still arriving may hold in this process (0: no limit)",
+            int_between(0, 2**40),
+        ),
         Setting("allowed-origins", ["*"], "comma-separated Origin patterns browsers may open a WebSocket from", origins),
         Setting("sender-key-path", None,
                 "file of the keys that sign sender certificates, made on first start (default: in --data-dir)",
@@ -333,6 +342,7 @@ def connection_limits(options: Options) -> ConnectionLimits:
         idle_timeout=options["idle-timeout"],
         slow_client_timeout=options["slow-client-timeout"],
         header_timeout=options["header-timeout"],
+        message_timeout=options["ws-message-timeout"],
     )
 
 
@@ -452,7 +462,8 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     addresses = AddressCounts(limits.per_address)
     websockets, tcp_connections = ConnectionTracker(reactor), ConnectionTracker(reactor)
     ws_factory = ConstructWebSocketFactory(
-        core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"], options["ws-padding"]
+        core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"], options["ws-padding"],
+        options["ws-unfinished-budget"],
     )
     proxied = options["listen"].startswith("haproxy:")
     if camouflage is None:
