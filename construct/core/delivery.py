@@ -155,7 +155,8 @@ class DeliveryHub:
         self._wake_long_polls(user_id)
 
     def _wake_long_polls(self, user_id: str) -> None:
-        for poll in self._polls.get(user_id, ()):
+        # A copy: a woken long-poll may end before the next one is woken.
+        for poll in list(self._polls.get(user_id, ())):
             if not poll.woken.called:
                 poll.woken.callback(True)
 

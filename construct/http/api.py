@@ -183,6 +183,8 @@ class HttpApi:
         messaging = self._core.messaging
         if wait == 0:
             return self._messages(request, await messaging.pending(identity.user_id, MAX_PENDING_BATCH))
+        if request.channel is None:
+            return b""  # the client left while its token was checked: there is no one to wait for
         hub = self._core.hub
         # Waiting from before the first read, so a message stored in between still wakes us.
         poll = hub.long_poll(identity.user_id, identity.token_hash, wait)
