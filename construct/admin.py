@@ -189,7 +189,7 @@ class Admin:
     async def _inbox(self, db: Database) -> Any:
         if self._options["redis"] is None:
             return SqlInbox(db)
-        self._redis = RedisClient(self._options["redis"], self._reactor)
+        self._redis = RedisClient(self._options["redis"], self._reactor, name=f"{self._options['redis-prefix']}admin")
         self._redis.start()
         deadline = time.monotonic() + REDIS_CONNECT_SECONDS
         while not self._redis.connected:

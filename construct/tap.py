@@ -55,7 +55,7 @@ from construct.services import (
     parse_endpoint,
 )
 from construct.storage.accounts import AccountStore
-from construct.storage.database import Database, engine_from_options, prepare_database
+from construct.storage.database import METADATA_SALT, Database, engine_from_options, prepare_database, server_secret
 from construct.storage.inbox import SqlInbox
 from construct.storage.keys import KeyStore
 from construct.storage.server_keys import KeyFileError, KeyFileWatcher, default_path, load_or_create
@@ -300,8 +300,10 @@ def assemble_core(
     recipient_exists: Callable | None = None,
     login_counters: Any = None,
 ) -> Core:
-    # The log salt, when set, is the secret every instance shares: it hides the limits' keys too.
-    limits = AbuseLimits(counters, abuse_settings(options), options["log-salt"], login_counters)
+    # Made on first start and kept in the database, so every instance shares it: it hides the
+    # limits' keys and the senders in duplicate-send records from whoever reads Redis alone.
+    metadata_salt = server_secret(db.engine, METADATA_SALT)
+    limits = AbuseLimits(counters, abuse_settings(options), metadata_salt, login_counters)
     keys = KeyStore(db)
     return Core(
         accounts=AccountService(
@@ -320,6 +322,7 @@ def assemble_core(
             max_content_bytes=options["max-message-bytes"],
             recipient_exists=recipient_exists,
             access=UnidentifiedAccess(keys.get_access),
+            record_salt=metadata_salt,
         ),
         hub=hub,
         metrics=metrics,
@@ -375,7 +378,7 @@ def build_production(
     as for build_embedded.
     """
     address, prefix, instance_id = options["redis"], options["redis-prefix"], options["instance-id"]
-    redis = RedisClient(address, reactor)
+    redis = RedisClient(address, reactor, name=f"{prefix}server:{instance_id}")
     known_users = KnownUsers(AccountStore(db).user_exists, clock)
     inbox = RedisInbox(redis, prefix, clock, instance_id, reactor)
     hub = DeliveryHub(inbox, clock, metrics, options["max-long-polls-per-user"])
@@ -392,7 +395,9 @@ def build_production(
         wakeups.subscribed()
         presence.refresh()
 
-    subscriber = RedisSubscriber(address, reactor, [wakeups.channel], wakeups.event_received, subscribed)
+    subscriber = RedisSubscriber(
+        address, reactor, [wakeups.channel], wakeups.event_received, subscribed, name=f"{prefix}subscriber:{instance_id}"
+    )
     return core, presence, redis, subscriber
 
 

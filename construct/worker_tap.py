@@ -101,7 +101,7 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     address, prefix = options["redis"], options["redis-prefix"]
     require_redis(PROGRAM, address)
     metrics = Metrics()
-    redis = RedisClient(address, reactor)
+    redis = RedisClient(address, reactor, name=f"{prefix}worker:{options['instance-id']}")
     presence = RedisPresence(redis, prefix, reactor)
     # The worker only reads inboxes that already exist; it never stores messages.
     inbox = RedisInbox(redis, prefix, reactor)
@@ -112,7 +112,10 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
         inbox, presence.is_online, wakeups, leases, reactor, metrics, options["redelivery-timeout"]
     )
     listener = OnlineListener(worker, redis)
-    subscriber = RedisSubscriber(address, reactor, [online_channel(prefix)], listener.message, listener.subscribed)
+    subscriber = RedisSubscriber(
+        address, reactor, [online_channel(prefix)], listener.message, listener.subscribed,
+        name=f"{prefix}worker-subscriber:{options['instance-id']}",
+    )
 
     async def sweep() -> None:
         if not redis.connected:

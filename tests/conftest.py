@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 
 import psycopg2
@@ -12,7 +13,7 @@ from twisted.internet import defer, reactor, task
 
 from construct.metrics import Metrics
 from construct.storage.database import Database, PostgresEngine, SqliteEngine, prepare_database
-from construct.redis.client import RedisAddress
+from construct.redis.client import RedisAddress, connection_name
 from construct.tap import Options, build_embedded, build_production
 
 # PostgreSQL is required: CI must fail, not skip, when it is missing.
@@ -75,6 +76,23 @@ def make_options(**overrides) -> Options:
 
 
 REDIS_URL = os.environ.get("CONSTRUCT_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def kill_redis_connections(prefix: str, role: str = "") -> int:
+    """CLIENT KILL only the connections of this test's servers: those named after its key prefix
+    (and `role`: server, subscriber, worker…), never other programs' on the shared Redis.
+    Returns how many were killed."""
+    listed = subprocess.run(
+        ["redis-cli", "-u", REDIS_URL, "CLIENT", "LIST"], check=True, capture_output=True, text=True
+    ).stdout
+    wanted = connection_name(prefix + role)
+    killed = 0
+    for line in listed.splitlines():
+        fields = dict(field.split("=", 1) for field in line.split(" ") if "=" in field)
+        if fields.get("name", "").startswith(wanted):
+            subprocess.run(["redis-cli", "-u", REDIS_URL, "CLIENT", "KILL", "ID", fields["id"]], check=True, capture_output=True)
+            killed += 1
+    return killed
 
 
 async def _started(redis, subscriber) -> None:

@@ -24,7 +24,7 @@ from tests.helpers import PASSWORD, MemoryClient, chat_message, error_reply, mak
 from tests.privacy_scan import redis_client, redis_dump, redis_entries_mentioning, sql_rows_mentioning
 from tests.processes import ServerProcess, process_env
 
-# Rate-limit counters (<prefix>limit:…) are keyed by user id and expire on their own.
+# Rate-limit counters (<prefix>limit:…) are keyed by salted hashes and expire on their own.
 LIMIT_KEYS = "limit:"
 
 
@@ -197,3 +197,22 @@ async def test_admin_delete_removes_everything(mode, tmp_path, request):
             if dump:
                 await redis.execute("DEL", *dump)
             await redis.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest_twisted.ensureDeferred
+async def test_deleted_account_leaves_no_bytes_in_the_sqlite_files(core_factory, tmp_path):
+    """After deleteAccount neither the database file nor its write-ahead log holds the name, the id
+    or a ciphertext sent to the account (secure_delete zeroes pages, a checkpoint empties the log)."""
+    core = await core_factory()
+    alice_client, alice = await register(core, "qvx-residue-alice")
+    bob_client, bob = await register(core, "qvx-residue-bob")
+    content = base64.b64encode(b"qvx-ciphertext-for-alice-" + os.urandom(8)).decode()
+    reply = await _reply(bob_client, "sendMessage", chat_message(bob["userId"], alice["userId"], content=content))
+    assert reply["type"] == "ack"
+    assert await _reply(alice_client, "deleteAccount", {"password": PASSWORD}) == {"type": "accountDeleted"}
+    files = [path for path in tmp_path.iterdir() if path.name.startswith("construct.sqlite3")]
+    raw = b"".join(path.read_bytes() for path in files)
+    assert b"qvx-residue-bob" in raw  # the scan sees what is still there
+    for trace in ("qvx-residue-alice", alice["userId"], content):
+        assert trace.encode() not in raw, trace

@@ -232,3 +232,47 @@ def test_json_log_lines_are_json():
     redact_event(event, log_client_addresses=False)
     record = json.loads(_json_line(event))
     assert "traceback" in record and SECRET not in record["traceback"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_acknowledged_message_leaves_nothing_that_pairs_its_sender_and_recipient(
+    core_factory, backend, clock, tmp_path, request, redis_prefix
+):
+    """Once the recipient has acknowledged them, what the server still keeps of alice's messages
+    to bob (the duplicate-send records) and of her sends and key fetches (the rate-limit
+    counters) names neither alice nor bob's id beside the other: no who-writes-to-whom table in
+    SQL or in Redis."""
+    from tests.helpers import register
+    from tests.privacy_scan import redis_client, redis_dump, redis_entries_mentioning, sql_rows_mentioning
+    from tests.test_sealed_privacy import ACCOUNT_TABLES
+
+    core = await core_factory()
+    alice_client, alice = await register(core, "pairing-alice")
+    bob_client, bob = await register(core, "pairing-bob")
+    alice_id, bob_id = alice["userId"], bob["userId"]
+    assert (await alice_client.request("getPublicKey", {"userId": bob_id}))["type"] != "error"
+    ids = []
+    for _ in range(3):
+        message = chat_message(alice_id, bob_id)
+        assert (await alice_client.request("sendMessage", message))["type"] == "ack"
+        ids.append(message["id"])
+    assert len(await core.messaging.ack(bob_id, ids)) == 3
+    clock.advance(0)
+    database = str(tmp_path / "construct.sqlite3") if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    records = [row for table, row in sql_rows_mentioning(database, bob_id) if table == "sent_messages"]
+    if backend != "redis":
+        assert len(records) == 3  # kept for resends, with a digest for the sender
+    rows = sql_rows_mentioning(database, alice_id)
+    assert {table for table, _ in rows} <= ACCOUNT_TABLES, rows
+    if backend == "redis":
+        redis = await redis_client()
+        try:
+            dump = await redis_dump(redis, redis_prefix)
+        finally:
+            await redis.stop()
+        assert any(key.endswith(":sent") and bob_id in key for key in dump)
+        assert any(":limit:" in key and ":send:" in key for key in dump)
+        # alice's own keys (presence) carry her id; nothing about her is under bob's, or in a counter.
+        for key in redis_entries_mentioning(dump, alice_id):
+            assert f"{{{alice_id}}}" in key and bob_id not in str(dump[key]), key
+        assert not [key for key in dump if ":limit:" in key and (alice_id in key or bob_id in key)]

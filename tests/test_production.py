@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 import pytest_twisted
@@ -16,7 +15,7 @@ from construct.redis.inbox import RedisInbox
 from construct.redis.presence import RedisPresence
 from construct.redis.wakeups import RedisWakeUps
 from construct.tap import build_production
-from tests.conftest import REDIS_URL, _delete_keys, make_options
+from tests.conftest import REDIS_URL, _delete_keys, kill_redis_connections, make_options
 from tests.helpers import PASSWORD, MemoryClient, chat_message, register
 
 
@@ -103,7 +102,7 @@ async def test_subscriber_recovers_after_client_kill(core_factory, redis_prefix)
     second = await core_factory("instance-b")
     alice, a = await register(first, "alice")
     bob, b = await register(second, "bob")
-    subprocess.run(["redis-cli", "-h", "127.0.0.1", "CLIENT", "KILL", "TYPE", "pubsub"], check=True, capture_output=True)
+    assert kill_redis_connections(redis_prefix, "subscriber") == 2
     messages = [chat_message(a["userId"], b["userId"], content=f"bTk{i}") for i in range(5)]
     for message in messages:
         reply = await alice.request("sendMessage", message)
@@ -163,7 +162,7 @@ async def test_stores_of_one_turn_are_one_script_call_decided_message_by_message
         now_ms, ttl_ms, quota = 1_000_000, 60_000, 3
 
         def put(sender: str, message_id: str, recipient: str = bob) -> defer.Deferred:
-            return inbox.put(Submission(sender, recipient, message_id, f"envelope {message_id}", False, now_ms, ttl_ms, quota))
+            return inbox.put(Submission(sender, recipient, message_id, f"envelope {message_id}", False, now_ms, ttl_ms, quota, sender))
 
         one_turn = [put(alice, m1), put(alice, m1), put(carol, m1), put(alice, m2), put(carol, m3), put(alice, m4)]
         outcomes = await defer.DeferredList(one_turn, consumeErrors=True)
@@ -214,7 +213,7 @@ async def test_more_stores_in_one_turn_than_one_script_call_takes_stay_in_order(
         recipient = "00000000-0000-4000-8000-000000000001"
         stores = [
             inbox.put(Submission("00000000-0000-4000-8000-000000000002", recipient, message_id, "e", False,
-                                 1_000_000, 60_000, 10_000))
+                                 1_000_000, 60_000, 10_000, "00000000-0000-4000-8000-000000000002"))
             for message_id in ids
         ]
         accepted = [await store for store in stores]

@@ -106,7 +106,9 @@ async def test_a_sealed_message_leaves_no_trace_of_its_sender(core_factory, back
         if backend != "redis":
             inbox = sql_rows_mentioning(database, bob_id)
             assert len([row for table, row in inbox if table == "inbox"]) == len(sent)
-            assert {row[2][:7] for table, row in inbox if table == "sent_messages"} == {"sealed:"}
+            # The duplicate-send records keep a digest in place of a sender.
+            digests = [row[2] for table, row in inbox if table == "sent_messages"]
+            assert len(digests) == len(sent) and all(len(d) == 32 and int(d, 16) >= 0 for d in digests)
         else:
             redis = await redis_client()
             try:

@@ -278,6 +278,34 @@ def test_redis_subscriber_subscribes_after_each_connect_and_survives_a_bad_handl
     assert received == [("b", "hi"), ("b", "hi")]
 
 
+def test_a_silent_subscriber_connection_is_pinged_and_then_made_again():
+    """A half-open subscriber connection would leave the instance deaf to wake-ups: it PINGs on
+    a timer, and one that answers nothing for an interval after a PING is aborted (ClientService
+    then connects, subscribes and rescans again). A connection that answers is kept."""
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from construct.redis.client import SUBSCRIBER_PING_SECONDS, RedisAddress, RedisSubscriber
+
+    clock = MemoryReactorClock()
+    subscriber = RedisSubscriber(
+        RedisAddress.parse("redis://127.0.0.1:6379/0"), clock, ["a"], lambda *_: None, lambda: None, name="p x:subscriber"
+    )
+    protocol = subscriber._new_protocol()
+    protocol.makeConnection(StringTransport())
+    assert protocol.transport.value().endswith(b"SETNAME\r\n$14\r\np_x:subscriber\r\n")
+    protocol.dataReceived(b"+OK\r\n")
+    assert b"SUBSCRIBE" in protocol.transport.value()
+    protocol.dataReceived(b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n")
+    protocol.transport.clear()
+    clock.advance(SUBSCRIBER_PING_SECONDS)
+    assert protocol.transport.value() == b"*1\r\n$4\r\nPING\r\n"
+    protocol.dataReceived(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+    clock.advance(SUBSCRIBER_PING_SECONDS)
+    assert subscriber.connected and not protocol.transport.disconnecting
+    clock.advance(SUBSCRIBER_PING_SECONDS)  # the second PING gets no answer
+    assert protocol.transport.disconnecting
+
+
 @pytest_twisted.ensureDeferred
 async def test_password_hashing_runs_on_few_threads_at_low_priority():
     """A login storm must leave the reactor a core: at most `size` hashes at once, each thread at nice +10."""
@@ -427,7 +455,7 @@ def test_a_store_batch_that_redis_answers_wrongly_or_not_at_all_fails_every_send
     inbox = RedisInbox(redis, "test:", clock)
 
     def two_sends() -> list:
-        sends = [inbox.put(Submission("a", "b", f"m{n}", "e", False, 0, 1000, 10)) for n in range(2)]
+        sends = [inbox.put(Submission("a", "b", f"m{n}", "e", False, 0, 1000, 10, "a")) for n in range(2)]
         clock.advance(0)
         return [_outcome(send) for send in sends]
 

@@ -52,24 +52,21 @@ def _refuse_if_limited(retry_after: float | None, what: str) -> None:
 
 class AbuseLimits:
     def __init__(
-        self, counters: Any, settings: AbuseSettings, key_salt: str | None = None, login_counters: Any = None
+        self, counters: Any, settings: AbuseSettings, key_salt: bytes = b"", login_counters: Any = None
     ) -> None:
         """`login_counters` keep the login and registration windows apart from the traffic ones
         (default: the same store), so that a bounded in-memory store full of traffic counters
         never evicts them. `key_salt`, a secret every instance shares, keeps the counters' keys
-        from being reversed to usernames and addresses by hashing guesses; without one they are
-        plain hashes."""
+        from being reversed to user ids, usernames and addresses by hashing guesses."""
         self._counters = counters
         self._login_counters = login_counters if login_counters is not None else counters
         self.settings = settings
-        self._salt = key_salt.encode("utf-8") if key_salt else None
+        self._salt = key_salt
 
     def _private(self, value: str) -> str:
-        """Usernames and client addresses stay out of the counters' keys (Redis dumps, MONITOR)."""
-        data = value.encode("utf-8")
-        if self._salt is None:
-            return hashlib.sha256(data).hexdigest()[:32]
-        return hmac.new(self._salt, data, hashlib.sha256).hexdigest()[:32]
+        """User ids, usernames and client addresses stay out of the counters' keys (Redis dumps,
+        MONITOR): no key pairs two users, so Redis holds no table of who writes to whom."""
+        return hmac.new(self._salt, value.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
     @staticmethod
     async def _take(counters: Any, what: str, *charges: Charge) -> None:
@@ -82,9 +79,10 @@ class AbuseLimits:
         if not (self.settings.messages_per_sender.enabled or self.settings.messages_per_pair.enabled):
             return None
         # Both keys carry the sender's hash tag: one atomic script in Redis Cluster too.
+        sender = self._private(sender_id)
         charges = (
-            Charge(f"{{{sender_id}}}:send", self.settings.messages_per_sender),
-            Charge(f"{{{sender_id}}}:send:{recipient_id}", self.settings.messages_per_pair),
+            Charge(f"{{{sender}}}:send", self.settings.messages_per_sender),
+            Charge(f"{{{sender}}}:send:{self._private(recipient_id)}", self.settings.messages_per_pair),
         )
         return ensureDeferred(self._counters.take(charges)).addCallback(_refuse_if_limited, "Too many messages")
 
@@ -106,7 +104,7 @@ class AbuseLimits:
         """Count a sealed send the recipient's access key allowed (so that counting it tells a
         sender nothing it did not know)."""
         return self._check_one(
-            Charge(f"{{{recipient_id}}}:sealed", self.settings.sealed_per_recipient),
+            Charge(f"{{{self._private(recipient_id)}}}:sealed", self.settings.sealed_per_recipient),
             "Too many sealed messages to this recipient",
         )
 
@@ -123,23 +121,25 @@ class AbuseLimits:
         )
 
     async def check_key_fetch(self, requester_id: str, target_id: str) -> None:
+        requester = self._private(requester_id)
         await self._take(
             self._counters,
             "Too many key bundle requests",
-            Charge(f"{{{requester_id}}}:keys", self.settings.key_fetches_per_requester),
-            Charge(f"{{{requester_id}}}:keys:{target_id}", self.settings.key_fetches_per_pair),
+            Charge(f"{{{requester}}}:keys", self.settings.key_fetches_per_requester),
+            Charge(f"{{{requester}}}:keys:{self._private(target_id)}", self.settings.key_fetches_per_pair),
         )
 
     async def check_bundle_check(self, requester_id: str) -> None:
         await self._take(
             self._counters,
             "Too many key bundle checks",
-            Charge(f"{{{requester_id}}}:bundle-checks", self.settings.bundle_checks_per_requester),
+            Charge(f"{{{self._private(requester_id)}}}:bundle-checks", self.settings.bundle_checks_per_requester),
         )
 
     async def may_serve_prekey(self, target_id: str) -> bool:
         """Count a one-time prekey handed out; False once the user's budget for the window is spent."""
-        return await self._counters.take([Charge(f"{{{target_id}}}:prekeys", self.settings.prekeys_served_per_user)]) is None
+        charge = Charge(f"{{{self._private(target_id)}}}:prekeys", self.settings.prekeys_served_per_user)
+        return await self._counters.take([charge]) is None
 
     # Logins: failures slow an address and an account down, and never lock the owner out.
 

@@ -61,4 +61,8 @@ class AccountDeletion:
         except Exception:
             self.log.failure("clearing a deleted account's inbox failed; its messages expire by themselves")
             return Deletion(token_hashes, inbox_cleared=False)
+        try:
+            await self._store.discard_deleted()
+        except Exception:
+            self.log.failure("checkpointing after an account deletion failed; the next checkpoint does it")
         return Deletion(token_hashes, inbox_cleared=True)

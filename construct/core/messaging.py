@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -80,6 +82,13 @@ def parse_chat_message(payload: dict, max_content_bytes: int) -> dict:
     return message
 
 
+def sender_digest(salt: bytes, sender: str, message_id: str) -> str:
+    """What a duplicate-send record keeps of the sender: a resend from the same sender matches,
+    another sender's message under that id does not, and without the salt neither the sender
+    nor a link between two records of one sender can be read from it (128 bits, hex)."""
+    return hmac.new(salt, f"{sender}\n{message_id}".encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+
 def encode_envelope(message: dict) -> str:
     key = binascii.b2a_base64(message["ephemeralPublicKey"], newline=False).decode("ascii")
     stored = dict(message, ephemeralPublicKey=key)
@@ -134,11 +143,14 @@ class MessageService:
         max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
         recipient_exists: Callable[[str], bool | Deferred] | None = None,
         access: UnidentifiedAccess | None = None,
+        record_salt: bytes = b"",
     ) -> None:
         """`held_here`: a connection of the user is attached to this process. `recipient_exists`
         is for an inbox that cannot check it in its own store (Redis): True when known at once,
         else a Deferred firing with whether the user exists. `access` decides sealed sends
-        (none: every sealed send is refused)."""
+        (none: every sealed send is refused). `record_salt`, a secret every instance shares,
+        keys the digests of senders in the duplicate-send records."""
+        self._record_salt = record_salt
         self._inbox = inbox
         self._held_here = held_here
         self._wakeups = wakeups
@@ -208,10 +220,10 @@ class MessageService:
         return failure
 
     def _store(self, sender_id: str, message: dict) -> Deferred:
-        recipient = message["to"]
+        recipient, message_id = message["to"], message["id"]
         return self._inbox.put(Submission(
-            sender_id, recipient, message["id"], encode_envelope(message), self._held_here(recipient),
-            self._now_ms(), self._ttl_ms, self._quota,
+            sender_id, recipient, message_id, encode_envelope(message), self._held_here(recipient),
+            self._now_ms(), self._ttl_ms, self._quota, sender_digest(self._record_salt, sender_id, message_id),
         ))
 
     def _stored(self, accepted: Accepted, message: dict) -> SendResult:
@@ -261,10 +273,11 @@ class MessageService:
         quota) applies as to any message; nothing can charge its sender, whom nobody here knows."""
         now_ms = self._now_ms()
         envelope = sealed_envelope(message, now_ms // 1000)
-        recipient = message.recipient_id
+        recipient, marker = message.recipient_id, sealed_marker(message.content)
         stored = self._inbox.put(Submission(
-            sealed_marker(message.content), recipient, message.message_id, orjson.dumps(envelope).decode("utf-8"),
+            marker, recipient, message.message_id, orjson.dumps(envelope).decode("utf-8"),
             self._held_here(recipient), now_ms, self._ttl_ms, self._quota,
+            sender_digest(self._record_salt, marker, message.message_id),
         ))
         return stored.addCallbacks(self._stored_sealed, _denied_if_gone, callbackArgs=(envelope,))
 

@@ -22,6 +22,9 @@ class Submission:
     now_ms: int
     ttl_ms: int
     quota: int
+    # What the duplicate-send record keeps instead of the sender: a keyed digest of the sender
+    # and the message id (construct.core.messaging.sender_digest).
+    sender_digest: str
 
 
 @dataclass(slots=True)

@@ -10,7 +10,9 @@ one write and one Deferred; replies come back in order on one pipelined connecti
 - Reconnection never stops (with backoff), including after a failed AUTH or SELECT. Only at
   startup is an unreachable Redis fatal: `check_reachable` runs before the reactor does.
 - The subscriber subscribes again after every reconnect and then calls `on_subscribed`, so its
-  owner can rescan what it may have missed: pub/sub is only a hint.
+  owner can rescan what it may have missed: pub/sub is only a hint. It PINGs on a timer: a
+  subscriber connection that goes half-open would otherwise leave the instance deaf for good.
+- Each connection can name itself (CLIENT SETNAME), so `CLIENT LIST` shows what it belongs to.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ COMMAND_TIMEOUT_SECONDS = 3.0
 # Error replies that mean "Redis cannot serve now" rather than "this command is wrong".
 UNAVAILABLE_REPLIES = ("OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN")
 CONNECT_TIMEOUT_SECONDS = 5.0
+# A subscriber connection PINGs at this interval, and is made again when an interval after a
+# PING passes with nothing heard.
+SUBSCRIBER_PING_SECONDS = 10.0
 
 
 class ResponseError(Exception):
@@ -90,13 +95,20 @@ class Script:
         self.sha = hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def _handshake(password: str | None, username: str | None, db: int) -> list[tuple]:
+def _handshake(password: str | None, username: str | None, db: int, name: str | None = None) -> list[tuple]:
     commands: list[tuple] = []
     if password is not None:
         commands.append(("AUTH", username, password) if username else ("AUTH", password))
     if db:
         commands.append(("SELECT", db))
+    if name:
+        commands.append(("CLIENT", "SETNAME", connection_name(name)))
     return commands
+
+
+def connection_name(name: str) -> str:
+    """A name CLIENT SETNAME takes: it refuses spaces and newlines, which a key prefix may hold."""
+    return "".join(c if c.isprintable() and not c.isspace() else "_" for c in name)
 
 
 def check_reachable(address: RedisAddress, timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
@@ -269,8 +281,9 @@ def fail_unanswered(failure: Failure, batch: list[tuple[Any, defer.Deferred]]) -
 class RedisClient(_Connection):
     """Commands and scripts, pipelined on one connection."""
 
-    def __init__(self, address: RedisAddress, reactor: Any) -> None:
+    def __init__(self, address: RedisAddress, reactor: Any, name: str | None = None) -> None:
         super().__init__(address, reactor, self._new_protocol)
+        self._name = name
         self._protocol: RespProtocol | None = None
         self._scripts: list[Script] = []
         # (deadline, waiter, connection) in the order sent, so the oldest is always first.
@@ -287,7 +300,7 @@ class RedisClient(_Connection):
         self._scripts.extend(script for script in scripts if script not in self._scripts)
 
     def _new_protocol(self) -> RespProtocol:
-        handshake = _handshake(self.address.password, self.address.username, self.address.db)
+        handshake = _handshake(self.address.password, self.address.username, self.address.db, self._name)
         handshake += [("SCRIPT", "LOAD", script.text) for script in self._scripts]
         return RespProtocol(handshake, self._ready, self._lost)
 
@@ -395,20 +408,44 @@ class RedisClient(_Connection):
 class _SubscriberProtocol(RespProtocol):
     """After the handshake, subscribes and then only receives messages."""
 
-    def __init__(self, handshake: list[tuple], subscriber: "RedisSubscriber") -> None:
+    def __init__(self, handshake: list[tuple], subscriber: "RedisSubscriber", clock: Any) -> None:
         super().__init__(handshake, self._subscribe, subscriber.lost)
         self._subscriber = subscriber
+        self._clock = clock
         self._listening = False
         self._confirmations = 0
+        self._heard = False
+        self._ping_call: Any = None
 
     def _subscribe(self, _: RespProtocol) -> None:
         self._listening = True
         self.transport.write(hiredis.pack_command(("SUBSCRIBE", *self._subscriber.channels)))
+        self._ping_call = self._clock.callLater(SUBSCRIBER_PING_SECONDS, self._check_alive)
+
+    def _check_alive(self) -> None:
+        """Silent for a whole interval after a PING: half-open, so abort and let it be made again."""
+        if self._heard:
+            self._heard = False
+            self.transport.write(hiredis.pack_command(("PING",)))
+            self._ping_call = self._clock.callLater(SUBSCRIBER_PING_SECONDS, self._check_alive)
+        else:
+            self._ping_call = None
+            self.log.warn("the Redis subscriber connection answered no PING; reconnecting")
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self._ping_call is not None and self._ping_call.active():
+            self._ping_call.cancel()
+        self._ping_call = None
+        super().connectionLost(reason)
 
     def reply_received(self, reply: Any) -> None:
         if not self._listening:
             return super().reply_received(reply)
+        self._heard = True
         kind = reply[0] if isinstance(reply, list) and reply else None
+        if kind == "pong":
+            return
         if kind == "message":
             self._subscriber.message_received(reply[1], reply[2])
         elif kind == "subscribe":
@@ -429,15 +466,18 @@ class RedisSubscriber(_Connection):
         channels: list[str],
         on_message: Callable[[str, str], None],
         on_subscribed: Callable[[], None],
+        name: str | None = None,
     ) -> None:
         super().__init__(address, reactor, self._new_protocol)
+        self._name = name
         self.channels = channels
         self.on_message = on_message
         self.on_subscribed = on_subscribed
         self._protocol: _SubscriberProtocol | None = None
 
     def _new_protocol(self) -> _SubscriberProtocol:
-        return _SubscriberProtocol(_handshake(self.address.password, self.address.username, 0), self)
+        handshake = _handshake(self.address.password, self.address.username, 0, self._name)
+        return _SubscriberProtocol(handshake, self, self._reactor)
 
     @property
     def connected(self) -> bool:

@@ -6,8 +6,8 @@ each script stays atomic:
     <prefix>{<userId>}:inbox   ZSET  message id -> seq (FIFO order)
     <prefix>{<userId>}:msgs    HASH  message id -> envelope (JSON)
     <prefix>{<userId>}:exp     ZSET  message id -> expiry (ms)
-    <prefix>{<userId>}:sent    HASH  message id -> "sender status expiry accepted" (dedup, kept until expiry;
-                                     a sealed message's "sender" is "sealed:" and a digest of its content)
+    <prefix>{<userId>}:sent    HASH  message id -> "sender-digest status expiry accepted" (dedup, kept
+                                     until expiry; the digest is Submission.sender_digest)
     <prefix>{<userId>}:seq     STRING per-user sequence
 
 and one index, `<prefix>pending` (ZSET user id -> earliest expiry), that the worker's sweeps walk.
@@ -250,7 +250,7 @@ class RedisInbox:
         first = batch[0][0]
         args: list[Any] = [first.now_ms, first.ttl_ms, first.quota, KEY_GRACE_MS, self._instance_id]
         for message, _ in batch:
-            args += (message.message_id, message.sender_id, message.envelope, "1" if message.held_here else "0")
+            args += (message.message_id, message.sender_digest, message.envelope, "1" if message.held_here else "0")
         return args
 
     def _stored(self, results: list, recipient: str, batch: list[tuple[Submission, Deferred]]) -> None:

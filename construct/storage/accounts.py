@@ -131,6 +131,10 @@ class AccountStore:
         txn.execute("DELETE FROM users WHERE id = ?", (user_id,))
         return [row[0] for row in rows]
 
+    async def discard_deleted(self) -> None:
+        """Make what deletions removed leave the database's files too (SQLite's write-ahead log)."""
+        await self._db.run("discard_deleted", self._db.engine.discard_deleted)
+
     async def delete_expired_sessions(self, now_ms: int) -> list[tuple[str, str]]:
         """Delete expired sessions; return their (user id, token hash) pairs."""
         return await self._db.run("delete_expired_sessions", self._delete_expired_sessions_txn, now_ms)

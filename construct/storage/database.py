@@ -19,7 +19,9 @@ from twisted.python.failure import Failure
 
 from construct.errors import ConstructError, service_unavailable
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+# The server_secrets row that keys the digests of metadata (limit keys, duplicate-send records).
+METADATA_SALT = "metadata-salt"
 
 
 class Engine:
@@ -48,8 +50,12 @@ class Engine:
     def is_conflict(self, failure_value: BaseException) -> bool:
         return isinstance(failure_value, self.driver.IntegrityError)
 
-    def lock_for_migration(self, txn: "Txn") -> None:
-        """Keep two processes starting at once from migrating together."""
+    def begin_migration(self, conn: Any) -> None:
+        """Open the one transaction every migration runs in, so a failing one leaves nothing,
+        and keep two processes starting at once from migrating together."""
+
+    def discard_deleted(self, txn: "Txn") -> None:
+        """Make deleted rows leave the database's files (see SqliteEngine)."""
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -80,7 +86,31 @@ class SqliteEngine(Engine):
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=10000")
+        # Deleted rows are overwritten with zeros, whatever this SQLite build's default.
+        conn.execute("PRAGMA secure_delete=ON")
         conn.commit()
+
+    def begin_migration(self, conn: Any) -> None:
+        # Python's sqlite3 runs DDL outside any transaction unless one is opened explicitly;
+        # IMMEDIATE takes the write lock at once, which also serialises two starting processes.
+        conn.isolation_level = None
+        conn.execute("BEGIN IMMEDIATE")
+
+    def discard_deleted(self, txn: "Txn") -> None:
+        # secure_delete zeroes the database pages, but the write-ahead log keeps the old page
+        # images until a checkpoint; TRUNCATE copies them back and empties the log file.
+        txn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def create_files(self) -> None:
+        """The data directory 0700 and the database files 0600: they hold password and token
+        hashes and messages. Files made before are narrowed too (SQLite gives its -wal and -shm
+        files the database file's mode)."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+        for path in (self.path, self.path + "-wal", self.path + "-shm"):
+            if os.path.exists(path):
+                os.chmod(path, 0o600)
 
     def describe(self) -> str:
         return f"SQLite database {self.path}"
@@ -114,8 +144,9 @@ class PostgresEngine(Engine):
             "cp_max": self.pool_size,
         }
 
-    def lock_for_migration(self, txn: "Txn") -> None:
-        txn.execute("SELECT pg_advisory_xact_lock(?)", (0x636F6E73,))
+    def begin_migration(self, conn: Any) -> None:
+        # psycopg2 opens a transaction before the first statement, DDL included.
+        conn.cursor().execute("SELECT pg_advisory_xact_lock(%s)", (0x636F6E73,))
 
     def describe(self) -> str:
         parts = urlsplit(self.url)
@@ -274,11 +305,29 @@ def _schema_scripts(engine: Engine) -> list[tuple[int, str]]:
 def _connect(engine: Engine) -> Any:
     args, kwargs = engine.connect_args()
     kwargs = {k: v for k, v in kwargs.items() if not k.startswith("cp_")}
-    if engine.name == "sqlite":
-        os.makedirs(os.path.dirname(os.path.abspath(engine.path)), exist_ok=True)
+    if isinstance(engine, SqliteEngine):
+        engine.create_files()
     conn = engine.driver.connect(*args, **kwargs)
     engine.on_connect(conn)
     return conn
+
+
+def server_secret(engine: Engine, name: str) -> bytes:
+    """The secret of this name the server made on its first start (32 random bytes), made now if
+    there is none; synchronously, at startup, like `prepare_database`. Every instance on one
+    database reads the same."""
+    conn = _connect(engine)
+    try:
+        txn = Txn(conn.cursor(), engine)
+        txn.execute(
+            "INSERT INTO server_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            (name, os.urandom(32).hex()),
+        )
+        value = txn.execute("SELECT value FROM server_secrets WHERE name = ?", (name,)).fetchone()[0]
+        conn.commit()
+        return bytes.fromhex(value)
+    finally:
+        conn.close()
 
 
 def schema_version(engine: Engine) -> int:
@@ -302,8 +351,8 @@ def prepare_database(engine: Engine) -> int:
     """
     conn = _connect(engine)
     try:
+        engine.begin_migration(conn)
         txn = Txn(conn.cursor(), engine)
-        engine.lock_for_migration(txn)
         txn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         row = txn.execute("SELECT MAX(version) FROM schema_version").fetchone()
         current = row[0] or 0
@@ -321,5 +370,8 @@ def prepare_database(engine: Engine) -> int:
             current = version
         conn.commit()
         return current
+    except BaseException:
+        conn.rollback()
+        raise
     finally:
         conn.close()

@@ -33,8 +33,8 @@ class SqlInbox:
             txn.execute("SELECT id FROM users WHERE id = ? FOR UPDATE", (recipient,))
         # One statement for every fact the store depends on: each statement costs the pool
         # thread a turn at the GIL, which the busy reactor thread holds most of the time.
-        exists, sender, status, record_expires, pending, previous = txn.execute(
-            "SELECT (SELECT 1 FROM users WHERE id = ?), s.sender_id, s.status, s.expires_at,"
+        exists, sender_digest, status, record_expires, pending, previous = txn.execute(
+            "SELECT (SELECT 1 FROM users WHERE id = ?), s.sender_digest, s.status, s.expires_at,"
             " (SELECT COUNT(*) FROM inbox WHERE recipient_id = ? AND expires_at > ?),"
             " (SELECT MAX(seq) FROM inbox WHERE recipient_id = ? AND expires_at > ?)"
             " FROM (SELECT 1) AS one LEFT JOIN sent_messages AS s ON s.recipient_id = ? AND s.message_id = ?",
@@ -42,20 +42,20 @@ class SqlInbox:
         ).fetchone()
         if exists is None:
             raise user_not_found_error()
-        if sender is not None and record_expires > message.now_ms:
-            if sender != message.sender_id:
+        if sender_digest is not None and record_expires > message.now_ms:
+            if sender_digest != message.sender_digest:
                 raise duplicate_id_error()
             return Accepted(status == _REACHED[True], record_expires, duplicate=True)
         if pending >= message.quota:
             raise inbox_full_error(message.quota)
-        if sender is not None:
+        if sender_digest is not None:
             # The id expired but the sweep has not removed it yet: the new message replaces it.
             for table in ("sent_messages", "inbox"):
                 txn.execute(f"DELETE FROM {table} WHERE recipient_id = ? AND message_id = ?", (recipient, message_id))
         expires_ms = message.now_ms + message.ttl_ms
         txn.execute(
-            "INSERT INTO sent_messages (recipient_id, message_id, sender_id, status, expires_at) VALUES (?, ?, ?, ?, ?)",
-            (recipient, message_id, message.sender_id, _REACHED[message.held_here], expires_ms),
+            "INSERT INTO sent_messages (recipient_id, message_id, sender_digest, status, expires_at) VALUES (?, ?, ?, ?, ?)",
+            (recipient, message_id, message.sender_digest, _REACHED[message.held_here], expires_ms),
         )
         seq = txn.execute(
             "INSERT INTO inbox (recipient_id, message_id, envelope, accepted_at, expires_at) VALUES (?, ?, ?, ?, ?)"
