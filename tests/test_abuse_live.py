@@ -272,3 +272,31 @@ async def test_half_sent_websocket_upgrades_are_counted_per_address_and_cut_at_t
     finally:
         server.stop()
     assert "Traceback" not in server.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unfinished_websocket_messages_are_cut_by_deadline_and_budget_and_others_go_on(tmp_path):
+    """Real Autobahn clients that begin a large message and never finish it: past the process's
+    budget the one that would pass it is closed at once (1013), the rest at the deadline (1008)."""
+    server = await ServerProcess(
+        tmp_path, "--bcrypt-cost", "4", "--ws-message-timeout", "2", "--ws-unfinished-budget", "2000000",
+    ).start_async()
+    http = server.ports["http"]
+    try:
+        honest = await WsClient.connect(http)
+        await _register(honest)
+        holders = [await WsClient.connect(http) for _ in range(3)]
+        for holder in holders:
+            holder.protocol.beginMessage(isBinary=True)
+            holder.protocol.sendMessageFrame(bytes(900_000))
+        codes = [await holder.closed.addTimeout(20, reactor) for holder in holders]
+        assert sorted(codes) == [1008, 1008, 1013], codes
+        # A message that arrives whole, however large within the limits, is answered as ever.
+        assert (await honest.request("ping"))["type"] == "pong"
+        honest.send_raw(bytes(900_000), True)
+        assert (await honest.next_of("error"))["payload"]["code"] == "MESSAGE_TOO_LARGE"
+        assert (await honest.request("ping"))["type"] == "pong"
+        await honest.close()
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log_text()
