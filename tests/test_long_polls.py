@@ -134,3 +134,18 @@ def test_a_long_poll_times_out_with_false_and_holds_until_it_is_ended():
     assert poll.woken.result is False and hub.holds("u1")
     hub.end_long_poll(poll)
     assert not hub.holds("u1") and not clock.getDelayedCalls()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_poll_woken_after_its_session_went_unheard_of_answers_session_expired(core, http):
+    """A revocation this instance was not told of (made on another instance, its event still on
+    the way): the session is checked again before messages go out."""
+    alice, a = await register(core, "alice")
+    b = await _http_user(http)
+    poll = _poll(http, b["sessionToken"])
+    await _until(lambda: core.hub.holds(b["userId"]))
+    [waiting] = core.hub._polls[b["userId"]]
+    await core.accounts._store.delete_session(waiting.token_hash)
+    await _send(alice, a, b)
+    status, body = await poll.addTimeout(10, reactor)
+    assert (status, body["code"]) == (401, "SESSION_EXPIRED")

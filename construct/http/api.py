@@ -196,6 +196,10 @@ class HttpApi:
                 await poll.woken
                 if not poll.gone and not poll.revoked:
                     entries = await messaging.pending(identity.user_id, MAX_PENDING_BATCH)
+                    if entries:
+                        # Checked again before messages go out: the session may have been revoked
+                        # on another instance, not heard of here yet, or just before this began.
+                        await self._identity(request)
         finally:
             hub.end_long_poll(poll)
         if poll.revoked:
