@@ -181,8 +181,8 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         # The site's channel counted this socket against its address as it accepted it
-        # (construct.http.site); the count is released as the socket closes, here now. The
-        # transport's peer: behind a PROXY-protocol endpoint (haproxy:…), the client's own.
+        # (construct.http.site); the socket now closes through this protocol, which releases
+        # the count. The transport's peer: behind a PROXY-protocol endpoint, the client's own.
         self._address = client_address(self.transport.getPeer())
         super().connectionMade()
 
