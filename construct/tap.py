@@ -21,7 +21,7 @@ from construct.core.admission import TICK_SECONDS, Admission
 from construct.core.app import Core
 from construct.core.certificates import DEFAULT_LIFETIME_SECONDS, CertificateService, ServerKeys
 from construct.core.deletion import AccountDeletion
-from construct.core.delivery import DeliveryHub, LocalWakeUps
+from construct.core.delivery import DEFAULT_LONG_POLLS_PER_USER, DeliveryHub, LocalWakeUps
 from construct.core.keys import KeyService
 from construct.core.limits import Limit, MemoryCounters
 from construct.core.messaging import MessageService
@@ -36,7 +36,7 @@ from construct.logs import log_format, use_log_format, user_id_hasher
 from construct.metrics import Metrics
 from construct.obfs4 import STATE_DIRECTORY, BindAddress, Obfs4Service
 from construct.protocol.tcp import JsonLinesFactory
-from construct.protocol.ws import ConstructWebSocketFactory
+from construct.protocol.ws import DEFAULT_UNFINISHED_BUDGET_BYTES, ConstructWebSocketFactory
 from construct.redis.client import RedisAddress, RedisClient, RedisSubscriber, check_reachable
 from construct.redis.inbox import RedisInbox
 from construct.redis import limits as redis_limits
@@ -202,11 +202,30 @@ class Options(SettingsOptions):
         ),
         Setting("max-connections-per-address", ConnectionLimits.per_address, "open connections per client address (0: no limit)", int_between(0, 10**6)),
         Setting("max-connections-per-user", ConnectionLimits.per_user, "open connections per user (0: no limit)", int_between(0, 10**6)),
+        Setting(
+            "max-long-polls-per-user", DEFAULT_LONG_POLLS_PER_USER,
+            "HTTP long-polls one user may have waiting at once; a newer one ends the oldest (0: no limit)",
+            int_between(0, 10**6),
+        ),
         Setting("auth-timeout", int(ConnectionLimits.auth_timeout), "seconds a connection has to authenticate (0: no limit)", int_between(0, 86400)),
         Setting("idle-timeout", int(ConnectionLimits.idle_timeout), "seconds a TCP connection may send nothing (0: no limit)", int_between(0, 86400)),
         Setting(
             "slow-client-timeout", int(ConnectionLimits.slow_client_timeout),
             "seconds a client may leave the server's output unread (0: no limit)", int_between(0, 86400),
+        ),
+        Setting(
+            "header-timeout", int(ConnectionLimits.header_timeout),
+            "seconds an HTTP or WebSocket connection has to send a request's headers, from connecting (0: no limit)",
+            int_between(0, 3600),
+        ),
+        Setting(
+            "ws-message-timeout", int(ConnectionLimits.message_timeout),
+            "seconds a WebSocket client has to finish a message it began (0: no limit)", int_between(0, 3600),
+        ),
+        Setting(
+            "ws-unfinished-budget", DEFAULT_UNFINISHED_BUDGET_BYTES,
+            "bytes all WebSocket messages still arriving may hold in this process (0: no limit)",
+            int_between(0, 2**40),
         ),
         Setting("allowed-origins", ["*"], "comma-separated Origin patterns browsers may open a WebSocket or call /v1 from", origins),
         Setting("sender-key-path", None,
@@ -338,6 +357,8 @@ def connection_limits(options: Options) -> ConnectionLimits:
         auth_timeout=options["auth-timeout"],
         idle_timeout=options["idle-timeout"],
         slow_client_timeout=options["slow-client-timeout"],
+        header_timeout=options["header-timeout"],
+        message_timeout=options["ws-message-timeout"],
     )
 
 
@@ -349,7 +370,7 @@ def build_embedded(
 
     `server_keys` sign sender certificates (default: a new key, kept in memory only)."""
     inbox = SqlInbox(db)
-    hub = DeliveryHub(inbox, clock, metrics)
+    hub = DeliveryHub(inbox, clock, metrics, options["max-long-polls-per-user"])
     wakeups = LocalWakeUps(hub)
     core = assemble_core(
         db, inbox, hub, wakeups, clock, options, metrics, run_blocking,
@@ -373,7 +394,7 @@ def build_production(
     redis = RedisClient(address, reactor, name=f"{prefix}server:{instance_id}")
     known_users = KnownUsers(AccountStore(db).user_exists, clock)
     inbox = RedisInbox(redis, prefix, clock, instance_id, reactor)
-    hub = DeliveryHub(inbox, clock, metrics)
+    hub = DeliveryHub(inbox, clock, metrics, options["max-long-polls-per-user"])
     presence = InstancePresence(redis, prefix, clock, instance_id, hub)
     hub.listener = presence
     wakeups = RedisWakeUps(redis, prefix, presence, instance_id, hub)
@@ -459,14 +480,17 @@ def makeService(options: Options, reactor: Any = None) -> SequentialMultiService
     addresses = AddressCounts(limits.per_address)
     websockets, tcp_connections = ConnectionTracker(reactor), ConnectionTracker(reactor)
     ws_factory = ConstructWebSocketFactory(
-        core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"], options["ws-padding"]
+        core, max_frame, websockets, addresses, limits, reactor, options["allowed-origins"], options["ws-padding"],
+        options["ws-unfinished-budget"],
     )
     api = HttpApi(core, options["allowed-origins"])
+    proxied = options["listen"].startswith("haproxy:")
     if camouflage is None:
-        site = build_site(ws_factory, api, max_frame, options["ws-path"])
+        site = build_site(ws_factory, api, max_frame, options["ws-path"], proxied)
     else:
         site = build_camouflaged_site(
-            camouflage, ws_factory, api, max_frame, options["ws-path"], options["camouflage-web-client"]
+            camouflage, ws_factory, api, max_frame, options["ws-path"], options["camouflage-web-client"],
+            proxied,
         )
     tcp_factory = JsonLinesFactory(
         core, max_frame, tcp_connections, addresses, limits, reactor, proxied=options["tcp"].startswith("haproxy:")

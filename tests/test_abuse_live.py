@@ -254,3 +254,96 @@ def test_a_client_logging_in_from_many_threads_does_not_make_another_s_login_wai
         assert finished.index(honest_name) <= 3, finished
     finally:
         server.stop()
+
+
+def _half_sent_upgrades(port: int, count: int, seconds: float) -> tuple[dict[int, float], set[int]]:
+    """Open `count` sockets at once and trickle `GET /ws` into each, a byte every half second,
+    never finishing the headers. Returns when each socket was closed by the server (seconds
+    after it was opened), and which ones were refused with 429 first."""
+    request = b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" * 10
+    sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    start = time.monotonic()
+    closed: dict[int, float] = {}
+    refused: set[int] = set()
+    for sock in sockets:
+        sock.setblocking(False)
+    try:
+        for offset in range(len(request)):
+            if len(closed) == count or time.monotonic() - start > seconds:
+                break
+            for number, sock in enumerate(sockets):
+                if number in closed:
+                    continue
+                try:
+                    data = sock.recv(65536)
+                    if data.startswith(b"HTTP/1.1 429"):
+                        refused.add(number)
+                    elif not data:
+                        closed[number] = time.monotonic() - start
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed[number] = time.monotonic() - start
+                    continue
+                try:
+                    sock.send(request[offset:offset + 1])
+                except OSError:
+                    closed[number] = time.monotonic() - start
+            time.sleep(0.5)
+        return closed, refused
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_sent_websocket_upgrades_are_counted_per_address_and_cut_at_the_header_deadline(tmp_path):
+    """A slow-loris client trickling `GET /ws` holds at most its address's share of sockets, and
+    none of them past the header deadline however often it sends a byte."""
+    server = await ServerProcess(
+        tmp_path, "--bcrypt-cost", "4", "--max-connections-per-address", "5", "--header-timeout", "3",
+    ).start_async()
+    http = server.ports["http"]
+    try:
+        closed, refused = await threads.deferToThread(_half_sent_upgrades, http, 12, 40)
+        assert len(refused) == 7, "past 5 sockets per address, each is refused at once"
+        assert sorted(closed) == list(range(12)), "every socket was closed"
+        held = [closed[number] for number in range(12) if number not in refused]
+        # Bytes kept coming every half second; twisted.web's idle timeout alone (75 s) never fires.
+        assert max(held) < 20
+        # Their slots are free again.
+        client = await WsClient.connect(http)
+        assert (await client.request("ping"))["type"] == "pong"
+        await client.close()
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unfinished_websocket_messages_are_cut_by_deadline_and_budget_and_others_go_on(tmp_path):
+    """Real Autobahn clients that begin a large message and never finish it: past the process's
+    budget the one that would pass it is closed at once (1013), the rest at the deadline (1008)."""
+    server = await ServerProcess(
+        tmp_path, "--bcrypt-cost", "4", "--ws-message-timeout", "2", "--ws-unfinished-budget", "2000000",
+    ).start_async()
+    http = server.ports["http"]
+    try:
+        honest = await WsClient.connect(http)
+        await _register(honest)
+        holders = [await WsClient.connect(http) for _ in range(3)]
+        for holder in holders:
+            holder.protocol.beginMessage(isBinary=True)
+            holder.protocol.sendMessageFrame(bytes(900_000))
+        codes = [await holder.closed.addTimeout(20, reactor) for holder in holders]
+        assert sorted(codes) == [1008, 1008, 1013], codes
+        # A message that arrives whole, however large within the limits, is answered as ever.
+        assert (await honest.request("ping"))["type"] == "pong"
+        honest.send_raw(bytes(900_000), True)
+        assert (await honest.next_of("error"))["payload"]["code"] == "MESSAGE_TOO_LARGE"
+        assert (await honest.request("ping"))["type"] == "pong"
+        await honest.close()
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log_text()

@@ -20,6 +20,8 @@ from construct.delivery.types import Accepted
 
 FETCH_BATCH = 100
 RETRY_DELAY_SECONDS = 2.0
+# Long-polls one user may have waiting at once on this instance; a newer one ends the oldest.
+DEFAULT_LONG_POLLS_PER_USER = 4
 
 
 class LiveConnection(Protocol):
@@ -51,6 +53,23 @@ class _Cursor:
     retry_call: Any = None
 
 
+@dataclass(eq=False, slots=True)
+class LongPoll:
+    """One HTTP long-poll of a user. It holds the user here, as a connection does, from
+    DeliveryHub.long_poll to DeliveryHub.end_long_poll, also after `woken` fired: a session
+    revoked while it reads the inbox still sets `revoked` before it answers."""
+
+    user_id: str
+    token_hash: str
+    # Fires True when a message arrives for the user, else False: the wait is over, a newer
+    # long-poll of the user replaced this one, its session was revoked or its client left.
+    woken: Deferred
+    revoked: bool = False
+    # Its client disconnected: nobody is left to answer.
+    gone: bool = False
+    timer: Any = None
+
+
 class PresenceListener(Protocol):
     """Told when a user's first connection here attaches and when the last one detaches."""
 
@@ -62,14 +81,19 @@ class PresenceListener(Protocol):
 class DeliveryHub:
     log = Logger()
 
-    def __init__(self, inbox: Any, clock: IReactorTime, metrics: Any) -> None:
+    def __init__(
+        self, inbox: Any, clock: IReactorTime, metrics: Any, long_polls_per_user: int = DEFAULT_LONG_POLLS_PER_USER
+    ) -> None:
+        """`long_polls_per_user`: 0 for no limit."""
         self.listener: PresenceListener | None = None
         self._inbox = inbox
         self._clock = clock
         self._metrics = metrics
+        self._long_polls_per_user = long_polls_per_user
         self._by_user: dict[str, dict[LiveConnection, _Cursor]] = {}
         self._user_of: dict[LiveConnection, str] = {}
-        self._waiters: dict[str, list[Deferred]] = {}
+        # Oldest first.
+        self._polls: dict[str, list[LongPoll]] = {}
 
     def attach(self, connection: LiveConnection, user_id: str, token_hash: str) -> None:
         """Bind a connection to a user and push everything still unacknowledged, in order."""
@@ -104,7 +128,7 @@ class DeliveryHub:
 
     def holds(self, user_id: str) -> bool:
         """A live connection or a waiting long-poll of the user is here."""
-        return user_id in self._by_user or user_id in self._waiters
+        return user_id in self._by_user or user_id in self._polls
 
     def _attached(self, user_id: str) -> None:
         if self.listener is not None:
@@ -122,21 +146,19 @@ class DeliveryHub:
         return self.holds(user_id)
 
     def online_users(self) -> list[str]:
-        return list(set(self._by_user) | set(self._waiters))
+        return list(set(self._by_user) | set(self._polls))
 
     def on_pending(self, user_id: str) -> None:
         """The user's inbox has new messages: feed every connection of theirs, wake long-polls."""
         for cursor in list(self._by_user.get(user_id, {}).values()):
             self._pump(cursor)
-        self._wake_waiters(user_id)
+        self._wake_long_polls(user_id)
 
-    def _wake_waiters(self, user_id: str) -> None:
-        waiters = self._waiters.pop(user_id, [])
-        for waiter in waiters:
-            if not waiter.called:
-                waiter.callback(True)
-        if waiters:
-            self._maybe_detached(user_id)
+    def _wake_long_polls(self, user_id: str) -> None:
+        # A copy: a woken long-poll may end before the next one is woken.
+        for poll in list(self._polls.get(user_id, ())):
+            if not poll.woken.called:
+                poll.woken.callback(True)
 
     def on_stored(self, user_id: str, seq: int | None, previous_seq: int | None, message: dict) -> None:
         """A message for the user was stored here as `seq`, after messages up to `previous_seq`:
@@ -155,7 +177,7 @@ class DeliveryHub:
                 self._pump(cursor)
         if delivered:
             self._metrics.delivered("live", delivered)
-        self._wake_waiters(user_id)
+        self._wake_long_polls(user_id)
 
     def on_sessions_revoked(self, user_id: str, token_hashes: list[str], reason: str | None = None) -> None:
         revoked = set(token_hashes)
@@ -163,6 +185,11 @@ class DeliveryHub:
             if cursor.token_hash in revoked:
                 self.detach(connection)
                 connection.session_revoked(reason)
+        for poll in list(self._polls.get(user_id, ())):
+            if poll.token_hash in revoked:
+                # Let go of the user at once, so a message sent from now on is not "delivered".
+                poll.revoked = True
+                self.end_long_poll(poll)
 
     def redeliver(self, user_id: str, attached_before: float) -> None:
         """Push again what the user's connections have not acknowledged.
@@ -175,35 +202,44 @@ class DeliveryHub:
                 cursor.rewind = True
                 self._pump(cursor)
 
-    def wait_for_pending(self, user_id: str, timeout: float) -> Deferred:
-        """Fires True when the user's inbox gets a message, False after `timeout`.
+    def long_poll(self, user_id: str, token_hash: str, timeout: float) -> LongPoll:
+        """Start waiting for a message for the user, for at most `timeout` seconds, on behalf of
+        the session `token_hash`. Past the user's limit of long-polls the oldest one ends."""
+        polls = self._polls.get(user_id)
+        if polls and self._long_polls_per_user and len(polls) >= self._long_polls_per_user:
+            self.end_long_poll(polls[0])
+            polls = self._polls.get(user_id)
+        poll = LongPoll(user_id, token_hash, Deferred())
+        if polls is None:
+            self._polls[user_id] = [poll]
+            if user_id not in self._by_user:
+                self._attached(user_id)
+        else:
+            polls.append(poll)
+        poll.timer = self._clock.callLater(timeout, self._poll_timed_out, poll)
+        return poll
 
-        The waiter holds the user here (like a connection) while it waits, so a message
-        accepted on another instance wakes it too. Cancel it to stop waiting.
-        """
+    @staticmethod
+    def _poll_timed_out(poll: LongPoll) -> None:
+        poll.timer = None
+        if not poll.woken.called:
+            poll.woken.callback(False)
 
-        def forget(_: Deferred) -> None:
-            waiters = self._waiters.get(user_id, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._waiters[user_id]
-                    self._maybe_detached(user_id)
-
-        waiter: Deferred = Deferred(forget)
-        first = not self.holds(user_id)
-        self._waiters.setdefault(user_id, []).append(waiter)
-        if first:
-            self._attached(user_id)
-
-        def timed_out() -> None:
-            if not waiter.called:
-                forget(waiter)
-                waiter.callback(False)
-
-        call = self._clock.callLater(timeout, timed_out)
-        waiter.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
-        return waiter
+    def end_long_poll(self, poll: LongPoll) -> None:
+        """The long-poll no longer holds the user (answered, replaced, revoked or left); wakes it
+        with False if it still waits. Ending one twice does nothing."""
+        if poll.timer is not None:
+            poll.timer.cancel()
+            poll.timer = None
+        if not poll.woken.called:
+            poll.woken.callback(False)
+        polls = self._polls.get(poll.user_id)
+        if polls is None or poll not in polls:
+            return
+        polls.remove(poll)
+        if not polls:
+            del self._polls[poll.user_id]
+            self._maybe_detached(poll.user_id)
 
     def resume(self, connection: LiveConnection) -> None:
         """The connection is writable again: push what waited meanwhile."""

@@ -13,12 +13,12 @@ from urllib.parse import urlsplit
 import orjson
 from autobahn.util import wildcards2patterns
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from construct.core.accounts import Identity
+from construct.core.accounts import Identity, session_expired
 from construct.core.app import Core
 from construct.core.messaging import decode_envelope
 from construct.errors import ConstructError, invalid_format
@@ -228,17 +228,39 @@ class HttpApi:
         self._check_origin(request)
         identity = await self._identity(request)
         wait = self._wait_seconds(request)
-        # Wait from before the first read, so a message stored in between still wakes us.
-        waiter = self._core.hub.wait_for_pending(identity.user_id, wait) if wait > 0 else None
+        messaging = self._core.messaging
+        if wait == 0:
+            return self._messages(request, await messaging.pending(identity.user_id, MAX_PENDING_BATCH))
+        if request.channel is None:
+            return b""  # the client left while its token was checked: there is no one to wait for
+        hub = self._core.hub
+        # Waiting from before the first read, so a message stored in between still wakes us.
+        poll = hub.long_poll(identity.user_id, identity.token_hash, wait)
+        # A client that left is not waited for: its long-poll lets go of the user at once.
+        request.notifyFinish().addErrback(self._client_left, hub, poll)
         try:
-            entries = await self._core.messaging.pending(identity.user_id, MAX_PENDING_BATCH)
-            if not entries and waiter is not None:
-                await waiter
-                entries = await self._core.messaging.pending(identity.user_id, MAX_PENDING_BATCH)
+            entries = await messaging.pending(identity.user_id, MAX_PENDING_BATCH)
+            if not entries and not poll.gone and not poll.revoked:
+                await poll.woken
+                if not poll.gone and not poll.revoked:
+                    entries = await messaging.pending(identity.user_id, MAX_PENDING_BATCH)
+                    if entries:
+                        # Checked again before messages go out: the session may have been revoked
+                        # on another instance, not heard of here yet, or just before this began.
+                        await self._identity(request)
         finally:
-            if waiter is not None and not waiter.called:
-                waiter.addErrback(lambda failure: failure.trap(CancelledError))
-                waiter.cancel()
+            hub.end_long_poll(poll)
+        if poll.revoked:
+            # Revoked while it waited or read: nothing read for it goes out.
+            raise session_expired()
+        return self._messages(request, entries)
+
+    @staticmethod
+    def _client_left(_: Failure, hub: Any, poll: Any) -> None:
+        poll.gone = True
+        hub.end_long_poll(poll)
+
+    def _messages(self, request: Any, entries: list) -> bytes:
         return self._json(request, 200, {"messages": [decode_envelope(entry.envelope) for entry in entries]})
 
     @staticmethod

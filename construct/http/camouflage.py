@@ -46,6 +46,7 @@ REASONS = {
     405: b"Not Allowed",
     413: b"Request Entity Too Large",
     500: b"Internal Server Error",
+    503: b"Service Temporarily Unavailable",
 }
 
 
@@ -232,11 +233,21 @@ class CamouflagedRequest(LimitedRequest):
 class CamouflagedSite(ConstructSite):
     requestFactory = CamouflagedRequest
 
+    def refusal(self) -> bytes:
+        """What nginx's connection limit (limit_conn) answers."""
+        body = error_page(503)
+        return (
+            b"HTTP/1.1 503 " + REASONS[503] + b"\r\nServer: " + SERVER_NAME + b"\r\nContent-Type: text/html\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        ) + body
+
 
 def build_camouflaged_site(
-    static: StaticSite, ws_factory: Any, api: HttpApi, max_body_bytes: int, ws_path: str, web_client: bool = False
+    static: StaticSite, ws_factory: Any, api: HttpApi, max_body_bytes: int, ws_path: str, web_client: bool = False,
+    proxied: bool = False,
 ) -> CamouflagedSite:
-    """`web_client`: serve the web client under the secret path too (`<ws-path>/`)."""
+    """`web_client`: serve the web client under the secret path too (`<ws-path>/`); `proxied` as
+    for construct.http.site.build_site."""
     # The WebSocket handshake's answer names the server too.
     ws_factory.server = SERVER_NAME.decode()
     page = StaticPage(static)
@@ -246,4 +257,7 @@ def build_camouflaged_site(
         web = load_assets()
         children.update({b"": PageOrWebSocket(websocket, web), b"web": WebFiles(web), b"ws": websocket})
     entrance = ConstructEntrance(websocket, children, page)
-    return CamouflagedSite(CamouflageRoot({ws_path[1:].encode(): entrance}, page), max_body_bytes)
+    return CamouflagedSite(
+        CamouflageRoot({ws_path[1:].encode(): entrance}, page), max_body_bytes, ws_factory.addresses, ws_factory.limits,
+        ws_factory.clock, proxied,
+    )

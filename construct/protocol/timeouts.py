@@ -10,6 +10,7 @@ from construct.errors import ConstructError
 STOPPED_READING = "stopped reading"
 AUTH_TIMEOUT = "did not authenticate in time"
 IDLE = "sent nothing for too long"
+MESSAGE_TIMEOUT = "did not finish a message in time"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class ConnectionLimits:
     idle_timeout: float = 300
     # Seconds the client may leave the server's output unread.
     slow_client_timeout: float = 30
+    # Seconds from accepting an HTTP connection (or from the first byte of a later request on it)
+    # to that request's complete headers: the WebSocket handshake is such a request.
+    header_timeout: float = 10
+    # Seconds a WebSocket client has to finish a message once its first frame began.
+    message_timeout: float = 10
 
 
 def overdue(

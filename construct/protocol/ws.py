@@ -6,7 +6,6 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
-from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -14,7 +13,7 @@ from construct.core.app import Core
 from construct.protocol import codec
 from construct.protocol.writes import CoalescedWrites, TurnWriter, share_log_prefix
 from construct.protocol.connection import AddressCounts, ClientConnection, ConnectionTracker, client_address
-from construct.protocol.timeouts import ConnectionLimits, closing_error
+from construct.protocol.timeouts import MESSAGE_TIMEOUT, ConnectionLimits, closing_error
 from construct.protocol.padding import pad
 
 GOING_AWAY = 1001
@@ -23,9 +22,18 @@ HANDSHAKE_LEFTOVERS = (
     "http_request_data", "http_response_data", "http_headers", "http_request_params", "http_status_line", "_wskey",
 )
 
-# Frames above the protocol limit but below this many times it are read and answered with
+# Messages above the protocol limit but within this cap are read and answered with
 # MESSAGE_TOO_LARGE; past it Autobahn closes the connection (1009) instead of buffering more.
-HARD_LIMIT_FACTOR = 4
+# Fixed: it bounds what one connection can make this process hold, whatever --max-message-bytes.
+MAX_MESSAGE_BYTES = 1 << 20
+# What a message still arriving holds beyond its bytes: per frame (its header, its list of
+# chunks) and per chunk read (a bytes object and its place in a list). Counted so that a message
+# sent in tiny fragments or reads cannot hold many times its size unseen.
+FRAME_OVERHEAD_BYTES = 256
+CHUNK_OVERHEAD_BYTES = 64
+DEFAULT_UNFINISHED_BUDGET_BYTES = 32 * 2**20
+# "Try again later": the server has no room for the message now.
+TRY_AGAIN_LATER = 1013
 NO_MASK = bytes(4)
 
 
@@ -47,6 +55,26 @@ def server_frame(payload: bytes, binary: bool) -> bytes:
     if size < 1 << 16:
         return bytes((opcode, 126)) + size.to_bytes(2, "big") + payload
     return bytes((opcode, 127)) + size.to_bytes(8, "big") + payload
+
+
+class UnfinishedBudget:
+    """The bytes that messages still arriving hold, over every WebSocket of this process: past
+    `most`, the connection whose message would grow is closed (1013), so many connections that
+    each start a large message and never finish it cannot fill the memory together."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Count `size` more; False (counting nothing) if that would pass the budget."""
+        if self.most and self.held + size > self.most:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
 
 
 class SendQueue(list):
@@ -145,15 +173,18 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
     _log = Logger()
     connection: ClientConnection | None = None
     _closed: Deferred | None = None
-    # The client address counted against its limit, once the handshake admitted it.
+    # The client address counted against its limit.
     _address: str | None = None
+    # What the message still arriving holds of the factory's UnfinishedBudget, and since when.
+    _unfinished_bytes = 0
+    _unfinished_since: float | None = None
 
-    def onConnect(self, request: Any) -> None:
-        # The transport's peer: behind a PROXY-protocol endpoint (haproxy:…), the client's own.
-        address = client_address(self.transport.getPeer())
-        if not self.factory.addresses.admit(address):
-            raise ConnectionDeny(429, f"At most {self.factory.limits.per_address} connections per address")
-        self._address = address
+    def connectionMade(self) -> None:
+        # The site's channel counted this socket against its address as it accepted it
+        # (construct.http.site); the socket now closes through this protocol, which releases
+        # the count. The transport's peer: behind a PROXY-protocol endpoint, the client's own.
+        self._address = client_address(self.transport.getPeer())
+        super().connectionMade()
 
     def onOpen(self) -> None:
         try:
@@ -187,8 +218,47 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
         except Exception:
             self._log.failure("unexpected error handling a WebSocket frame")
 
+    # Autobahn's hooks for a message that does not arrive whole in one read (FastFrames hands
+    # whole frames over without them): what it holds is counted until the message ends.
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        self._hold(FRAME_OVERHEAD_BYTES)
+        super().onMessageFrameBegin(length)
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        self._hold(len(payload) + CHUNK_OVERHEAD_BYTES)
+        super().onMessageFrameData(payload)
+
+    def onMessageEnd(self) -> None:
+        self._let_go()
+        super().onMessageEnd()
+
+    def _hold(self, size: int) -> None:
+        if self.failedByMe:
+            return  # failing: Autobahn keeps nothing more
+        if self._unfinished_since is None:
+            self._unfinished_since = self.factory.clock.seconds()
+        if self.factory.unfinished.take(size):
+            self._unfinished_bytes += size
+            return
+        self._log.info("closing a WebSocket connection: its message would pass the budget for unfinished messages")
+        self._give_up_message(TRY_AGAIN_LATER, "no room for an unfinished message now")
+
+    def _let_go(self) -> None:
+        if self._unfinished_bytes:
+            self.factory.unfinished.give_back(self._unfinished_bytes)
+            self._unfinished_bytes = 0
+        self._unfinished_since = None
+
+    def _give_up_message(self, code: int, reason: str) -> None:
+        """Drop the message still arriving and fail the connection: nothing more it sends is kept."""
+        self._let_go()
+        self.message_data, self.frame_data = [], []
+        self._fail_connection(code, reason)
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:
+            self._let_go()
             self.factory.tracker.discard(self)
             if self._address is not None:
                 self.factory.addresses.release(self._address)
@@ -224,6 +294,9 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
 
     def overdue(self, now: float) -> str | None:
         """Why the tracker's sweep must close this connection now, if it must."""
+        since, most = self._unfinished_since, self.factory.limits.message_timeout
+        if since is not None and most and now - since > most:
+            return MESSAGE_TIMEOUT
         # Autobahn's pings find dead peers: an idle WebSocket that answers them may stay.
         return None if self.connection is None else self.connection.overdue(now, pings=True)
 
@@ -231,7 +304,10 @@ class ConstructWebSocketProtocol(FastFrames, WebSocketServerProtocol):
         """Say why, in an error and in the close frame (1008, policy violation)."""
         if self.connection is not None:
             self.connection.send_error(closing_error(reason))
-        self.sendCloseFrame(code=POLICY_VIOLATION, reasonUtf8=reason.encode("utf-8"), isReply=False)
+        if reason == MESSAGE_TIMEOUT:
+            self._give_up_message(POLICY_VIOLATION, reason)
+        else:
+            self.sendCloseFrame(code=POLICY_VIOLATION, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
     def write_frame(self, data: bytes, encoding: str) -> None:
         # A reply can be ready after Autobahn began failing the connection (invalid UTF-8, a
@@ -254,8 +330,10 @@ class ConstructWebSocketFactory(WebSocketServerFactory):
         clock: Any,
         allowed_origins: list[str],
         padding: bool = False,
+        unfinished_budget: int = DEFAULT_UNFINISHED_BUDGET_BYTES,
     ) -> None:
-        """`padding`: every message sent padded to a size bucket (construct.protocol.padding)."""
+        """`padding`: every message sent padded to a size bucket (construct.protocol.padding);
+        `unfinished_budget`: bytes the messages still arriving may hold together (0: no limit)."""
         super().__init__(server="Construct")
         self.noisy = False
         self.padding = padding
@@ -266,12 +344,13 @@ class ConstructWebSocketFactory(WebSocketServerFactory):
         self.clock = clock
         self.writer = TurnWriter(clock)
         self.max_frame_bytes = max_frame_bytes
+        self.unfinished = UnfinishedBudget(unfinished_budget)
         # One call: setProtocolOptions resets allowNullOrigin unless it is passed again.
         # Compression stays off (Autobahn's default): it costs memory per connection and
         # leaks plaintext length (CRIME/BREACH-style) in mixed content.
         self.setProtocolOptions(
-            maxMessagePayloadSize=max_frame_bytes * HARD_LIMIT_FACTOR,
-            maxFramePayloadSize=max_frame_bytes * HARD_LIMIT_FACTOR,
+            maxMessagePayloadSize=MAX_MESSAGE_BYTES,
+            maxFramePayloadSize=MAX_MESSAGE_BYTES,
             autoPingInterval=30,
             autoPingTimeout=30,
             openHandshakeTimeout=10,
